@@ -1,0 +1,82 @@
+"""Every JAX internal jaxtile touches, in one place.
+
+JAX renames internals between minor versions; this module is the one place to mend when it does.
+Everything else in jaxtile imports JAX internals from here, and only public JAX API elsewhere.
+Checked against jax 0.10.x and 0.11.x.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.extend as jex
+from jax import lax
+
+# Jaxpr data types. `jax.extend.core` is the public home of these since jax 0.4.3x.
+Jaxpr = jex.core.Jaxpr
+ClosedJaxpr = jex.core.ClosedJaxpr
+JaxprEqn = jex.core.JaxprEqn
+Literal = jex.core.Literal
+Var = jex.core.Var
+jaxpr_as_fun = jex.core.jaxpr_as_fun
+
+conv_general_dilated_p = lax.conv_general_dilated_p
+ConvDimensionNumbers = lax.ConvDimensionNumbers
+conv_dimension_numbers = lax.conv_dimension_numbers
+padtype_to_pads = lax.padtype_to_pads
+
+
+def is_conv(eqn: JaxprEqn) -> bool:
+  return eqn.primitive is conv_general_dilated_p
+
+
+def replace_eqn(eqn: JaxprEqn, **changes: Any) -> JaxprEqn:
+  return eqn.replace(**changes)
+
+
+def replace_jaxpr(jaxpr: Jaxpr, **changes: Any) -> Jaxpr:
+  return jaxpr.replace(**changes)
+
+
+def traced_call_eqn(fun: Callable, avals, invars, outvars, source_info) -> JaxprEqn:
+  """Traces `jax.jit(fun)` at `avals` and returns its single call equation rebound to our vars.
+
+  Tracing through the public `jax.jit` gives a `jit` equation whose params are right for the
+  running JAX version, instead of a hand-written parameter list.
+  """
+  closed = jax.make_jaxpr(jax.jit(fun))(*avals)
+  (eqn,) = closed.jaxpr.eqns
+  assert not closed.consts and not closed.jaxpr.constvars, closed
+  return eqn.replace(invars=list(invars), outvars=list(outvars), source_info=source_info)
+
+
+# Frames from these places are library code; the user's line is the innermost frame outside them.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (jax, lax, jex))
+_JAXTILE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_LIBRARY_PACKAGES = frozenset(
+    {"jax", "jaxlib", "flax", "equinox", "haiku", "optax", "numpy", "absl", "pytest", "_pytest"})
+
+
+def _is_library_file(file_name: str) -> bool:
+  if file_name.startswith((_JAXTILE_DIR, "<frozen") + _LIBRARY_DIRS):
+    return True
+  parts = file_name.replace("\\", "/").split("/")
+  return any(a in ("site-packages", "dist-packages") and b in _LIBRARY_PACKAGES
+             for a, b in zip(parts, parts[1:]))
+
+
+def user_source_line(source_info) -> str:
+  """`file:line (function)` of the user code that emitted an equation.
+
+  JAX's own summary stops at the first frame outside JAX, which for a flax or equinox layer is the
+  layer's library code; we go on to the user's model.
+  """
+  traceback = getattr(source_info, "traceback", None)
+  frames = list(traceback.frames) if traceback is not None else []
+  for frame in frames:
+    if not _is_library_file(frame.file_name):
+      return f"{frame.file_name}:{frame.line_num} ({frame.function_name})"
+  return jex.source_info_util.summarize(source_info)

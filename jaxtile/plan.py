@@ -1,0 +1,520 @@
+"""From a `ConvSpec` and a budget to a plan: how many pieces along each axis, and where each reads.
+
+A plan is a block size per axis: batch rows, whole groups, output channels and input channels
+within a group, and an output tile extent per spatial dim. `ConvPlan.axes()` turns the blocks
+into *runs*: maximal families of pieces that differ only by an affine offset, so the lowering can
+emit each family as one loop whatever the number of pieces. Ragged edges and halo tiles that meet
+the padding become their own (short) runs, decided here, statically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Iterable, Optional
+
+import numpy as np
+
+from jaxtile import spec as spec_lib
+from jaxtile.spec import ConvSpec
+
+# An array dimension of one operand: ("lhs" | "rhs" | "out", axis index in the user's layout).
+DimKey = tuple[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+  """Piece k of a run covers [start + k * step, start + k * step + size) of one array dim.
+
+  `size=None` leaves the size to another axis (groups set an offset, channels inside them a size).
+  """
+  dim: DimKey
+  start: int
+  step: int
+  size: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """`count` uniform pieces along one axis."""
+  count: int
+  spans: tuple[Span, ...]
+  padding: Optional[tuple[int, tuple[int, int]]] = None  # (spatial index, (lo, hi)) of each piece
+  groups: Optional[int] = None  # feature/batch_group_count of each piece
+  empty: bool = False  # pieces that read only padding: their output is zero and they are skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+  name: str
+  block: int
+  extent: int
+  runs: tuple[Run, ...]
+  reduce: bool = False  # input channels: pieces sum into the same output
+
+  @property
+  def count(self) -> int:
+    return sum(r.count for r in self.runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Halo arithmetic, along one spatial dim.
+#
+# Notation: n input elements x[0..n), lhs dilation dl, padding (lo, hi) (either may be negative),
+# kernel k with rhs dilation dr, so the window spans K = (k - 1) * dr + 1 positions; stride s.
+# The conv reads a virtual padded line p of length P = lo + (n - 1) * dl + 1 + hi with
+#     p[q] = x[(q - lo) / dl]  if (q - lo) >= 0, (q - lo) % dl == 0 and (q - lo) / dl < n,
+#     p[q] = 0                 otherwise,
+# and out[o] = sum_j w[j] * p[o * s + j * dr] for o in [0, O), O = (P - K) // s + 1.
+#
+# Output tile [o0, o1) reads p on [q0, q1) with q0 = o0 * s and q1 = (o1 - 1) * s + K (q1 <= P as
+# o1 <= O). The inputs landing there are the i with q0 <= lo + i * dl < q1:
+#     i0 = clamp(ceil((q0 - lo) / dl), 0, n),   i1 = clamp(ceil((q1 - lo) / dl), 0, n).
+# The piece convolves x[i0:i1] (w = i1 - i0 elements) with the same kernel, strides and
+# dilations and its own padding (lo', hi'), chosen so its padded line is exactly p[q0:q1]:
+#     lo' = lo + i0 * dl - q0          (where x[i0] lands, relative to q0)
+#     hi' = (q1 - q0) - lo' - (w - 1) * dl - 1.
+# Both are >= 0: unclamped, x[i0] is the first input at or after q0 and x[i1 - 1] the last before
+# q1; clamping only moves the ends inwards past positions that are padding anyway. The piece's
+# padded length is q1 - q0 = (o1 - o0 - 1) * s + K, so it yields exactly o1 - o0 outputs. A tile
+# with w == 0 reads only padding: its output is zero.
+#
+# Interior tiles of extent T start T * s positions apart, i.e. T * s / dl inputs apart; they share
+# (w, lo', hi') when T * s is a multiple of dl, which is why tile extents are kept multiples of
+# `tile_quantum` = dl / gcd(s, dl). Tiles that meet the padding or the ragged end differ, and
+# form runs of their own.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TileWindow:
+  out_start: int
+  out_size: int
+  in_start: int
+  in_size: int
+  padding: tuple[int, int]
+
+
+def tile_window(o0: int, o1: int, n: int, k: int, s: int, pad: tuple[int, int], dl: int,
+                dr: int) -> TileWindow:
+  """The input window and padding of output tile [o0, o1) along one spatial dim (see above)."""
+  lo, _ = pad
+  window = spec_lib.dilated_extent(k, dr)
+  q0, q1 = o0 * s, (o1 - 1) * s + window
+  i0 = min(max(-((lo - q0) // dl), 0), n)  # -((lo - q0) // dl) == ceil((q0 - lo) / dl)
+  i1 = min(max(-((lo - q1) // dl), 0), n)
+  w = max(i1 - i0, 0)
+  if w == 0:
+    return TileWindow(o0, o1 - o0, 0, 0, (0, 0))
+  lo_piece = lo + i0 * dl - q0
+  hi_piece = (q1 - q0) - lo_piece - (w - 1) * dl - 1
+  return TileWindow(o0, o1 - o0, i0, w, (lo_piece, hi_piece))
+
+
+def tile_quantum(spec: ConvSpec, d: int) -> int:
+  dl, s = spec.lhs_dilation[d], spec.window_strides[d]
+  return dl // math.gcd(s, dl)
+
+
+def _affine_runs(items: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+  """Splits a sorted list of integer tuples into maximal runs in which every field is affine."""
+  runs: list[list[tuple[int, ...]]] = []
+  for item in items:
+    if runs:
+      run = runs[-1]
+      if len(run) == 1 or all(b - a == c - b for a, b, c in zip(run[-2], run[-1], item)):
+        run.append(item)
+        continue
+    runs.append([item])
+  return runs
+
+
+def _spatial_axis(spec: ConvSpec, d: int, tile: int) -> Axis:
+  n, k = spec.in_spatial[d], spec.kernel_spatial[d]
+  extent = spec.out_spatial[d]
+  windows = [
+      tile_window(o0, o0 + tile, n, k, spec.window_strides[d], spec.padding[d],
+                  spec.lhs_dilation[d], spec.rhs_dilation[d])
+      for o0 in _block_starts(extent, tile)
+  ]
+  # Tiles with the same shape and padding whose offsets are affine in the tile index form a run.
+  by_shape: dict[tuple[int, int, tuple[int, int]], list[tuple[int, int, int]]] = {}
+  for t, win in enumerate(windows):
+    by_shape.setdefault((win.out_size, win.in_size, win.padding), []).append(
+        (t, win.out_start, win.in_start))
+  out_dim, lhs_dim = ("out", spec.out_axes[2 + d]), ("lhs", spec.lhs_axes[2 + d])
+  runs = []
+  for (out_size, in_size, padding), tiles in by_shape.items():
+    for run in _affine_runs(tiles):
+      out_step = run[1][1] - run[0][1] if len(run) > 1 else 0
+      in_step = run[1][2] - run[0][2] if len(run) > 1 else 0
+      runs.append(Run(
+          count=len(run),
+          spans=(Span(out_dim, run[0][1], out_step, out_size),
+                 Span(lhs_dim, run[0][2], in_step, in_size)),
+          padding=(d, padding), empty=in_size == 0))
+  return Axis(f"spatial{d}", tile, extent, tuple(runs))
+
+
+def _block_starts(extent: int, block: int) -> list[int]:
+  """Starts of the output pieces along an axis: every `block` entries, the last one shifted back.
+
+  The last piece ends at `extent` and overlaps its neighbour instead of being ragged, so every
+  output piece has the same shape: fewer runs, no sliver pieces (XLA:CPU runs a one-wide conv
+  with another kernel, in another summation order). Overlapping outputs are computed twice,
+  identically, and written twice.
+  """
+  starts = list(range(0, extent - block + 1, block))
+  if extent % block:
+    starts.append(extent - block)
+  return starts
+
+
+def _block_runs(extent: int, block: int, reduce: bool) -> list[tuple[int, int, int, int]]:
+  """(count, start, step, size) of the full blocks and of the last one.
+
+  Output-indexed axes shift the last block back (see `_block_starts`); a reduction cannot
+  overlap (it would sum twice), so its last block is ragged.
+  """
+  full, rest = divmod(extent, block)
+  runs = [(full, 0, block, block)] if full else []
+  if rest:
+    runs.append((1, full * block, 0, rest) if reduce else (1, extent - block, 0, block))
+  return runs
+
+
+def _channel_axis(name: str, extent: int, block: int,
+                  dims: Iterable[tuple[DimKey, int]], reduce=False, groups=False) -> Axis:
+  """An axis of plain blocks; `dims` are (dim, scale): a block of b touches b * scale entries."""
+  runs = tuple(
+      Run(count, tuple(Span(dim, start * scale, step * scale, size * scale) for dim, scale in dims),
+          groups=size if groups else None)
+      for count, start, step, size in _block_runs(extent, block, reduce))
+  return Axis(name, block, extent, runs, reduce=reduce)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvPlan:
+  """How one conv is split. Block sizes are per axis; counts derive from them.
+
+  `group_block` counts whole feature (or batch) groups per piece; channels are split inside a
+  group only when pieces hold a single group (`group_block == 1`, always true without groups).
+  `tile_shape` is the output tile extent per spatial dim, in the conv's spatial order.
+  """
+  spec: ConvSpec
+  batch_block: int
+  group_block: int
+  out_block: int
+  in_block: int
+  tile_shape: tuple[int, ...]
+
+  # -- counts -----------------------------------------------------------------------------------
+  @property
+  def batch_blocks(self) -> int:
+    return -(-self.spec.batch // self.batch_block) if self.spec.batch else 1
+
+  @property
+  def group_blocks(self) -> int:
+    return -(-self.spec.groups // self.group_block)
+
+  @property
+  def out_channel_blocks(self) -> int:
+    """Output-feature blocks in all: group blocks times blocks inside each group."""
+    return self.group_blocks * -(-self.spec.out_per_group // self.out_block)
+
+  @property
+  def in_channel_blocks(self) -> int:
+    return -(-self.spec.in_per_group // self.in_block)
+
+  @property
+  def spatial_tiles(self) -> tuple[int, ...]:
+    return tuple(-(-e // t) if e else 1 for e, t in zip(self.spec.out_spatial, self.tile_shape))
+
+  @property
+  def n_elemental(self) -> int:
+    return (self.batch_blocks * self.out_channel_blocks * self.in_channel_blocks
+            * math.prod(self.spatial_tiles))
+
+  # -- runs -------------------------------------------------------------------------------------
+  def axes(self) -> tuple[Axis, ...]:
+    """Every axis with its runs, output-indexed axes first and the reduction last."""
+    s = self.spec
+    lhs_b, lhs_f = ("lhs", s.lhs_axes[0]), ("lhs", s.lhs_axes[1])
+    rhs_o, rhs_i = ("rhs", s.rhs_axes[0]), ("rhs", s.rhs_axes[1])
+    out_b, out_f = ("out", s.out_axes[0]), ("out", s.out_axes[1])
+    axes = []
+    if s.groups > 1:
+      # A block of g groups: g * in_per_group lhs features (or g * batch lhs rows for batch
+      # groups) and g * out_per_group output features.
+      group_in = (lhs_f, s.in_per_group) if s.feature_group_count > 1 else (lhs_b, s.batch)
+      axes.append(_channel_axis("group", s.groups, self.group_block,
+                                [group_in, (rhs_o, s.out_per_group), (out_f, s.out_per_group)],
+                                groups=True))
+      if self.group_block > 1:
+        # Pieces hold whole groups: batch only splits when groups are feature groups.
+        if s.batch_group_count == 1:
+          axes.append(_channel_axis("batch", s.batch, self.batch_block, [(lhs_b, 1), (out_b, 1)]))
+        axes.extend(_spatial_axis(s, d, t) for d, t in enumerate(self.tile_shape))
+        return tuple(axes)
+    axes.append(_channel_axis("batch", s.batch, self.batch_block, [(lhs_b, 1), (out_b, 1)]))
+    axes.append(_channel_axis("out_channel", s.out_per_group, self.out_block,
+                              [(rhs_o, 1), (out_f, 1)]))
+    axes.extend(_spatial_axis(s, d, t) for d, t in enumerate(self.tile_shape))
+    axes.append(_channel_axis("in_channel", s.in_per_group, self.in_block,
+                              [(lhs_f, 1), (rhs_i, 1)], reduce=True))
+    return tuple(axes)
+
+  def largest_piece(self) -> dict[str, tuple[int, ...]]:
+    """The largest piece's operand shapes (the maximum over runs, per dim)."""
+    s = self.spec
+    shapes = {"lhs": list(s.lhs_shape), "rhs": list(s.rhs_shape), "out": list(s.out_shape)}
+    for axis in self.axes():
+      biggest: dict[DimKey, int] = {}
+      for run in axis.runs:
+        for span in run.spans:
+          if span.size is not None:
+            biggest[span.dim] = max(biggest.get(span.dim, 0), span.size)
+      for (operand, dim), size in biggest.items():
+        shapes[operand][dim] = size
+    return {k: tuple(v) for k, v in shapes.items()}
+
+  def tile_bytes(self) -> int:
+    """Working set of the largest elemental conv: its operands, output and accumulator."""
+    s, shapes = self.spec, self.largest_piece()
+    total = (spec_lib.array_bytes(shapes["lhs"], s.lhs_dtype)
+             + spec_lib.array_bytes(shapes["rhs"], s.rhs_dtype)
+             + spec_lib.array_bytes(shapes["out"], s.out_dtype))
+    if self.in_channel_blocks > 1:
+      total += 2 * spec_lib.array_bytes(shapes["out"], s.acc_dtype)  # partial sum and running sum
+    return total
+
+  def max_piece_elements(self) -> int:
+    return max(math.prod(shape) for shape in self.largest_piece().values())
+
+  def fits(self, max_bytes: int) -> bool:
+    return self.tile_bytes() <= max_bytes and self.max_piece_elements() <= spec_lib.INT32_MAX
+
+
+def monolithic_plan(spec: ConvSpec) -> ConvPlan:
+  return ConvPlan(spec, batch_block=max(spec.batch, 1), group_block=spec.groups,
+                  out_block=max(spec.out_per_group, 1), in_block=max(spec.in_per_group, 1),
+                  tile_shape=tuple(max(e, 1) for e in spec.out_spatial))
+
+
+def is_splittable(spec: ConvSpec) -> bool:
+  """Whether any piece can be cut at all (zero-size convs have nothing to split)."""
+  return min(spec.lhs_shape + spec.rhs_shape + spec.out_shape, default=1) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing blocks.
+#
+# Rule (greedy, deterministic): start from the monolithic conv; while the largest piece is over
+# budget (or any piece operand has more than 2**31 - 1 elements), halve one axis's block. Among
+# the axes that can still be halved, take the one whose halving leaves the smallest piece; pieces
+# within `_TIE` of that smallest count as ties, broken by the preference order
+#     batch, groups, spatial dims (outermost first), output channels, input channels.
+# Batch and groups split for free (no halo, no extra reads, same summation order). Preferring the
+# outer spatial dim gives full-width strips, the shape XLA runs fastest, until their halo makes
+# them clearly worse than squarer tiles. Input channels come last: they add an accumulator and
+# change the summation order. Axes the user fixed (tile_shape, channel_block, batch_block) are
+# never changed.
+# ---------------------------------------------------------------------------------------------
+_TIE = 1.10
+_PREFERENCE = ("batch", "group", "spatial", "out_channel", "in_channel")
+
+
+def _halvings(plan: ConvPlan, fixed: frozenset[str]) -> list[tuple[str, ConvPlan]]:
+  s = plan.spec
+  one_group = plan.group_block == 1
+  out = []
+
+  def halve(block: int, quantum: int = 1) -> int:
+    smaller = -(-(-(-block // 2)) // quantum) * quantum
+    return smaller if smaller < block else block
+
+  if "batch" not in fixed and (one_group or s.batch_group_count == 1):
+    b = halve(plan.batch_block)
+    if b < plan.batch_block:
+      out.append(("batch", dataclasses.replace(plan, batch_block=b)))
+  if "group" not in fixed and s.groups > 1:
+    g = halve(plan.group_block)
+    if g < plan.group_block:
+      out.append(("group", dataclasses.replace(plan, group_block=g)))
+  if "spatial" not in fixed:
+    for d, t in enumerate(plan.tile_shape):
+      smaller = halve(t, tile_quantum(s, d))
+      if smaller < t:
+        tiles = plan.tile_shape[:d] + (smaller,) + plan.tile_shape[d + 1:]
+        out.append((f"spatial{d}", dataclasses.replace(plan, tile_shape=tiles)))
+  if one_group:
+    if "out_channel" not in fixed:
+      o = halve(plan.out_block)
+      if o < plan.out_block:
+        out.append(("out_channel", dataclasses.replace(plan, out_block=o)))
+    if "in_channel" not in fixed:
+      i = halve(plan.in_block)
+      if i < plan.in_block:
+        out.append(("in_channel", dataclasses.replace(plan, in_block=i)))
+  return out
+
+
+def _preference(name: str) -> tuple[int, str]:
+  base = name.rstrip("0123456789")
+  return _PREFERENCE.index(base), name
+
+
+def refine(plan: ConvPlan, max_bytes: int, fixed: frozenset[str] = frozenset()) -> ConvPlan:
+  """Halves blocks (see the rule above) until the plan fits `max_bytes` or nothing can be halved."""
+  while not plan.fits(max_bytes):
+    candidates = [(c.tile_bytes(), name, c) for name, c in _halvings(plan, fixed)]
+    candidates = [c for c in candidates if c[0] < plan.tile_bytes()
+                  or c[2].max_piece_elements() < plan.max_piece_elements()]
+    if not candidates:
+      return plan
+    best = min(b for b, _, _ in candidates)
+    ties = [c for c in candidates if c[0] <= best * _TIE]
+    plan = min(ties, key=lambda c: _preference(c[1]))[2]
+  return plan
+
+
+def normalize_blocks(spec: ConvSpec, tile_shape, channel_block, batch_block) -> tuple[ConvPlan,
+                                                                                       frozenset]:
+  """The monolithic plan with the user's overrides applied, and the axes they fix.
+
+  Raises ValueError (naming the conv) for overrides that do not fit this conv.
+  """
+  plan = monolithic_plan(spec)
+  fixed = set()
+  if tile_shape is not None:
+    if len(tile_shape) != spec.n_spatial:
+      raise ValueError(
+          f"tile_convs: tile_shape must have one extent per spatial dim of the conv "
+          f"({spec.n_spatial}), but got tile_shape={tuple(tile_shape)} for {spec.describe()}.")
+    tiles = []
+    for d, (t, e) in enumerate(zip(tile_shape, spec.out_spatial)):
+      t = max(e, 1) if t is None else min(int(t), max(e, 1))
+      tiles.append(t)
+    plan = dataclasses.replace(plan, tile_shape=tuple(tiles))
+    fixed.add("spatial")
+  if batch_block is not None:
+    plan = dataclasses.replace(plan, batch_block=min(int(batch_block), max(spec.batch, 1)))
+    fixed.add("batch")
+    if spec.batch_group_count > 1 and plan.batch_block < spec.batch:
+      # Rows of one output batch block come from every batch group: split one group at a time.
+      plan = dataclasses.replace(plan, group_block=1)
+      fixed.add("group")
+  if channel_block is not None:
+    in_b, out_b = channel_block
+    plan, fixed_ch = _channel_overrides(spec, plan, in_b, out_b)
+    fixed |= fixed_ch
+  return plan, frozenset(fixed)
+
+
+def _channel_overrides(spec: ConvSpec, plan: ConvPlan, in_b, out_b):
+  """Channel blocks inside one group, or whole groups when a block spans a group or more."""
+  fixed = set()
+  cin, cout = spec.in_per_group, spec.out_per_group
+  groups_in = groups_out = None
+  if in_b is not None:
+    if spec.groups > 1 and in_b >= cin and spec.feature_group_count > 1:
+      if in_b % cin:
+        raise ValueError(
+            f"tile_convs: channel_block[0] (input channels per piece) spanning several feature "
+            f"groups must be a multiple of the group size {cin}, but got channel_block[0]={in_b} "
+            f"for {spec.describe()}.")
+      groups_in = in_b // cin
+    else:
+      plan = dataclasses.replace(plan, in_block=min(in_b, cin))
+      fixed.add("in_channel")
+  if out_b is not None:
+    if spec.groups > 1 and out_b >= cout:
+      if out_b % cout:
+        raise ValueError(
+            f"tile_convs: channel_block[1] (output channels per piece) spanning several groups "
+            f"must be a multiple of the group size {cout}, but got channel_block[1]={out_b} for "
+            f"{spec.describe()}.")
+      groups_out = out_b // cout
+    else:
+      plan = dataclasses.replace(plan, out_block=min(out_b, cout))
+      fixed.add("out_channel")
+  if groups_in is not None and groups_out is not None and groups_in != groups_out:
+    raise ValueError(
+        f"tile_convs: channel_block={(in_b, out_b)} asks for {groups_in} input groups but "
+        f"{groups_out} output groups per piece; both must cover the same groups for "
+        f"{spec.describe()}.")
+  g = groups_in or groups_out
+  if spec.groups > 1 and (fixed & {"in_channel", "out_channel"} or g is not None):
+    plan = dataclasses.replace(plan, group_block=min(g or 1, spec.groups))
+    fixed.add("group")
+  return plan, fixed
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy and the decision per conv.
+# ---------------------------------------------------------------------------------------------
+TIERS = ("auto", "tiled", "native", "reference")
+
+
+class BudgetError(ValueError):
+  """A conv cannot be split into pieces within `max_bytes` (raised with `strict=True`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """What the user asked for, validated (see `jaxtile.tile_convs`)."""
+  max_bytes: int
+  tile_shape: Optional[tuple[Optional[int], ...]] = None
+  channel_block: Optional[tuple[Optional[int], Optional[int]]] = None
+  batch_block: Optional[int] = None
+  tier: str = "auto"
+  strict: bool = False
+
+  @property
+  def has_overrides(self) -> bool:
+    return (self.tile_shape, self.channel_block, self.batch_block) != (None, None, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """What the pass does with one conv, and why."""
+  plan: Optional[ConvPlan]  # None: left as it is
+  reason: str
+  over_budget: bool = False  # the finest reachable split is still above max_bytes
+
+  @property
+  def tiled(self) -> bool:
+    return self.plan is not None and self.plan.n_elemental > 1
+
+
+def decide(spec: ConvSpec, policy: Policy) -> Decision:
+  """Plans one conv under `policy`: split it, leave it, or (strict) raise `BudgetError`."""
+  if policy.tier == "native":
+    return Decision(None, "tier='native'")
+  if policy.tier == "reference":
+    return Decision(None, "tier='reference': evaluated by the NumPy reference")
+  mono = monolithic_plan(spec)
+  if not is_splittable(spec):
+    return Decision(None, "zero-size operand: nothing to split")
+  if policy.tier == "auto" and not policy.has_overrides and mono.fits(policy.max_bytes):
+    return Decision(None, f"fits: {mono.tile_bytes()} <= max_bytes={policy.max_bytes}")
+  plan, fixed = normalize_blocks(spec, policy.tile_shape, policy.channel_block, policy.batch_block)
+  plan = refine(plan, policy.max_bytes, fixed)
+  if plan.fits(policy.max_bytes):
+    return Decision(plan, "split to fit max_bytes" if not mono.fits(policy.max_bytes)
+                    else "split as asked (tile_shape/channel_block/batch_block or tier='tiled')")
+  message = (
+      f"jaxtile: the finest split reachable leaves pieces of {plan.tile_bytes()} bytes "
+      f"(largest operand piece {plan.max_piece_elements()} elements), above max_bytes="
+      f"{policy.max_bytes} or the 2**31-1 element limit, for {spec.describe()}. Smallest piece: "
+      f"{plan.largest_piece()}, plan {describe_plan(plan)}.")
+  if policy.strict:
+    raise BudgetError(message + " Raise max_bytes, or pass strict=False to run it anyway.")
+  return Decision(plan, message, over_budget=True)
+
+
+def describe_plan(plan: ConvPlan) -> str:
+  return (f"batch_blocks={plan.batch_blocks} spatial_tiles={plan.spatial_tiles} "
+          f"out_channel_blocks={plan.out_channel_blocks} in_channel_blocks="
+          f"{plan.in_channel_blocks} n_elemental={plan.n_elemental}")

@@ -1,0 +1,116 @@
+"""The jaxpr -> jaxpr pass: every conv equation, wherever it sits, replaced by its tiled program.
+
+Like equinox's `finalise_jaxpr`, the walk does not decode higher-order primitives one by one: it
+recurses into any jaxpr found in any equation's params (jit, scan, while, cond, remat,
+custom_jvp/vjp, shard_map alike). A rewritten conv keeps its inputs and outputs, so the enclosing
+equations stay valid as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxtile import _compat
+from jaxtile import lower as lower_lib
+from jaxtile import plan as plan_lib
+from jaxtile import reference
+from jaxtile.spec import ConvSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvRecord:
+  """One conv equation the pass met: its spec and what was decided."""
+  index: int
+  spec: ConvSpec
+  decision: plan_lib.Decision
+
+  @property
+  def name(self) -> str:
+    return f"jaxtile/conv{self.index}"
+
+
+class Rewriter:
+  """Rewrites jaxprs under one policy, recording every conv it meets in walk order."""
+
+  def __init__(self, policy: plan_lib.Policy):
+    self.policy = policy
+    self.records: list[ConvRecord] = []
+
+  def closed_jaxpr(self, closed: _compat.ClosedJaxpr) -> _compat.ClosedJaxpr:
+    jaxpr = self.jaxpr(closed.jaxpr)
+    return closed if jaxpr is closed.jaxpr else _compat.ClosedJaxpr(jaxpr, closed.consts)
+
+  def jaxpr(self, jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
+    eqns = [self.conv(e) if _compat.is_conv(e) else self.nested(e) for e in jaxpr.eqns]
+    if all(a is b for a, b in zip(eqns, jaxpr.eqns)):
+      return jaxpr
+    return _compat.replace_jaxpr(jaxpr, eqns=eqns)
+
+  def nested(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
+    params = {k: self._param(v) for k, v in eqn.params.items()}
+    if all(params[k] is v for k, v in eqn.params.items()):
+      return eqn
+    return _compat.replace_eqn(eqn, params=params)
+
+  def _param(self, value: Any) -> Any:
+    if isinstance(value, _compat.ClosedJaxpr):
+      return self.closed_jaxpr(value)
+    if isinstance(value, _compat.Jaxpr):
+      return self.jaxpr(value)
+    if type(value) is tuple:  # not NamedTuples such as ConvDimensionNumbers
+      new = tuple(self._param(v) for v in value)
+      return value if all(a is b for a, b in zip(new, value)) else new
+    return value
+
+  def conv(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
+    spec = ConvSpec.from_eqn(eqn)
+    record = ConvRecord(len(self.records), spec, plan_lib.decide(spec, self.policy))
+    self.records.append(record)
+    decision = record.decision
+    if self.policy.tier == "reference":
+      return self._bind(eqn, _reference_conv(spec), record.name)
+    if eqn.params.get("out_sharding") is not None and decision.tiled:
+      logging.warning("jaxtile: %s has an explicit out_sharding; it runs monolithic.",
+                      spec.describe())
+      return eqn
+    if decision.over_budget:
+      logging.warning("%s Running at that split.", decision.reason)
+    if not decision.tiled:
+      return eqn
+    logging.info("jaxtile: %s %s -> %s, pieces of <= %d bytes (%s)", record.name,
+                 spec.describe(), plan_lib.describe_plan(decision.plan),
+                 decision.plan.tile_bytes(), decision.reason)
+    return self._bind(eqn, lower_lib.lower(decision.plan, record.name), record.name)
+
+  @staticmethod
+  def _bind(eqn, fun, name: str) -> _compat.JaxprEqn:
+    fun.__name__ = name.replace("/", "_")
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    return _compat.traced_call_eqn(fun, avals, eqn.invars, eqn.outvars, eqn.source_info)
+
+
+def _reference_conv(spec: ConvSpec):
+  """The conv evaluated on the host by `jaxtile.reference`, through `jax.pure_callback`."""
+  p = spec.param_dict
+  out = jax.ShapeDtypeStruct(spec.out_shape, spec.out_dtype)
+
+  def host(lhs, rhs):
+    return reference.conv_general_dilated(
+        np.asarray(lhs), np.asarray(rhs), p["window_strides"], p["padding"], p["lhs_dilation"],
+        p["rhs_dilation"], p["dimension_numbers"], p["feature_group_count"],
+        p["batch_group_count"], preferred_element_type=spec.out_dtype).astype(spec.out_dtype)
+
+  def conv(lhs, rhs):
+    return jax.pure_callback(host, out, lhs, rhs, vmap_method="sequential")
+  return conv
+
+
+def rewrite(closed: _compat.ClosedJaxpr, policy: plan_lib.Policy):
+  """Returns the rewritten closed jaxpr and the record of every conv found."""
+  rewriter = Rewriter(policy)
+  return rewriter.closed_jaxpr(closed), rewriter.records
