@@ -29,8 +29,8 @@ def lower(plan: ConvPlan, name: str) -> Callable[[jax.Array, jax.Array], jax.Arr
   spec = plan.spec
   axes = plan.axes()
   out_axes = [a for a in axes if not a.reduce]
-  reduce_runs = [run for a in axes if a.reduce for run in a.runs]
-  split_reduction = plan.in_channel_blocks > 1
+  reduce_groups = list(itertools.product(*(a.runs for a in axes if a.reduce)))
+  split_reduction = plan.splits_reduction
   base_params = spec.param_dict
 
   def conv(lhs, rhs, runs: Sequence[Run], starts, sizes):
@@ -63,19 +63,23 @@ def lower(plan: ConvPlan, name: str) -> Callable[[jax.Array, jax.Array], jax.Arr
         piece = conv(lhs, rhs, runs, starts, sizes)
       else:
         piece = None
-        for red in reduce_runs:
+        for red in reduce_groups:
+          if any(r.empty for r in red):  # partial sums over padding only add zero
+            continue
           def partial_sum(j, acc, red=red):
-            red_starts, red_sizes = _offsets([red], [j], starts, sizes)
-            part = conv(lhs, rhs, runs + (red,), red_starts, red_sizes)
+            red_starts, red_sizes = _offsets(red, _unravel(j, [r.count for r in red]), starts,
+                                             sizes)
+            part = conv(lhs, rhs, runs + red, red_starts, red_sizes)
             return part if acc is None else acc + part
-          if red.count == 1:
-            piece = partial_sum(0, piece)
+          n_red = math.prod(r.count for r in red)
+          if piece is None:  # the first partial sum starts the accumulator
+            piece = partial_sum(0, None)
+            piece = piece if n_red == 1 else lax.fori_loop(1, n_red, partial_sum, piece)
           else:
-            if piece is None:
-              piece = partial_sum(0, None)
-              piece = lax.fori_loop(1, red.count, partial_sum, piece)
-            else:
-              piece = lax.fori_loop(0, red.count, partial_sum, piece)
+            piece = (partial_sum(0, piece) if n_red == 1
+                     else lax.fori_loop(0, n_red, partial_sum, piece))
+        if piece is None:
+          return out
         piece = piece.astype(spec.out_dtype)
       with jax.named_scope("reassemble"):
         return _write(out, piece, starts)

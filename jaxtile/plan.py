@@ -69,7 +69,9 @@ class Axis:
 # and out[o] = sum_j w[j] * p[o * s + j * dr] for o in [0, O), O = (P - K) // s + 1.
 #
 # Output tile [o0, o1) reads p on [q0, q1) with q0 = o0 * s and q1 = (o1 - 1) * s + K (q1 <= P as
-# o1 <= O). The inputs landing there are the i with q0 <= lo + i * dl < q1:
+# o1 <= O). A kernel block [j0, j1) (taps j0..j1-1, a partial sum) shifts the window by j0 * dr
+# and narrows it to K' = (j1 - j0 - 1) * dr + 1: q0 = o0 * s + j0 * dr, q1 = (o1 - 1) * s + j0 * dr
+# + K'. Everything below holds with that q0, q1 and K'. The inputs landing there are the i with q0 <= lo + i * dl < q1:
 #     i0 = clamp(ceil((q0 - lo) / dl), 0, n),   i1 = clamp(ceil((q1 - lo) / dl), 0, n).
 # The piece convolves x[i0:i1] (w = i1 - i0 elements) with the same kernel, strides and
 # dilations and its own padding (lo', hi'), chosen so its padded line is exactly p[q0:q1]:
@@ -96,12 +98,13 @@ class TileWindow:
   padding: tuple[int, int]
 
 
-def tile_window(o0: int, o1: int, n: int, k: int, s: int, pad: tuple[int, int], dl: int,
+def tile_window(o0: int, o1: int, j0: int, j1: int, n: int, s: int, pad: tuple[int, int], dl: int,
                 dr: int) -> TileWindow:
-  """The input window and padding of output tile [o0, o1) along one spatial dim (see above)."""
+  """Input window and padding of output tile [o0, o1) with kernel taps [j0, j1) (see above)."""
   lo, _ = pad
-  window = spec_lib.dilated_extent(k, dr)
-  q0, q1 = o0 * s, (o1 - 1) * s + window
+  window = spec_lib.dilated_extent(j1 - j0, dr)
+  q0 = o0 * s + j0 * dr
+  q1 = (o1 - 1) * s + j0 * dr + window
   i0 = min(max(-((lo - q0) // dl), 0), n)  # -((lo - q0) // dl) == ceil((q0 - lo) / dl)
   i1 = min(max(-((lo - q1) // dl), 0), n)
   w = max(i1 - i0, 0)
@@ -130,30 +133,38 @@ def _affine_runs(items: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
   return runs
 
 
-def _spatial_axis(spec: ConvSpec, d: int, tile: int) -> Axis:
-  n, k = spec.in_spatial[d], spec.kernel_spatial[d]
-  extent = spec.out_spatial[d]
-  windows = [
-      tile_window(o0, o0 + tile, n, k, spec.window_strides[d], spec.padding[d],
-                  spec.lhs_dilation[d], spec.rhs_dilation[d])
-      for o0 in _block_starts(extent, tile)
-  ]
-  # Tiles with the same shape and padding whose offsets are affine in the tile index form a run.
-  by_shape: dict[tuple[int, int, tuple[int, int]], list[tuple[int, int, int]]] = {}
-  for t, win in enumerate(windows):
-    by_shape.setdefault((win.out_size, win.in_size, win.padding), []).append(
-        (t, win.out_start, win.in_start))
+def _spatial_axis(spec: ConvSpec, d: int, tile: int, kernel_block: int) -> Axis:
+  """Output tiles along spatial dim d or, when the kernel is split there, kernel blocks.
+
+  A dim is split one way or the other, never both: forward and input-gradient convs have small
+  kernels and large outputs, weight-gradient convs a small output and the whole image as kernel.
+  """
+  n, k, extent = spec.in_spatial[d], spec.kernel_spatial[d], spec.out_spatial[d]
+  geometry = (n, spec.window_strides[d], spec.padding[d], spec.lhs_dilation[d],
+              spec.rhs_dilation[d])
+  reduce = kernel_block < k
+  if reduce:
+    pieces = [(0, extent, j0, min(j0 + kernel_block, k)) for j0 in range(0, k, kernel_block)]
+  else:
+    pieces = [(o0, o0 + tile, 0, k) for o0 in _block_starts(extent, tile)]
+  # Pieces with the same shape and padding whose offsets are affine in the piece index form a run.
+  by_shape: dict[tuple, list[tuple[int, int, int, int]]] = {}
+  for t, (o0, o1, j0, j1) in enumerate(pieces):
+    win = tile_window(o0, o1, j0, j1, *geometry)
+    by_shape.setdefault((win.out_size, win.in_size, win.padding, j1 - j0), []).append(
+        (t, o0, win.in_start, j0))
   out_dim, lhs_dim = ("out", spec.out_axes[2 + d]), ("lhs", spec.lhs_axes[2 + d])
+  rhs_dim = ("rhs", spec.rhs_axes[2 + d])
   runs = []
-  for (out_size, in_size, padding), tiles in by_shape.items():
-    for run in _affine_runs(tiles):
-      out_step = run[1][1] - run[0][1] if len(run) > 1 else 0
-      in_step = run[1][2] - run[0][2] if len(run) > 1 else 0
-      runs.append(Run(
-          count=len(run),
-          spans=(Span(out_dim, run[0][1], out_step, out_size),
-                 Span(lhs_dim, run[0][2], in_step, in_size)),
-          padding=(d, padding), empty=in_size == 0))
+  for (out_size, in_size, padding, taps), members in by_shape.items():
+    for run in _affine_runs(members):
+      first, step = run[0], [b - a for a, b in zip(run[0], run[1])] if len(run) > 1 else [0] * 4
+      spans = [Span(lhs_dim, first[2], step[2], in_size)]
+      spans.append(Span(rhs_dim, first[3], step[3], taps) if reduce
+                   else Span(out_dim, first[1], step[1], out_size))
+      runs.append(Run(len(run), tuple(spans), padding=(d, padding), empty=in_size == 0))
+  if reduce:
+    return Axis(f"kernel{d}", kernel_block, k, tuple(runs), reduce=True)
   return Axis(f"spatial{d}", tile, extent, tuple(runs))
 
 
@@ -208,6 +219,8 @@ class ConvPlan:
   out_block: int
   in_block: int
   tile_shape: tuple[int, ...]
+  kernel_block: tuple[int, ...]  # kernel taps per piece, per spatial dim (split only where the
+                                 # output is not tiled)
 
   # -- counts -----------------------------------------------------------------------------------
   @property
@@ -232,9 +245,18 @@ class ConvPlan:
     return tuple(-(-e // t) if e else 1 for e, t in zip(self.spec.out_spatial, self.tile_shape))
 
   @property
+  def kernel_blocks(self) -> tuple[int, ...]:
+    return tuple(-(-k // b) for k, b in zip(self.spec.kernel_spatial, self.kernel_block))
+
+  @property
   def n_elemental(self) -> int:
     return (self.batch_blocks * self.out_channel_blocks * self.in_channel_blocks
-            * math.prod(self.spatial_tiles))
+            * math.prod(self.spatial_tiles) * math.prod(self.kernel_blocks))
+
+  @property
+  def splits_reduction(self) -> bool:
+    """Whether pieces are partial sums (input-channel or kernel blocks) that need accumulating."""
+    return self.in_channel_blocks * math.prod(self.kernel_blocks) > 1
 
   # -- runs -------------------------------------------------------------------------------------
   def axes(self) -> tuple[Axis, ...]:
@@ -255,15 +277,19 @@ class ConvPlan:
         # Pieces hold whole groups: batch only splits when groups are feature groups.
         if s.batch_group_count == 1:
           axes.append(_channel_axis("batch", s.batch, self.batch_block, [(lhs_b, 1), (out_b, 1)]))
-        axes.extend(_spatial_axis(s, d, t) for d, t in enumerate(self.tile_shape))
+        axes.extend(self._spatial_axes())
         return tuple(axes)
     axes.append(_channel_axis("batch", s.batch, self.batch_block, [(lhs_b, 1), (out_b, 1)]))
     axes.append(_channel_axis("out_channel", s.out_per_group, self.out_block,
                               [(rhs_o, 1), (out_f, 1)]))
-    axes.extend(_spatial_axis(s, d, t) for d, t in enumerate(self.tile_shape))
+    axes.extend(self._spatial_axes())
     axes.append(_channel_axis("in_channel", s.in_per_group, self.in_block,
                               [(lhs_f, 1), (rhs_i, 1)], reduce=True))
     return tuple(axes)
+
+  def _spatial_axes(self) -> list[Axis]:
+    return [_spatial_axis(self.spec, d, t, b)
+            for d, (t, b) in enumerate(zip(self.tile_shape, self.kernel_block))]
 
   def largest_piece(self) -> dict[str, tuple[int, ...]]:
     """The largest piece's operand shapes (the maximum over runs, per dim)."""
@@ -285,7 +311,7 @@ class ConvPlan:
     total = (spec_lib.array_bytes(shapes["lhs"], s.lhs_dtype)
              + spec_lib.array_bytes(shapes["rhs"], s.rhs_dtype)
              + spec_lib.array_bytes(shapes["out"], s.out_dtype))
-    if self.in_channel_blocks > 1:
+    if self.splits_reduction:
       total += 2 * spec_lib.array_bytes(shapes["out"], s.acc_dtype)  # partial sum and running sum
     return total
 
@@ -299,7 +325,8 @@ class ConvPlan:
 def monolithic_plan(spec: ConvSpec) -> ConvPlan:
   return ConvPlan(spec, batch_block=max(spec.batch, 1), group_block=spec.groups,
                   out_block=max(spec.out_per_group, 1), in_block=max(spec.in_per_group, 1),
-                  tile_shape=tuple(max(e, 1) for e in spec.out_spatial))
+                  tile_shape=tuple(max(e, 1) for e in spec.out_spatial),
+                  kernel_block=spec.kernel_spatial)
 
 
 def is_splittable(spec: ConvSpec) -> bool:
@@ -314,15 +341,17 @@ def is_splittable(spec: ConvSpec) -> bool:
 # budget (or any piece operand has more than 2**31 - 1 elements), halve one axis's block. Among
 # the axes that can still be halved, take the one whose halving leaves the smallest piece; pieces
 # within `_TIE` of that smallest count as ties, broken by the preference order
-#     batch, groups, spatial dims (outermost first), output channels, input channels.
+#     batch, groups, spatial dims (outermost first), output channels, input channels, kernel
+#     taps per spatial dim (only where that dim's output is not tiled).
 # Batch and groups split for free (no halo, no extra reads, same summation order). Preferring the
 # outer spatial dim gives full-width strips, the shape XLA runs fastest, until their halo makes
 # them clearly worse than squarer tiles. Input channels come last: they add an accumulator and
-# change the summation order. Axes the user fixed (tile_shape, channel_block, batch_block) are
+# change the summation order; kernel blocks, last, are for weight-gradient convs, whose "kernel"
+# is the output gradient at full image size. Axes the user fixed (tile_shape, channel_block, batch_block) are
 # never changed.
 # ---------------------------------------------------------------------------------------------
 _TIE = 1.10
-_PREFERENCE = ("batch", "group", "spatial", "out_channel", "in_channel")
+_PREFERENCE = ("batch", "group", "spatial", "out_channel", "in_channel", "kernel")
 
 
 def _halvings(plan: ConvPlan, fixed: frozenset[str]) -> list[tuple[str, ConvPlan]]:
@@ -342,12 +371,15 @@ def _halvings(plan: ConvPlan, fixed: frozenset[str]) -> list[tuple[str, ConvPlan
     g = halve(plan.group_block)
     if g < plan.group_block:
       out.append(("group", dataclasses.replace(plan, group_block=g)))
-  if "spatial" not in fixed:
-    for d, t in enumerate(plan.tile_shape):
+  for d, (t, b) in enumerate(zip(plan.tile_shape, plan.kernel_block)):
+    if "spatial" not in fixed and b == s.kernel_spatial[d]:
       smaller = halve(t, tile_quantum(s, d))
       if smaller < t:
         tiles = plan.tile_shape[:d] + (smaller,) + plan.tile_shape[d + 1:]
         out.append((f"spatial{d}", dataclasses.replace(plan, tile_shape=tiles)))
+    if "kernel" not in fixed and t == s.out_spatial[d] and b > 1:
+      blocks = plan.kernel_block[:d] + (halve(b),) + plan.kernel_block[d + 1:]
+      out.append((f"kernel{d}", dataclasses.replace(plan, kernel_block=blocks)))
   if one_group:
     if "out_channel" not in fixed:
       o = halve(plan.out_block)
@@ -397,7 +429,7 @@ def normalize_blocks(spec: ConvSpec, tile_shape, channel_block, batch_block) -> 
       t = max(e, 1) if t is None else min(int(t), max(e, 1))
       tiles.append(t)
     plan = dataclasses.replace(plan, tile_shape=tuple(tiles))
-    fixed.add("spatial")
+    fixed |= {"spatial", "kernel"}
   if batch_block is not None:
     plan = dataclasses.replace(plan, batch_block=min(int(batch_block), max(spec.batch, 1)))
     fixed.add("batch")
@@ -517,4 +549,5 @@ def decide(spec: ConvSpec, policy: Policy) -> Decision:
 def describe_plan(plan: ConvPlan) -> str:
   return (f"batch_blocks={plan.batch_blocks} spatial_tiles={plan.spatial_tiles} "
           f"out_channel_blocks={plan.out_channel_blocks} in_channel_blocks="
-          f"{plan.in_channel_blocks} n_elemental={plan.n_elemental}")
+          f"{plan.in_channel_blocks} kernel_blocks={plan.kernel_blocks} "
+          f"n_elemental={plan.n_elemental}")

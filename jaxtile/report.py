@@ -25,6 +25,7 @@ class ConvReport:
   in_channel_blocks: int
   out_channel_blocks: int
   batch_blocks: int
+  kernel_blocks: tuple[int, ...]  # kernel-tap blocks per spatial dim (weight-gradient convs)
   n_elemental: int
   tile_bytes: int  # largest elemental working set (== working_bytes when not tiled)
   source: str
@@ -41,7 +42,7 @@ class ConvReport:
         out_shape=spec.out_shape, dtype=spec.out_dtype, working_bytes=spec.working_bytes(),
         tiled=decision.tiled, spatial_tiles=plan.spatial_tiles,
         in_channel_blocks=plan.in_channel_blocks, out_channel_blocks=plan.out_channel_blocks,
-        batch_blocks=plan.batch_blocks, n_elemental=plan.n_elemental,
+        batch_blocks=plan.batch_blocks, kernel_blocks=plan.kernel_blocks, n_elemental=plan.n_elemental,
         tile_bytes=plan.tile_bytes(), source=spec.source, reason=decision.reason,
         over_budget=decision.over_budget, plan=plan)
 
@@ -62,7 +63,7 @@ class Report:
     return [c for c in self.convs if c.tiled]
 
   def __str__(self) -> str:
-    header = ("name", "lhs", "rhs", "out", "MiB", "tiled", "tiles", "in/out/batch blocks",
+    header = ("name", "lhs", "rhs", "out", "MiB", "tiled", "tiles", "in/out/batch/kernel blocks",
               "pieces", "piece MiB", "source")
     rows = [header]
     for c in self.convs:
@@ -71,7 +72,8 @@ class Report:
           spec_lib.short_aval(c.rhs_shape, c.dtype), spec_lib.short_aval(c.out_shape, c.dtype),
           f"{c.working_bytes / 2**20:.1f}", "yes" if c.tiled else "no",
           "x".join(map(str, c.spatial_tiles)) or "-",
-          f"{c.in_channel_blocks}/{c.out_channel_blocks}/{c.batch_blocks}", str(c.n_elemental),
+          f"{c.in_channel_blocks}/{c.out_channel_blocks}/{c.batch_blocks}/"
+          + "x".join(map(str, c.kernel_blocks)), str(c.n_elemental),
           f"{c.tile_bytes / 2**20:.2f}" + (" (over budget)" if c.over_budget else ""),
           c.source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
