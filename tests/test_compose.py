@@ -1,0 +1,517 @@
+"""`tile_convs` composed with JAX transformations, control flow, and model libraries.
+
+Every test checks two things: that tiling really happened (`jaxtile.explain` reports a tiled conv
+with more than one elemental piece, and, where the composition is outside what `explain` sees,
+the traced program holds the tiled call) and that the result equals the untiled function's.
+Spatial and batch splits are bit-identical on CPU; channel blocks change the summation order and
+are compared with a tolerance.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax import test_util as jtu
+
+import jaxtile
+from jaxtile import tile_convs
+
+DN = ("NHWC", "HWIO", "NHWC")
+TILE = (4, 5)  # does not divide 16: interior tiles, halo tiles and a shifted last tile
+CHANNELS = (2, 3)  # does not divide 4 or 8 either
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def conv(x, w, padding="SAME"):
+  return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=DN)
+
+
+def _data(seed=0, x_shape=(2, 16, 16, 4), w_shape=(3, 3, 4, 8)):
+  kx, kw = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, x_shape, jnp.float32), jax.random.normal(kw, w_shape, jnp.float32)
+
+
+def _assert_tiled(report, n_convs=None):
+  """Some conv of the report is tiled into more than one piece (all of them with n_convs)."""
+  assert report.convs, "explain found no conv"
+  tiled = [c for c in report.convs if c.tiled and c.n_elemental > 1]
+  assert tiled, f"nothing was tiled:\n{report}"
+  if n_convs is not None:
+    assert len(report.convs) == n_convs, str(report)
+    assert len(tiled) == n_convs, f"not every conv was tiled:\n{report}"
+
+
+def _walk_eqns(jaxpr):
+  """Every equation of a (closed) jaxpr, nested jaxprs in params included."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+          yield from _walk_eqns(v)
+
+
+def _tiled_calls(fun, *args):
+  """Names of the tiled conv programs (jaxtile's `jaxtile_convN` calls) in `fun`'s jaxpr."""
+  closed = jax.make_jaxpr(fun)(*args)
+  return [str(e.params["name"]) for e in _walk_eqns(closed)
+          if str(e.params.get("name", "")).startswith("jaxtile_conv")]
+
+
+def _n_convs(fun, *args):
+  closed = jax.make_jaxpr(fun)(*args)
+  return sum(e.primitive is lax.conv_general_dilated_p for e in _walk_eqns(closed))
+
+
+# ---------------------------------------------------------------------------------------------
+# jit
+# ---------------------------------------------------------------------------------------------
+
+
+def test_jit_of_tile_convs():
+  x, w = _data()
+  _assert_tiled(jaxtile.explain(conv, tile_shape=TILE)(x, w), n_convs=1)
+  tiled = jax.jit(tile_convs(conv, tile_shape=TILE))
+  assert _tiled_calls(tiled, x, w) == ["jaxtile_conv0"]
+  np.testing.assert_array_equal(tiled(x, w), conv(x, w))
+
+
+def test_jit_of_tile_convs_channel_blocks():
+  x, w = _data()
+  report = jaxtile.explain(conv, channel_block=CHANNELS)(x, w)
+  _assert_tiled(report, n_convs=1)
+  assert report.convs[0].in_channel_blocks == 2 and report.convs[0].out_channel_blocks == 3
+  np.testing.assert_allclose(jax.jit(tile_convs(conv, channel_block=CHANNELS))(x, w),
+                             conv(x, w), **TOL)
+
+
+def test_tile_convs_of_jit_with_nested_jit():
+  x, w = _data()
+  _, w2 = _data(seed=2, w_shape=(3, 3, 8, 4))
+
+  @jax.jit
+  def inner(x, w):
+    return jnp.tanh(conv(x, w))
+
+  @jax.jit
+  def f(x, w, w2):
+    return conv(inner(x, w), w2)
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w, w2), n_convs=2)
+  tiled = tile_convs(f, tile_shape=TILE)
+  np.testing.assert_array_equal(tiled(x, w, w2), f(x, w, w2))
+  assert sorted(_tiled_calls(tiled, x, w, w2)) == ["jaxtile_conv0", "jaxtile_conv1"]
+
+
+def test_checkpoint():
+  x, w = _data()
+
+  @jax.checkpoint
+  def block(x, w):
+    return jax.nn.relu(conv(x, w))
+
+  def f(x, w):
+    return block(x, w) * 2.0
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w), n_convs=1)
+  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=TILE))(x, w), f(x, w))
+  # And the gradient through the checkpointed, tiled block.
+  g = jax.grad(lambda x, w: jnp.sum(tile_convs(f, tile_shape=TILE)(x, w) ** 2), (0, 1))(x, w)
+  g_ref = jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_scan_body():
+  x, _ = _data()
+  ws = jax.random.normal(jax.random.key(3), (3, 3, 3, 4, 4)) * 0.3
+
+  def f(x, ws):
+    def body(carry, w):
+      y = jnp.tanh(conv(carry, w))
+      return y, jnp.sum(y)
+    return lax.scan(body, x, ws)
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, ws), n_convs=1)
+  out, sums = tile_convs(f, tile_shape=TILE)(x, ws)
+  ref_out, ref_sums = f(x, ws)
+  np.testing.assert_array_equal(out, ref_out)
+  np.testing.assert_array_equal(sums, ref_sums)
+
+
+def test_while_loop_body():
+  x, _ = _data()
+  w = jax.random.normal(jax.random.key(4), (3, 3, 4, 4)) * 0.3
+
+  def f(x, w):
+    def body(state):
+      i, y = state
+      return i + 1, jnp.tanh(conv(y, w))
+    return lax.while_loop(lambda s: s[0] < 3, body, (0, x))[1]
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w), n_convs=1)
+  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=TILE))(x, w), f(x, w))
+
+
+@pytest.mark.parametrize("pred", [True, False])
+def test_cond_branches(pred):
+  x, w = _data()
+
+  def f(pred, x, w):
+    return lax.cond(pred, lambda x, w: conv(x, w), lambda x, w: conv(x, w * 2.0) + 1.0, x, w)
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(jnp.asarray(pred), x, w), n_convs=2)
+  out = tile_convs(f, tile_shape=TILE)(jnp.asarray(pred), x, w)
+  np.testing.assert_array_equal(out, f(pred, x, w))
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_switch_branches(index):
+  x, w = _data()
+
+  def f(i, x, w):
+    branches = [lambda x, w: conv(x, w),
+                lambda x, w: jax.nn.relu(conv(x, w)),
+                lambda x, w: conv(x, w[::-1, ::-1]) - 3.0]
+    return lax.switch(i, branches, x, w)
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(jnp.asarray(index), x, w), n_convs=3)
+  out = jax.jit(tile_convs(f, tile_shape=TILE))(jnp.asarray(index), x, w)
+  np.testing.assert_array_equal(out, f(index, x, w))
+
+
+def test_custom_vjp_forward():
+  x, w = _data()
+
+  @jax.custom_vjp
+  def cconv(x, w):
+    return conv(x, w)
+
+  def fwd(x, w):
+    return conv(x, w), (x, w)
+
+  def bwd(res, g):
+    x, w = res
+    _, vjp = jax.vjp(conv, x, w)
+    return vjp(g)
+
+  cconv.defvjp(fwd, bwd)
+
+  def f(x, w):
+    return jnp.sin(cconv(x, w))
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w))
+  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=TILE))(x, w), f(x, w))
+  assert _tiled_calls(tile_convs(f, tile_shape=TILE), x, w)
+
+
+def test_custom_jvp_forward():
+  x, w = _data()
+
+  @jax.custom_jvp
+  def cconv(x, w):
+    return conv(x, w)
+
+  @cconv.defjvp
+  def cconv_jvp(primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    return conv(x, w), conv(dx, w) + conv(x, dw)
+
+  def f(x, w):
+    return jnp.sin(cconv(x, w))
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w))
+  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=TILE))(x, w), f(x, w))
+  assert _tiled_calls(tile_convs(f, tile_shape=TILE), x, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# vmap and pmap
+# ---------------------------------------------------------------------------------------------
+
+
+def test_vmap_over_tiled():
+  xs, w = _data(x_shape=(3, 2, 16, 16, 4))
+  _assert_tiled(jaxtile.explain(conv, tile_shape=TILE)(xs[0], w), n_convs=1)
+  tiled = tile_convs(conv, tile_shape=TILE)
+  batched = jax.vmap(tiled, in_axes=(0, None))
+  assert _tiled_calls(batched, xs, w) == ["jaxtile_conv0"]
+  np.testing.assert_array_equal(batched(xs, w), jax.vmap(conv, in_axes=(0, None))(xs, w))
+
+
+def test_vmap_over_tiled_channel_blocks_both_operands():
+  xs, ws = _data(x_shape=(3, 2, 16, 16, 4), w_shape=(3, 3, 3, 4, 8))
+  _assert_tiled(jaxtile.explain(conv, channel_block=CHANNELS)(xs[0], ws[0]), n_convs=1)
+  batched = jax.vmap(tile_convs(conv, channel_block=CHANNELS))
+  np.testing.assert_allclose(batched(xs, ws), jax.vmap(conv)(xs, ws), **TOL)
+
+
+def _n_devices():
+  n = jax.device_count()
+  if n < 2:
+    pytest.skip(f"pmap needs at least 2 devices, found {n} (tests/conftest.py asks XLA for 8 "
+                "host CPU devices; XLA_FLAGS was overridden?)")
+  return min(n, 8)
+
+
+def test_pmap_over_tiled():
+  n = _n_devices()
+  xs, w = _data(x_shape=(n, 2, 16, 16, 4))
+  _assert_tiled(jaxtile.explain(conv, tile_shape=TILE)(xs[0], w), n_convs=1)
+  tiled = tile_convs(conv, tile_shape=TILE)
+  out = jax.pmap(tiled, in_axes=(0, None))(xs, w)
+  assert _tiled_calls(jax.pmap(tiled, in_axes=(0, None)), xs, w) == ["jaxtile_conv0"]
+  np.testing.assert_array_equal(np.asarray(out), jax.vmap(conv, in_axes=(0, None))(xs, w))
+
+
+def test_pmap_inside_tile_convs():
+  n = _n_devices()
+  xs, w = _data(x_shape=(n, 2, 16, 16, 4))
+
+  def f(xs, w):
+    return jax.pmap(lambda x, w: jnp.tanh(conv(x, w)), in_axes=(0, None))(xs, w)
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(xs, w), n_convs=1)
+  out = tile_convs(f, tile_shape=TILE)(xs, w)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(f(xs, w)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiation
+# ---------------------------------------------------------------------------------------------
+
+
+def _cotangent(shape=(2, 16, 16, 8)):
+  return jax.random.normal(jax.random.key(7), shape, jnp.float32)
+
+
+@pytest.mark.parametrize("policy", [dict(tile_shape=TILE), dict(channel_block=CHANNELS),
+                                    dict(max_bytes=2**12)], ids=["tiles", "channels", "budget"])
+def test_grad_through_tile_convs(policy):
+  x, w = _data()
+  g = _cotangent()
+  _assert_tiled(jaxtile.explain(conv, **policy)(x, w), n_convs=1)
+
+  def loss(f):
+    return lambda x, w: jnp.sum(jnp.sin(f(x, w)) * g)
+
+  got = jax.grad(loss(tile_convs(conv, **policy)), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(conv), argnums=(0, 1))(x, w)
+  for a, b, name in zip(got, want, ("dx", "dw")):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_jvp_through_tile_convs():
+  x, w = _data()
+  dx, dw = _data(seed=1)
+  _assert_tiled(jaxtile.explain(conv, tile_shape=TILE)(x, w), n_convs=1)
+  out, tangent = jax.jvp(tile_convs(conv, tile_shape=TILE), (x, w), (dx, dw))
+  ref_out, ref_tangent = jax.jvp(conv, (x, w), (dx, dw))
+  np.testing.assert_array_equal(out, ref_out)
+  np.testing.assert_allclose(tangent, ref_tangent, **TOL)
+
+
+def test_tile_convs_of_grad_tiles_backward_convs():
+  x, w = _data()
+  g = _cotangent()
+
+  def loss(x, w):
+    return jnp.sum(jnp.sin(conv(x, w)) * g)
+
+  grad = jax.grad(loss, argnums=(0, 1))
+  # Forward conv (25 KiB), input-gradient conv and weight-gradient conv, all above 4 KiB.
+  report = jaxtile.explain(grad, max_bytes=2**12, strict=True)(x, w)
+  _assert_tiled(report, n_convs=3)
+  assert all(c.tile_bytes <= 2**12 for c in report.convs), str(report)
+  assert all(not c.over_budget for c in report.convs), str(report)
+  got = jax.jit(tile_convs(grad, max_bytes=2**12, strict=True))(x, w)
+  want = grad(x, w)
+  for a, b, name in zip(got, want, ("dx", "dw")):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_check_grads_reverse_mode():
+  x, w = _data(x_shape=(1, 6, 6, 2), w_shape=(3, 3, 2, 3))
+  f = lambda x, w: conv(x, w)
+  _assert_tiled(jaxtile.explain(f, tile_shape=(2, 4))(x, w), n_convs=1)
+  tiled = tile_convs(f, tile_shape=(2, 4))
+  jtu.check_grads(tiled, (x, w), order=1, modes=["rev"], atol=1e-2, rtol=1e-2,
+                            eps=1e-2)
+
+
+def test_check_grads_fwd_and_rev_float64():
+  with jax.enable_x64(True):
+    x, w = _data(x_shape=(1, 6, 6, 2), w_shape=(3, 3, 2, 3))
+    x, w = x.astype(jnp.float64), w.astype(jnp.float64)
+    tiled = tile_convs(conv, tile_shape=(2, 4), channel_block=(1, 2))
+    report = jaxtile.explain(conv, tile_shape=(2, 4), channel_block=(1, 2))(x, w)
+    _assert_tiled(report, n_convs=1)
+    assert report.convs[0].dtype == np.float64
+    jtu.check_grads(tiled, (x, w), order=2, modes=["fwd", "rev"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model libraries
+# ---------------------------------------------------------------------------------------------
+
+
+def test_flax_linen_model():
+  nn = pytest.importorskip("flax.linen")
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (3, 3), padding="SAME")(x)
+      x = nn.relu(x)
+      return nn.Conv(6, (3, 3), padding="SAME")(x)
+
+  model = Net()
+  x, _ = _data()
+  params = model.init(jax.random.key(0), x)
+  budget = 2**13
+  report = jaxtile.explain(model.apply, max_bytes=budget)(params, x)
+  _assert_tiled(report, n_convs=2)
+  assert all(c.tile_bytes <= budget for c in report.convs), str(report)
+  # The source is the user's model, not flax's Conv layer.
+  assert all(__file__.rsplit("/", 1)[-1] in c.source for c in report.convs), str(report)
+  out = jax.jit(tile_convs(model.apply, max_bytes=budget))(params, x)
+  want = model.apply(params, x)
+  if any(c.in_channel_blocks > 1 for c in report.convs):
+    np.testing.assert_allclose(out, want, **TOL)
+  else:
+    np.testing.assert_array_equal(out, want)
+
+
+def test_equinox_model():
+  eqx = pytest.importorskip("equinox")
+  k1, k2 = jax.random.split(jax.random.key(5))
+  model = eqx.nn.Sequential([
+      eqx.nn.Conv2d(4, 8, 3, padding=1, key=k1),
+      eqx.nn.Lambda(jax.nn.relu),
+      eqx.nn.Conv2d(8, 6, 3, padding=1, key=k2),
+  ])
+  x = jax.random.normal(jax.random.key(6), (2, 4, 16, 16))  # NCHW
+  traces = []
+
+  def apply(model, x):
+    traces.append(1)
+    return jax.vmap(model)(x)
+
+  report = jaxtile.explain(apply, tile_shape=TILE)(model, x)
+  _assert_tiled(report, n_convs=2)
+  del traces[:]
+  tiled = tile_convs(apply, tile_shape=TILE)
+  np.testing.assert_array_equal(tiled(model, x), apply(model, x))
+  # Array leaves are traced: new weights of the same shapes neither retrace nor get ignored.
+  n_traces = len(traces)
+  model2 = jax.tree_util.tree_map(lambda a: a * 0.5 if eqx.is_array(a) else a, model)
+  np.testing.assert_array_equal(tiled(model2, x), apply(model2, x))
+  assert len(traces) == n_traces + 1  # the untiled reference call above; no retrace of tiled
+
+
+def test_equinox_filter_jit_of_tile_convs():
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.Conv2d(4, 8, 3, padding=1, key=jax.random.key(8))
+  x = jax.random.normal(jax.random.key(9), (2, 4, 16, 16))
+  apply = lambda model, x: jax.vmap(model)(x)
+  _assert_tiled(jaxtile.explain(apply, tile_shape=TILE)(model, x), n_convs=1)
+  out = eqx.filter_jit(tile_convs(apply, tile_shape=TILE))(model, x)
+  np.testing.assert_array_equal(out, apply(model, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain functions, arguments and outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_function_without_conv():
+  x, _ = _data()
+  f = lambda x: jnp.cumsum(jnp.tanh(x) * 3.0, axis=1)
+  report = jaxtile.explain(f, max_bytes=16)(x)
+  assert report.convs == []
+  np.testing.assert_array_equal(tile_convs(f, max_bytes=16)(x), f(x))
+
+
+def test_static_keyword_bool():
+  x, w = _data()
+
+  def f(x, w, *, train):
+    y = conv(x, w)
+    if train:  # a Python branch: `train` must arrive static
+      return y * 0.5
+    return jax.nn.relu(y)
+
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w, train=False), n_convs=1)
+  tiled = tile_convs(f, tile_shape=TILE)
+  np.testing.assert_array_equal(tiled(x, w, train=False), f(x, w, train=False))
+  np.testing.assert_array_equal(tiled(x, w, train=True), f(x, w, train=True))
+  assert not np.array_equal(tiled(x, w, train=True), tiled(x, w, train=False))
+
+
+def test_static_argnums_and_argnames():
+  x, w = _data()
+
+  def f(x, w, padding, scale=1.0):
+    return conv(x, w, padding) * scale
+
+  tiled = tile_convs(f, tile_shape=TILE, static_argnums=2, static_argnames="scale")
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE, static_argnums=2, static_argnames="scale")(
+      x, w, "VALID", scale=2.0), n_convs=1)
+  same = tiled(x, w, "SAME", scale=2.0)
+  valid = tiled(x, w, "VALID", scale=2.0)
+  assert same.shape == (2, 16, 16, 8) and valid.shape == (2, 14, 14, 8)
+  np.testing.assert_array_equal(same, f(x, w, "SAME", scale=2.0))
+  np.testing.assert_array_equal(valid, f(x, w, "VALID", scale=2.0))
+  # A negative static_argnums counts from the end, as in jax.jit.
+  explicit = tile_convs(f, tile_shape=TILE, static_argnums=(-1,))(x, w, [(2, 0), (0, 1)], 1.0)
+  np.testing.assert_array_equal(explicit, f(x, w, [(2, 0), (0, 1)], 1.0))
+
+
+def test_pytree_outputs_preserved():
+  x, w = _data()
+
+  def f(inputs):
+    y = conv(inputs["x"], inputs["w"])
+    return {"y": y, "stats": (jnp.mean(y), jnp.max(y)), "none": None, "list": [y[:1]]}
+
+  inputs = {"x": x, "w": w}
+  _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(inputs), n_convs=1)
+  out = tile_convs(f, tile_shape=TILE)(inputs)
+  want = f(inputs)
+  assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(want)
+  assert isinstance(out, dict) and isinstance(out["stats"], tuple)
+  assert isinstance(out["list"], list) and out["none"] is None
+  for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Other spatial ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_conv1d_tiled_under_jit():
+  x, w = _data(x_shape=(2, 37, 4), w_shape=(3, 4, 8))
+  f = lambda x, w: lax.conv_general_dilated(x, w, (1,), "SAME",
+                                            dimension_numbers=("NWC", "WIO", "NWC"))
+  report = jaxtile.explain(f, tile_shape=(5,))(x, w)
+  _assert_tiled(report, n_convs=1)
+  assert report.convs[0].spatial_tiles == (8,)
+  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=(5,)))(x, w), f(x, w))
+
+
+def test_conv3d_tiled_under_jit():
+  x, w = _data(x_shape=(1, 7, 8, 9, 2), w_shape=(3, 3, 3, 2, 4))
+  f = lambda x, w: lax.conv_general_dilated(x, w, (1, 2, 1), "SAME",
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  report = jaxtile.explain(f, tile_shape=(3, 2, 4))(x, w)
+  _assert_tiled(report, n_convs=1)
+  assert report.convs[0].spatial_tiles == (3, 2, 3)
+  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=(3, 2, 4)))(x, w), f(x, w))
