@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Sequence, Tuple
 
 import numpy as np
 

@@ -22,7 +22,7 @@ import jaxtile
 from jaxtile import tile_convs
 
 DN = ("NHWC", "HWIO", "NHWC")
-TILE = (4, 5)  # does not divide 16: interior tiles, halo tiles and a shifted last tile
+TILE = (8, 6)  # 6 does not divide 16: a halo tile at each edge, an interior one, a shifted last one
 CHANNELS = (2, 3)  # does not divide 4 or 8 either
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -344,17 +344,6 @@ def test_check_grads_reverse_mode():
   tiled = tile_convs(f, tile_shape=(2, 4))
   jtu.check_grads(tiled, (x, w), order=1, modes=["rev"], atol=1e-2, rtol=1e-2,
                             eps=1e-2)
-
-
-def test_check_grads_fwd_and_rev_float64():
-  with jax.enable_x64(True):
-    x, w = _data(x_shape=(1, 6, 6, 2), w_shape=(3, 3, 2, 3))
-    x, w = x.astype(jnp.float64), w.astype(jnp.float64)
-    tiled = tile_convs(conv, tile_shape=(2, 4), channel_block=(1, 2))
-    report = jaxtile.explain(conv, tile_shape=(2, 4), channel_block=(1, 2))(x, w)
-    _assert_tiled(report, n_convs=1)
-    assert report.convs[0].dtype == np.float64
-    jtu.check_grads(tiled, (x, w), order=2, modes=["fwd", "rev"])
 
 
 # ---------------------------------------------------------------------------------------------
