@@ -419,6 +419,8 @@ def normalize_blocks(spec: ConvSpec, tile_shape, channel_block, batch_block) -> 
   """
   plan = monolithic_plan(spec)
   fixed = set()
+  if isinstance(tile_shape, int):
+    tile_shape = (tile_shape,) * spec.n_spatial
   if tile_shape is not None:
     if len(tile_shape) != spec.n_spatial:
       raise ValueError(

@@ -22,7 +22,7 @@ import jaxtile
 from jaxtile import tile_convs
 
 DN = ("NHWC", "HWIO", "NHWC")
-TILE = (8, 6)  # 6 does not divide 16: a halo tile at each edge, an interior one, a shifted last one
+TILE = (3, 8)  # along H: a halo tile at each edge, a loop over 4 interior tiles, a shifted last one
 CHANNELS = (2, 3)  # does not divide 4 or 8 either
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -31,9 +31,22 @@ def conv(x, w, padding="SAME"):
   return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=DN)
 
 
+def _normal(seed, shape, scale=1.0):
+  # NumPy's generator: eager jax.random compiles anew for every shape (about a second each).
+  rng = np.random.default_rng(seed)
+  return jnp.asarray((rng.standard_normal(shape) * scale).astype(np.float32))
+
+
 def _data(seed=0, x_shape=(2, 16, 16, 4), w_shape=(3, 3, 4, 8)):
-  kx, kw = jax.random.split(jax.random.key(seed))
-  return jax.random.normal(kx, x_shape, jnp.float32), jax.random.normal(kw, w_shape, jnp.float32)
+  return _normal(2 * seed, x_shape), _normal(2 * seed + 1, w_shape)
+
+
+def _fill(tree, seed=0, scale=0.3):
+  """The arrays (or ShapeDtypeStructs) of a pytree replaced by random float32 arrays."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves = [_normal(seed + i, l.shape, scale) if hasattr(l, "shape") else l
+            for i, l in enumerate(leaves)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _assert_tiled(report, n_convs=None):
@@ -44,6 +57,13 @@ def _assert_tiled(report, n_convs=None):
   if n_convs is not None:
     assert len(report.convs) == n_convs, str(report)
     assert len(tiled) == n_convs, f"not every conv was tiled:\n{report}"
+
+
+def _assert_grads_close(got, want, names=("dx", "dw")):
+  """Gradients sum many products in another order once tiled: tolerance relative to their scale."""
+  for a, b, name in zip(got, want, names):
+    b = np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()), err_msg=name)
 
 
 def _walk_eqns(jaxpr):
@@ -57,16 +77,18 @@ def _walk_eqns(jaxpr):
           yield from _walk_eqns(v)
 
 
-def _tiled_calls(fun, *args):
-  """Names of the tiled conv programs (jaxtile's `jaxtile_convN` calls) in `fun`'s jaxpr."""
-  closed = jax.make_jaxpr(fun)(*args)
-  return [str(e.params["name"]) for e in _walk_eqns(closed)
-          if str(e.params.get("name", "")).startswith("jaxtile_conv")]
+def _tiled_calls(fun, *args, **kwargs):
+  """Distinct tiled conv programs (jaxtile's `jaxtile_convN` calls) in `fun`'s jaxpr, sorted.
+
+  `explain` says what the planner decided; this checks that the program that runs, as composed,
+  really holds the tiled loops.
+  """
+  closed = jax.make_jaxpr(fun)(*args, **kwargs)
+  return sorted({str(e.params["name"]) for e in _walk_eqns(closed)
+                 if str(e.params.get("name", "")).startswith("jaxtile_conv")})
 
 
-def _n_convs(fun, *args):
-  closed = jax.make_jaxpr(fun)(*args)
-  return sum(e.primitive is lax.conv_general_dilated_p for e in _walk_eqns(closed))
+ONE = ["jaxtile_conv0"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +109,9 @@ def test_jit_of_tile_convs_channel_blocks():
   report = jaxtile.explain(conv, channel_block=CHANNELS)(x, w)
   _assert_tiled(report, n_convs=1)
   assert report.convs[0].in_channel_blocks == 2 and report.convs[0].out_channel_blocks == 3
-  np.testing.assert_allclose(jax.jit(tile_convs(conv, channel_block=CHANNELS))(x, w),
-                             conv(x, w), **TOL)
+  tiled = jax.jit(tile_convs(conv, channel_block=CHANNELS))
+  assert _tiled_calls(tiled, x, w) == ONE
+  np.testing.assert_allclose(tiled(x, w), conv(x, w), **TOL)
 
 
 def test_tile_convs_of_jit_with_nested_jit():
@@ -106,7 +129,7 @@ def test_tile_convs_of_jit_with_nested_jit():
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w, w2), n_convs=2)
   tiled = tile_convs(f, tile_shape=TILE)
   np.testing.assert_array_equal(tiled(x, w, w2), f(x, w, w2))
-  assert sorted(_tiled_calls(tiled, x, w, w2)) == ["jaxtile_conv0", "jaxtile_conv1"]
+  assert _tiled_calls(tiled, x, w, w2) == ["jaxtile_conv0", "jaxtile_conv1"]
 
 
 def test_checkpoint():
@@ -120,17 +143,20 @@ def test_checkpoint():
     return block(x, w) * 2.0
 
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w), n_convs=1)
-  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=TILE))(x, w), f(x, w))
+  tiled = tile_convs(f, tile_shape=TILE)
+  assert _tiled_calls(jax.jit(tiled), x, w) == ONE
+  np.testing.assert_array_equal(jax.jit(tiled)(x, w), f(x, w))
   # And the gradient through the checkpointed, tiled block.
-  g = jax.grad(lambda x, w: jnp.sum(tile_convs(f, tile_shape=TILE)(x, w) ** 2), (0, 1))(x, w)
+  grad = jax.grad(lambda x, w: jnp.sum(tiled(x, w) ** 2), (0, 1))
+  assert _tiled_calls(grad, x, w) == ONE
+  g = grad(x, w)
   g_ref = jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)
-  for a, b in zip(g, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  _assert_grads_close(g, g_ref)
 
 
 def test_scan_body():
   x, _ = _data()
-  ws = jax.random.normal(jax.random.key(3), (3, 3, 3, 4, 4)) * 0.3
+  ws = _normal(3, (3, 3, 3, 4, 4), 0.3)
 
   def f(x, ws):
     def body(carry, w):
@@ -139,6 +165,7 @@ def test_scan_body():
     return lax.scan(body, x, ws)
 
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, ws), n_convs=1)
+  assert _tiled_calls(tile_convs(f, tile_shape=TILE), x, ws) == ONE
   out, sums = tile_convs(f, tile_shape=TILE)(x, ws)
   ref_out, ref_sums = f(x, ws)
   np.testing.assert_array_equal(out, ref_out)
@@ -147,7 +174,7 @@ def test_scan_body():
 
 def test_while_loop_body():
   x, _ = _data()
-  w = jax.random.normal(jax.random.key(4), (3, 3, 4, 4)) * 0.3
+  w = _normal(4, (3, 3, 4, 4), 0.3)
 
   def f(x, w):
     def body(state):
@@ -156,7 +183,9 @@ def test_while_loop_body():
     return lax.while_loop(lambda s: s[0] < 3, body, (0, x))[1]
 
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w), n_convs=1)
-  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=TILE))(x, w), f(x, w))
+  tiled = jax.jit(tile_convs(f, tile_shape=TILE))
+  assert _tiled_calls(tiled, x, w) == ONE
+  np.testing.assert_array_equal(tiled(x, w), f(x, w))
 
 
 @pytest.mark.parametrize("pred", [True, False])
@@ -167,7 +196,9 @@ def test_cond_branches(pred):
     return lax.cond(pred, lambda x, w: conv(x, w), lambda x, w: conv(x, w * 2.0) + 1.0, x, w)
 
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(jnp.asarray(pred), x, w), n_convs=2)
-  out = tile_convs(f, tile_shape=TILE)(jnp.asarray(pred), x, w)
+  tiled = tile_convs(f, tile_shape=TILE)
+  assert _tiled_calls(tiled, jnp.asarray(pred), x, w) == ["jaxtile_conv0", "jaxtile_conv1"]
+  out = tiled(jnp.asarray(pred), x, w)
   np.testing.assert_array_equal(out, f(pred, x, w))
 
 
@@ -182,7 +213,9 @@ def test_switch_branches(index):
     return lax.switch(i, branches, x, w)
 
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(jnp.asarray(index), x, w), n_convs=3)
-  out = jax.jit(tile_convs(f, tile_shape=TILE))(jnp.asarray(index), x, w)
+  tiled = jax.jit(tile_convs(f, tile_shape=TILE))
+  assert _tiled_calls(tiled, jnp.asarray(index), x, w) == [f"jaxtile_conv{i}" for i in range(3)]
+  out = tiled(jnp.asarray(index), x, w)
   np.testing.assert_array_equal(out, f(index, x, w))
 
 
@@ -199,7 +232,8 @@ def test_custom_vjp_forward():
   def bwd(res, g):
     x, w = res
     _, vjp = jax.vjp(conv, x, w)
-    return vjp(g)
+    dx, dw = vjp(g)
+    return 2.0 * dx, 3.0 * dw  # deliberately not the true gradient: the rule must be kept
 
   cconv.defvjp(fwd, bwd)
 
@@ -207,8 +241,14 @@ def test_custom_vjp_forward():
     return jnp.sin(cconv(x, w))
 
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w))
-  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=TILE))(x, w), f(x, w))
-  assert _tiled_calls(tile_convs(f, tile_shape=TILE), x, w)
+  tiled = tile_convs(f, tile_shape=TILE)
+  np.testing.assert_array_equal(jax.jit(tiled)(x, w), f(x, w))
+  assert _tiled_calls(tiled, x, w) == ONE
+  # The custom rule survives the rewrite.
+  g = _cotangent()
+  got = jax.grad(lambda x, w: jnp.sum(tiled(x, w) * g), (0, 1))(x, w)
+  want = jax.grad(lambda x, w: jnp.sum(f(x, w) * g), (0, 1))(x, w)
+  _assert_grads_close(got, want)
 
 
 def test_custom_jvp_forward():
@@ -222,14 +262,20 @@ def test_custom_jvp_forward():
   def cconv_jvp(primals, tangents):
     x, w = primals
     dx, dw = tangents
-    return conv(x, w), conv(dx, w) + conv(x, dw)
+    # Deliberately not the true derivative: the rule must be kept.
+    return conv(x, w), 2.0 * conv(dx, w) + conv(x, dw)
 
   def f(x, w):
     return jnp.sin(cconv(x, w))
 
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w))
-  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=TILE))(x, w), f(x, w))
-  assert _tiled_calls(tile_convs(f, tile_shape=TILE), x, w)
+  tiled = tile_convs(f, tile_shape=TILE)
+  np.testing.assert_array_equal(jax.jit(tiled)(x, w), f(x, w))
+  assert _tiled_calls(tiled, x, w) == ONE
+  dx, dw = _data(seed=1)
+  _, got = jax.jvp(tiled, (x, w), (dx, dw))
+  _, want = jax.jvp(f, (x, w), (dx, dw))
+  np.testing.assert_allclose(got, want, **TOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +288,7 @@ def test_vmap_over_tiled():
   _assert_tiled(jaxtile.explain(conv, tile_shape=TILE)(xs[0], w), n_convs=1)
   tiled = tile_convs(conv, tile_shape=TILE)
   batched = jax.vmap(tiled, in_axes=(0, None))
-  assert _tiled_calls(batched, xs, w) == ["jaxtile_conv0"]
+  assert _tiled_calls(batched, xs, w) == ONE
   np.testing.assert_array_equal(batched(xs, w), jax.vmap(conv, in_axes=(0, None))(xs, w))
 
 
@@ -250,6 +296,7 @@ def test_vmap_over_tiled_channel_blocks_both_operands():
   xs, ws = _data(x_shape=(3, 2, 16, 16, 4), w_shape=(3, 3, 3, 4, 8))
   _assert_tiled(jaxtile.explain(conv, channel_block=CHANNELS)(xs[0], ws[0]), n_convs=1)
   batched = jax.vmap(tile_convs(conv, channel_block=CHANNELS))
+  assert _tiled_calls(batched, xs, ws) == ONE
   np.testing.assert_allclose(batched(xs, ws), jax.vmap(conv)(xs, ws), **TOL)
 
 
@@ -267,7 +314,7 @@ def test_pmap_over_tiled():
   _assert_tiled(jaxtile.explain(conv, tile_shape=TILE)(xs[0], w), n_convs=1)
   tiled = tile_convs(conv, tile_shape=TILE)
   out = jax.pmap(tiled, in_axes=(0, None))(xs, w)
-  assert _tiled_calls(jax.pmap(tiled, in_axes=(0, None)), xs, w) == ["jaxtile_conv0"]
+  assert _tiled_calls(jax.pmap(tiled, in_axes=(0, None)), xs, w) == ONE
   np.testing.assert_array_equal(np.asarray(out), jax.vmap(conv, in_axes=(0, None))(xs, w))
 
 
@@ -279,6 +326,7 @@ def test_pmap_inside_tile_convs():
     return jax.pmap(lambda x, w: jnp.tanh(conv(x, w)), in_axes=(0, None))(xs, w)
 
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(xs, w), n_convs=1)
+  assert _tiled_calls(tile_convs(f, tile_shape=TILE), xs, w) == ONE
   out = tile_convs(f, tile_shape=TILE)(xs, w)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(f(xs, w)))
 
@@ -289,7 +337,7 @@ def test_pmap_inside_tile_convs():
 
 
 def _cotangent(shape=(2, 16, 16, 8)):
-  return jax.random.normal(jax.random.key(7), shape, jnp.float32)
+  return _normal(7, shape)
 
 
 @pytest.mark.parametrize("policy", [dict(tile_shape=TILE), dict(channel_block=CHANNELS),
@@ -302,17 +350,20 @@ def test_grad_through_tile_convs(policy):
   def loss(f):
     return lambda x, w: jnp.sum(jnp.sin(f(x, w)) * g)
 
-  got = jax.grad(loss(tile_convs(conv, **policy)), argnums=(0, 1))(x, w)
+  grad = jax.grad(loss(tile_convs(conv, **policy)), argnums=(0, 1))
+  assert _tiled_calls(grad, x, w) == ONE
+  got = grad(x, w)
   want = jax.grad(loss(conv), argnums=(0, 1))(x, w)
-  for a, b, name in zip(got, want, ("dx", "dw")):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+  _assert_grads_close(got, want)
 
 
 def test_jvp_through_tile_convs():
   x, w = _data()
   dx, dw = _data(seed=1)
   _assert_tiled(jaxtile.explain(conv, tile_shape=TILE)(x, w), n_convs=1)
-  out, tangent = jax.jvp(tile_convs(conv, tile_shape=TILE), (x, w), (dx, dw))
+  tiled = tile_convs(conv, tile_shape=TILE)
+  assert _tiled_calls(lambda *a: jax.jvp(tiled, a[:2], a[2:]), x, w, dx, dw) == ONE
+  out, tangent = jax.jvp(tiled, (x, w), (dx, dw))
   ref_out, ref_tangent = jax.jvp(conv, (x, w), (dx, dw))
   np.testing.assert_array_equal(out, ref_out)
   np.testing.assert_allclose(tangent, ref_tangent, **TOL)
@@ -331,10 +382,11 @@ def test_tile_convs_of_grad_tiles_backward_convs():
   _assert_tiled(report, n_convs=3)
   assert all(c.tile_bytes <= 2**12 for c in report.convs), str(report)
   assert all(not c.over_budget for c in report.convs), str(report)
-  got = jax.jit(tile_convs(grad, max_bytes=2**12, strict=True))(x, w)
+  tiled = jax.jit(tile_convs(grad, max_bytes=2**12, strict=True))
+  assert _tiled_calls(tiled, x, w) == [f"jaxtile_conv{i}" for i in range(3)]
+  got = tiled(x, w)
   want = grad(x, w)
-  for a, b, name in zip(got, want, ("dx", "dw")):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+  _assert_grads_close(got, want)
 
 
 def test_check_grads_reverse_mode():
@@ -342,8 +394,23 @@ def test_check_grads_reverse_mode():
   f = lambda x, w: conv(x, w)
   _assert_tiled(jaxtile.explain(f, tile_shape=(2, 4))(x, w), n_convs=1)
   tiled = tile_convs(f, tile_shape=(2, 4))
+  assert _tiled_calls(tiled, x, w) == ONE
   jtu.check_grads(tiled, (x, w), order=1, modes=["rev"], atol=1e-2, rtol=1e-2,
                             eps=1e-2)
+
+
+def test_check_grads_float64_fwd_and_rev():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((1, 6, 6, 2)))
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 3)))
+    assert x.dtype == jnp.float64
+    policy = dict(tile_shape=(2, 4), channel_block=(1, 2))
+    report = jaxtile.explain(conv, **policy)(x, w)
+    _assert_tiled(report, n_convs=1)
+    assert report.convs[0].dtype == np.float64
+    assert _tiled_calls(tile_convs(conv, **policy), x, w) == ONE
+    jtu.check_grads(tile_convs(conv, **policy), (x, w), order=1, modes=["fwd", "rev"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,14 +430,17 @@ def test_flax_linen_model():
 
   model = Net()
   x, _ = _data()
-  params = model.init(jax.random.key(0), x)
+  # Shapes from flax's init (traced only), values from NumPy: running init eagerly is slow.
+  params = _fill(jax.eval_shape(model.init, jax.random.key(0), x))
   budget = 2**13
   report = jaxtile.explain(model.apply, max_bytes=budget)(params, x)
   _assert_tiled(report, n_convs=2)
   assert all(c.tile_bytes <= budget for c in report.convs), str(report)
   # The source is the user's model, not flax's Conv layer.
   assert all(__file__.rsplit("/", 1)[-1] in c.source for c in report.convs), str(report)
-  out = jax.jit(tile_convs(model.apply, max_bytes=budget))(params, x)
+  tiled = jax.jit(tile_convs(model.apply, max_bytes=budget))
+  assert _tiled_calls(tiled, params, x) == ["jaxtile_conv0", "jaxtile_conv1"]
+  out = tiled(params, x)
   want = model.apply(params, x)
   if any(c.in_channel_blocks > 1 for c in report.convs):
     np.testing.assert_allclose(out, want, **TOL)
@@ -381,12 +451,13 @@ def test_flax_linen_model():
 def test_equinox_model():
   eqx = pytest.importorskip("equinox")
   k1, k2 = jax.random.split(jax.random.key(5))
-  model = eqx.nn.Sequential([
+  model = eqx.filter_eval_shape(lambda: eqx.nn.Sequential([
       eqx.nn.Conv2d(4, 8, 3, padding=1, key=k1),
       eqx.nn.Lambda(jax.nn.relu),
       eqx.nn.Conv2d(8, 6, 3, padding=1, key=k2),
-  ])
-  x = jax.random.normal(jax.random.key(6), (2, 4, 16, 16))  # NCHW
+  ]))
+  model = _fill(model)  # eager random init is slow; shapes from equinox, values from NumPy
+  x = _normal(6, (2, 4, 16, 16))  # NCHW
   traces = []
 
   def apply(model, x):
@@ -398,6 +469,7 @@ def test_equinox_model():
   del traces[:]
   tiled = tile_convs(apply, tile_shape=TILE)
   np.testing.assert_array_equal(tiled(model, x), apply(model, x))
+  assert _tiled_calls(lambda x: tiled(model, x), x) == ["jaxtile_conv0", "jaxtile_conv1"]
   # Array leaves are traced: new weights of the same shapes neither retrace nor get ignored.
   n_traces = len(traces)
   model2 = jax.tree_util.tree_map(lambda a: a * 0.5 if eqx.is_array(a) else a, model)
@@ -407,11 +479,14 @@ def test_equinox_model():
 
 def test_equinox_filter_jit_of_tile_convs():
   eqx = pytest.importorskip("equinox")
-  model = eqx.nn.Conv2d(4, 8, 3, padding=1, key=jax.random.key(8))
-  x = jax.random.normal(jax.random.key(9), (2, 4, 16, 16))
+  model = _fill(eqx.filter_eval_shape(
+      lambda: eqx.nn.Conv2d(4, 8, 3, padding=1, key=jax.random.key(8))))
+  x = _normal(9, (2, 4, 16, 16))
   apply = lambda model, x: jax.vmap(model)(x)
   _assert_tiled(jaxtile.explain(apply, tile_shape=TILE)(model, x), n_convs=1)
-  out = eqx.filter_jit(tile_convs(apply, tile_shape=TILE))(model, x)
+  tiled = eqx.filter_jit(tile_convs(apply, tile_shape=TILE))
+  assert _tiled_calls(lambda x: tiled(model, x), x) == ONE
+  out = tiled(model, x)
   np.testing.assert_array_equal(out, apply(model, x))
 
 
@@ -425,6 +500,7 @@ def test_function_without_conv():
   f = lambda x: jnp.cumsum(jnp.tanh(x) * 3.0, axis=1)
   report = jaxtile.explain(f, max_bytes=16)(x)
   assert report.convs == []
+  assert _tiled_calls(tile_convs(f, max_bytes=16), x) == []
   np.testing.assert_array_equal(tile_convs(f, max_bytes=16)(x), f(x))
 
 
@@ -439,6 +515,7 @@ def test_static_keyword_bool():
 
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(x, w, train=False), n_convs=1)
   tiled = tile_convs(f, tile_shape=TILE)
+  assert _tiled_calls(functools.partial(tiled, train=False), x, w) == ONE
   np.testing.assert_array_equal(tiled(x, w, train=False), f(x, w, train=False))
   np.testing.assert_array_equal(tiled(x, w, train=True), f(x, w, train=True))
   assert not np.array_equal(tiled(x, w, train=True), tiled(x, w, train=False))
@@ -453,6 +530,7 @@ def test_static_argnums_and_argnames():
   tiled = tile_convs(f, tile_shape=TILE, static_argnums=2, static_argnames="scale")
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE, static_argnums=2, static_argnames="scale")(
       x, w, "VALID", scale=2.0), n_convs=1)
+  assert _tiled_calls(lambda x, w: tiled(x, w, "SAME", scale=2.0), x, w) == ONE
   same = tiled(x, w, "SAME", scale=2.0)
   valid = tiled(x, w, "VALID", scale=2.0)
   assert same.shape == (2, 16, 16, 8) and valid.shape == (2, 14, 14, 8)
@@ -472,6 +550,7 @@ def test_pytree_outputs_preserved():
 
   inputs = {"x": x, "w": w}
   _assert_tiled(jaxtile.explain(f, tile_shape=TILE)(inputs), n_convs=1)
+  assert _tiled_calls(tile_convs(f, tile_shape=TILE), inputs) == ONE
   out = tile_convs(f, tile_shape=TILE)(inputs)
   want = f(inputs)
   assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(want)
@@ -493,7 +572,9 @@ def test_conv1d_tiled_under_jit():
   report = jaxtile.explain(f, tile_shape=(5,))(x, w)
   _assert_tiled(report, n_convs=1)
   assert report.convs[0].spatial_tiles == (8,)
-  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=(5,)))(x, w), f(x, w))
+  tiled = jax.jit(tile_convs(f, tile_shape=(5,)))
+  assert _tiled_calls(tiled, x, w) == ONE
+  np.testing.assert_array_equal(tiled(x, w), f(x, w))
 
 
 def test_conv3d_tiled_under_jit():
@@ -503,4 +584,6 @@ def test_conv3d_tiled_under_jit():
   report = jaxtile.explain(f, tile_shape=(3, 2, 4))(x, w)
   _assert_tiled(report, n_convs=1)
   assert report.convs[0].spatial_tiles == (3, 2, 3)
-  np.testing.assert_array_equal(jax.jit(tile_convs(f, tile_shape=(3, 2, 4)))(x, w), f(x, w))
+  tiled = jax.jit(tile_convs(f, tile_shape=(3, 2, 4)))
+  assert _tiled_calls(tiled, x, w) == ONE
+  np.testing.assert_array_equal(tiled(x, w), f(x, w))
