@@ -18,14 +18,9 @@ from jax import lax
 Jaxpr = jex.core.Jaxpr
 ClosedJaxpr = jex.core.ClosedJaxpr
 JaxprEqn = jex.core.JaxprEqn
-Literal = jex.core.Literal
-Var = jex.core.Var
 jaxpr_as_fun = jex.core.jaxpr_as_fun
 
 conv_general_dilated_p = lax.conv_general_dilated_p
-ConvDimensionNumbers = lax.ConvDimensionNumbers
-conv_dimension_numbers = lax.conv_dimension_numbers
-padtype_to_pads = lax.padtype_to_pads
 
 
 def is_conv(eqn: JaxprEqn) -> bool:

@@ -53,9 +53,7 @@ def _int_tuple(name: str, value: Any, length: Optional[int] = None):
   if value is None:
     return None
   if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-    value = (value,) * (length or 1) if length else value
-    if not length:
-      return _positive_int(name, value)
+    return _positive_int(name, value)  # one extent for every dim, expanded per conv
   if not isinstance(value, Sequence) or isinstance(value, str):
     raise TypeError(f"tile_convs: {name} must be a tuple of positive ints (None entries let the "
                     f"planner choose), but got {name}={value!r}.")

@@ -120,13 +120,6 @@ class ConvSpec:
     return (array_bytes(self.lhs_shape, self.lhs_dtype) + array_bytes(self.rhs_shape, self.rhs_dtype)
             + array_bytes(self.out_shape, self.out_dtype))
 
-  def max_operand_elements(self) -> int:
-    return max(math.prod(self.lhs_shape), math.prod(self.rhs_shape), math.prod(self.out_shape))
-
-  def flops(self) -> int:
-    """Multiply-adds x 2 of the monolithic conv (each output reads in_per_group x window inputs)."""
-    return 2 * math.prod(self.out_shape) * self.in_per_group * math.prod(self.kernel_spatial)
-
   def describe(self) -> str:
     """`conv_general_dilated lhs=f32[...] rhs=f32[...] -> f32[...] at file:line`, for messages."""
     return (f"conv_general_dilated lhs={short_aval(self.lhs_shape, self.lhs_dtype)} "
