@@ -390,11 +390,12 @@ def test_tile_convs_of_grad_tiles_backward_convs():
 
 
 def test_check_grads_reverse_mode():
-  x, w = _data(x_shape=(1, 6, 6, 2), w_shape=(3, 3, 2, 3))
+  x, w = _data(x_shape=(1, 8, 6, 2), w_shape=(3, 3, 2, 3))
   f = lambda x, w: conv(x, w)
   _assert_tiled(jaxtile.explain(f, tile_shape=(2, 4))(x, w), n_convs=1)
   tiled = tile_convs(f, tile_shape=(2, 4))
   assert _tiled_calls(tiled, x, w) == ONE
+  np.testing.assert_array_equal(tiled(x, w), f(x, w))  # check_grads only checks consistency
   jtu.check_grads(tiled, (x, w), order=1, modes=["rev"], atol=1e-2, rtol=1e-2,
                             eps=1e-2)
 
@@ -410,6 +411,7 @@ def test_check_grads_float64_fwd_and_rev():
     _assert_tiled(report, n_convs=1)
     assert report.convs[0].dtype == np.float64
     assert _tiled_calls(tile_convs(conv, **policy), x, w) == ONE
+    np.testing.assert_allclose(tile_convs(conv, **policy)(x, w), conv(x, w), rtol=1e-12)
     jtu.check_grads(tile_convs(conv, **policy), (x, w), order=1, modes=["fwd", "rev"])
 
 
