@@ -200,8 +200,8 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
       grouped convs; a block spanning whole groups splits by groups. An int sets both.
     batch_block: batch rows per piece.
     tier: "auto" rewrites convs above `max_bytes` (and any conv that an explicit
-      tile_shape/channel_block/batch_block applies to); "tiled" lowers every conv through the
-      tiled program, planned against `max_bytes`; "native" rewrites nothing; "reference"
+      tile_shape/channel_block/batch_block applies to); "tiled" plans every conv against
+      `max_bytes` (one that fits stays a single, unchanged piece); "native" rewrites nothing; "reference"
       evaluates every conv with the NumPy reference on the host (for debugging).
     strict: raise `BudgetError` when a conv cannot be split within `max_bytes`, instead of
       running it at the finest split reachable with a warning.
