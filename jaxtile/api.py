@@ -165,6 +165,15 @@ class _Whole:
     return isinstance(other, _Whole) and self.value == other.value
 
 
+def _static_args(static_argnums, static_argnames) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """`static_argnums`/`static_argnames` as tuples, accepting a single int or str as jax.jit does."""
+  if isinstance(static_argnums, int):
+    static_argnums = (static_argnums,)
+  if isinstance(static_argnames, str):
+    static_argnames = (static_argnames,)
+  return tuple(static_argnums), tuple(static_argnames)
+
+
 def _trace(fun, static: _Static, dynamic):
   """The user function as a closed jaxpr over the array leaves, and its output structure."""
   def flat(*dynamic):
@@ -220,11 +229,7 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
     (1, 8, 64, 64)
   """
   policy = make_policy(max_bytes, tile_shape, channel_block, batch_block, tier, strict)
-  if isinstance(static_argnums, int):
-    static_argnums = (static_argnums,)
-  if isinstance(static_argnames, str):
-    static_argnames = (static_argnames,)
-  static_argnums, static_argnames = tuple(static_argnums), tuple(static_argnames)
+  static_argnums, static_argnames = _static_args(static_argnums, static_argnames)
   if fun is None:
     return functools.partial(
         tile_convs, max_bytes=max_bytes, tile_shape=tile_shape, channel_block=channel_block,
@@ -264,14 +269,11 @@ def explain(fun: Callable, /, *, static_argnums=(), static_argnames=(), **policy
     (True, True)
   """
   policy = make_policy(**policy_kwargs)
-  if isinstance(static_argnums, int):
-    static_argnums = (static_argnums,)
-  if isinstance(static_argnames, str):
-    static_argnames = (static_argnames,)
+  static_argnums, static_argnames = _static_args(static_argnums, static_argnames)
 
   @functools.wraps(fun)
   def explained(*args, **kwargs):
-    dynamic, static = _split_call(args, kwargs, tuple(static_argnums), tuple(static_argnames))
+    dynamic, static = _split_call(args, kwargs, static_argnums, static_argnames)
     closed, _ = _trace(fun, static, dynamic)
     resolved = policy()
     _, records = rewrite_lib.rewrite(closed, resolved)

@@ -95,7 +95,6 @@ def lower(plan: ConvPlan, name: str) -> Callable[[jax.Array, jax.Array], jax.Arr
           out = emit_group(out, lhs, rhs, runs)
       return out
 
-  tiled.__name__ = name.replace("/", "_")
   return tiled
 
 

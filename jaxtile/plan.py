@@ -10,7 +10,7 @@ the padding become their own (short) runs, decided here, statically.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import math
 from typing import Iterable, Optional
 
@@ -260,7 +260,12 @@ class ConvPlan:
 
   # -- runs -------------------------------------------------------------------------------------
   def axes(self) -> tuple[Axis, ...]:
-    """Every axis with its runs, output-indexed axes first and the reduction last."""
+    """Every axis with its runs, output-indexed axes first and the reductions last."""
+    return self._axes
+
+  @functools.cached_property
+  def _axes(self) -> tuple[Axis, ...]:
+    # Computed once per plan: the planner asks for piece sizes many times while refining.
     s = self.spec
     lhs_b, lhs_f = ("lhs", s.lhs_axes[0]), ("lhs", s.lhs_axes[1])
     rhs_o, rhs_i = ("rhs", s.rhs_axes[0]), ("rhs", s.rhs_axes[1])
@@ -291,8 +296,8 @@ class ConvPlan:
     return [_spatial_axis(self.spec, d, t, b)
             for d, (t, b) in enumerate(zip(self.tile_shape, self.kernel_block))]
 
-  def largest_piece(self) -> dict[str, tuple[int, ...]]:
-    """The largest piece's operand shapes (the maximum over runs, per dim)."""
+  @functools.cached_property
+  def _largest_piece(self) -> dict[str, tuple[int, ...]]:
     s = self.spec
     shapes = {"lhs": list(s.lhs_shape), "rhs": list(s.rhs_shape), "out": list(s.out_shape)}
     for axis in self.axes():
@@ -304,6 +309,10 @@ class ConvPlan:
       for (operand, dim), size in biggest.items():
         shapes[operand][dim] = size
     return {k: tuple(v) for k, v in shapes.items()}
+
+  def largest_piece(self) -> dict[str, tuple[int, ...]]:
+    """The largest piece's operand shapes (the maximum over runs, per dim)."""
+    return self._largest_piece
 
   def tile_bytes(self) -> int:
     """Working set of the largest elemental conv: its operands, output and accumulator."""
@@ -427,7 +436,7 @@ def normalize_blocks(spec: ConvSpec, tile_shape, channel_block, batch_block) -> 
           f"tile_convs: tile_shape must have one extent per spatial dim of the conv "
           f"({spec.n_spatial}), but got tile_shape={tuple(tile_shape)} for {spec.describe()}.")
     tiles = []
-    for d, (t, e) in enumerate(zip(tile_shape, spec.out_spatial)):
+    for t, e in zip(tile_shape, spec.out_spatial):
       t = max(e, 1) if t is None else min(int(t), max(e, 1))
       tiles.append(t)
     plan = dataclasses.replace(plan, tile_shape=tuple(tiles))
