@@ -221,6 +221,7 @@ class ConvPlan:
   tile_shape: tuple[int, ...]
   kernel_block: tuple[int, ...]  # kernel taps per piece, per spatial dim (split only where the
                                  # output is not tiled)
+  n_devices: int = 1  # devices the pieces are divided among (see `distributed_axis`)
 
   # -- counts -----------------------------------------------------------------------------------
   @property
@@ -257,6 +258,40 @@ class ConvPlan:
   def splits_reduction(self) -> bool:
     """Whether pieces are partial sums (input-channel or kernel blocks) that need accumulating."""
     return self.in_channel_blocks * math.prod(self.kernel_blocks) > 1
+
+  # -- devices ----------------------------------------------------------------------------------
+  @property
+  def distributed_axis(self) -> Optional[str]:
+    """The output-indexed axis whose blocks are divided among devices: the one with most blocks.
+
+    Devices take contiguous ranges of its blocks (so each computes one slab of the output), every
+    other axis's pieces inside each block. None on one device, or when no output axis is split
+    (a split reduction alone stays on one device: its partial sums would need an all-reduce).
+    """
+    if self.n_devices == 1:
+      return None
+    counts = [(a.count, -i, a.name) for i, a in enumerate(self.axes()) if not a.reduce]
+    count, _, name = max(counts, default=(1, 0, None))
+    return name if count > 1 else None
+
+  @property
+  def blocks_per_device(self) -> int:
+    """Blocks of `distributed_axis` each device computes (the last devices may get fewer)."""
+    axis = self.distributed_axis
+    if axis is None:
+      return 1
+    count = next(a.count for a in self.axes() if a.name == axis)
+    return -(-count // self.n_devices)
+
+  @property
+  def pieces_per_device(self) -> tuple[int, ...]:
+    """Elemental convs per device, in device order; `(n_elemental,)` on one device."""
+    axis = self.distributed_axis
+    if axis is None:
+      return (self.n_elemental,) + (0,) * (self.n_devices - 1)
+    count = next(a.count for a in self.axes() if a.name == axis)
+    per_block, m = self.n_elemental // count, self.blocks_per_device
+    return tuple(min(max(count - d * m, 0), m) * per_block for d in range(self.n_devices))
 
   # -- runs -------------------------------------------------------------------------------------
   def axes(self) -> tuple[Axis, ...]:
