@@ -1,40 +1,161 @@
-"""Emits a planned conv as select -> process -> reassemble loops.
+"""Emits a planned conv as one select -> process -> reassemble loop over its output pieces.
 
-Every combination of runs (one run per output-indexed axis) is one `lax.fori_loop` over its
-uniform pieces: select slices the lhs window (with halo) and the rhs block at offsets affine in
-the loop index, process is an elemental `conv_general_dilated` bound with the equation's own
-params, reassemble writes the piece into the output (`dynamic_update_slice`), after summing the
-input-channel partials in an accumulator. The graph grows with the number of runs (a handful:
-interior pieces plus edges), never with the number of pieces.
+Output pieces all have one shape (see `plan._block_starts`); what differs between them is the
+input window, its padding and its group count, which are static per *run* (`plan.Run`). The loop
+runs over every output piece; a `lax.switch` on the piece's runs picks the branch that selects
+its window (`dynamic_slice` at offsets affine in the piece index), processes it (an elemental
+`conv_general_dilated` bound with the equation's own params), and sums its input-channel and
+kernel-tap partials in an accumulator; reassemble writes the piece (`dynamic_update_slice`). The
+graph grows with the number of runs (interior pieces plus edges), never with the number of
+pieces, and one piece is alive at a time.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxtile import _compat
-from jaxtile.plan import ConvPlan, DimKey, Run
+from jaxtile.plan import Axis, ConvPlan, DimKey, Run
 
 Index = Union[int, jax.Array]  # a piece index: a Python int when static
 
 
 def lower(plan: ConvPlan, name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Returns `tiled(lhs, rhs)`, equal to the conv of `plan.spec`, computed piece by piece."""
-  spec = plan.spec
-  axes = plan.axes()
-  out_axes = [a for a in axes if not a.reduce]
-  reduce_groups = list(itertools.product(*(a.runs for a in axes if a.reduce)))
-  split_reduction = plan.splits_reduction
-  base_params = spec.param_dict
+  pieces = Pieces(plan)
 
-  def conv(lhs, rhs, runs: Sequence[Run], starts, sizes):
-    params = dict(base_params)
+  def tiled(lhs, rhs):
+    with jax.named_scope(name):
+      return pieces.emit(lhs, rhs)
+  return tiled
+
+
+# How a piece is expressed, per backend. XLA:CPU (jax 0.10, see docs/benchmarks.md):
+#  - runs a conv whose padding is all zero on a path about 3x slower than the same conv with any
+#    padding (1x130x130x128 -> 128, 3x3: 33 GFLOP/s unpadded, 100 GFLOP/s with one padded
+#    column). Interior tiles are unpadded pieces, so each gets one extra output along its
+#    longest spatial dim, computed over padding and cropped: exact, for 1 / (tile extent) more
+#    arithmetic.
+#  - converts a channels-first conv to channels-last only outside loops; inside one it runs a
+#    generic kernel 20-50x slower. Pieces are transposed to channels-last (N, spatial, C and
+#    spatial, I, O) around the conv: two copies of piece size, free next to the conv.
+_PAD_UNPADDED = {"cpu": True}
+_CHANNELS_LAST = {"cpu": True}
+
+
+class Pieces:
+  """The output pieces of a plan: how to compute any one of them, and the loop that writes them.
+
+  Output-indexed axes (batch, groups, output channels, spatial tiles) index pieces; reduction
+  axes (input channels, kernel taps) are summed inside each piece.
+  """
+
+  def __init__(self, plan: ConvPlan):
+    self.plan = plan
+    self.spec = spec = plan.spec
+    axes = plan.axes()
+    self.out_axes: tuple[Axis, ...] = tuple(a for a in axes if not a.reduce)
+    self.reduce_groups = list(itertools.product(*(a.runs for a in axes if a.reduce)))
+    # Piece i of an axis belongs to its run r with run_starts[r] <= i < run_starts[r + 1].
+    self.run_starts = [np.cumsum([0] + [r.count for r in a.runs])[:-1] for a in self.out_axes]
+    self.combos = list(itertools.product(*(a.runs for a in self.out_axes)))
+    sizes = _offsets(self.combos[0], [0] * len(self.out_axes))[1]
+    # Every combo has this output piece shape (the last block of an axis is shifted back).
+    self.piece_shape = tuple(sizes.get(("out", a), n) for a, n in enumerate(spec.out_shape))
+    backend = jax.default_backend()
+    self.pad_unpadded = _PAD_UNPADDED.get(backend, False)
+    self.channels_last = _CHANNELS_LAST.get(backend, False)
+
+  @property
+  def counts(self) -> list[int]:
+    return [a.count for a in self.out_axes]
+
+  def out_shape(self, fixed: Mapping[int, Index] = {}) -> tuple[int, ...]:
+    """The output, or with the axes in `fixed` held at one block, that block's slab."""
+    shape = list(self.spec.out_shape)
+    for i in fixed:
+      for span in self.out_axes[i].runs[0].spans:
+        if span.dim[0] == "out":
+          shape[span.dim[1]] = span.size
+    return tuple(shape)
+
+  def emit(self, lhs: jax.Array, rhs: jax.Array, fixed: Mapping[int, Index] = {}) -> jax.Array:
+    """Computes every output piece (those of block `fixed[i]` along the axes i in `fixed`)."""
+    free = [i for i in range(len(self.out_axes)) if i not in fixed]
+    counts = [self.out_axes[i].count for i in free]
+    out = jnp.zeros(self.out_shape(fixed), self.spec.out_dtype)
+
+    def body(k, out):
+      index = dict(fixed)
+      index.update(zip(free, _unravel(k, counts)))
+      piece, starts = self.piece(lhs, rhs, [index[i] for i in range(len(self.out_axes))],
+                                 relative=frozenset(fixed))
+      with jax.named_scope("reassemble"):
+        return _write(out, piece, starts)
+
+    n = math.prod(counts)
+    return body(0, out) if n == 1 else lax.fori_loop(0, n, body, out)
+
+  def piece(self, lhs, rhs, index: Sequence[Index], relative=frozenset()):
+    """Output piece `index` (one index per output axis) and where it goes in the output.
+
+    Axes in `relative` are written at offset 0 (the output is one block of theirs). The piece is
+    rematerialised under differentiation: its residuals are `lhs` and `rhs`, not a slice per piece.
+    """
+    located = [_locate(i, starts) for i, starts in zip(index, self.run_starts)]
+    run_ids = [r for r, _ in located]
+    local = [l for _, l in located]
+
+    def branch(combo, lhs, rhs, local):
+      return self._piece(combo, lhs, rhs, local, relative)
+
+    if all(isinstance(r, int) for r in run_ids):
+      combo = tuple(a.runs[r] for a, r in zip(self.out_axes, run_ids))
+      return branch(combo, lhs, rhs, local)
+    branch_index = _ravel(run_ids, [len(a.runs) for a in self.out_axes])
+    branches = [jax.checkpoint(lambda lhs, rhs, local, c=c: branch(c, lhs, rhs, local),
+                               prevent_cse=False) for c in self.combos]
+    local = [jnp.asarray(l, jnp.int32) for l in local]
+    return lax.switch(branch_index, branches, lhs, rhs, local)
+
+  def _piece(self, combo: Sequence[Run], lhs, rhs, local, relative):
+    starts, sizes = _offsets(combo, local)
+    kept = [r for i, r in enumerate(combo) if i not in relative]
+    write_at, _ = _offsets(kept, [l for i, l in enumerate(local) if i not in relative])
+    write_at = [jnp.asarray(write_at.get(("out", d), 0), jnp.int32)
+                for d in range(len(self.spec.out_shape))]
+    if any(r.empty for r in combo):  # pieces reading only padding are zero
+      return jnp.zeros(self.piece_shape, self.spec.out_dtype), write_at
+    if not self.plan.splits_reduction:
+      return self._conv(lhs, rhs, combo, starts, sizes), write_at
+    acc = None
+    for red in self.reduce_groups:
+      if any(r.empty for r in red):  # partial sums over padding only add zero
+        continue
+      def partial_sum(j, acc, red=red):
+        red_starts, red_sizes = _offsets(red, _unravel(j, [r.count for r in red]), starts, sizes)
+        part = self._conv(lhs, rhs, tuple(combo) + red, red_starts, red_sizes)
+        return part if acc is None else acc + part
+      n_red = math.prod(r.count for r in red)
+      if acc is None:  # the first partial sum starts the accumulator
+        acc = partial_sum(0, None)
+        acc = acc if n_red == 1 else lax.fori_loop(1, n_red, partial_sum, acc)
+      else:
+        acc = partial_sum(0, acc) if n_red == 1 else lax.fori_loop(0, n_red, partial_sum, acc)
+    if acc is None:
+      return jnp.zeros(self.piece_shape, self.spec.out_dtype), write_at
+    return acc.astype(self.spec.out_dtype), write_at
+
+  def _conv(self, lhs, rhs, runs: Sequence[Run], starts, sizes):
+    spec = self.spec
+    params = dict(spec.param_dict)
     padding = list(spec.padding)
     for run in runs:
       if run.padding is not None:
@@ -43,59 +164,64 @@ def lower(plan: ConvPlan, name: str) -> Callable[[jax.Array, jax.Array], jax.Arr
       if run.groups is not None:
         key = "feature_group_count" if spec.feature_group_count > 1 else "batch_group_count"
         params[key] = run.groups
+    want = tuple(sizes.get(("out", a), n) for a, n in enumerate(spec.out_shape))
+    extra = None
+    if self.pad_unpadded and spec.n_spatial and all(p == (0, 0) for p in padding):
+      # One more output along the longest spatial dim, over padding, cropped below.
+      extra = max(range(spec.n_spatial), key=lambda d: want[spec.out_axes[2 + d]])
+      padding[extra] = (0, spec.window_strides[extra])
     params["padding"] = tuple(padding)
-    if split_reduction:
+    if self.plan.splits_reduction:
       params["preferred_element_type"] = spec.acc_dtype
     with jax.named_scope("select"):
       lhs_piece = _select(lhs, "lhs", starts, sizes)
       rhs_piece = _select(rhs, "rhs", starts, sizes)
+    out_axes = spec.out_axes
+    if self.channels_last:
+      lhs_piece, rhs_piece, params, out_axes = _channels_last(spec, lhs_piece, rhs_piece, params)
     with jax.named_scope("process"):
       piece = _compat.conv_general_dilated_p.bind(lhs_piece, rhs_piece, **params)
-    want = tuple(sizes.get(("out", a), n) for a, n in enumerate(spec.out_shape))
+      if extra is not None:
+        axis = out_axes[2 + extra]
+        piece = lax.slice_in_dim(piece, 0, piece.shape[axis] - 1, axis=axis)
+      if out_axes != spec.out_axes:  # back to the user's layout
+        piece = lax.transpose(piece, tuple(int(i) for i in np.argsort(
+            [out_axes.index(a) for a in np.argsort(spec.out_axes)])))
     assert piece.shape == want, (piece.shape, want, spec)  # the halo arithmetic's invariant
     return piece
 
-  def emit_group(out, lhs, rhs, runs: Sequence[Run]):
-    def body(k, out):
-      indices = _unravel(k, [r.count for r in runs])
-      starts, sizes = _offsets(runs, indices)
-      if not split_reduction:
-        piece = conv(lhs, rhs, runs, starts, sizes)
-      else:
-        piece = None
-        for red in reduce_groups:
-          if any(r.empty for r in red):  # partial sums over padding only add zero
-            continue
-          def partial_sum(j, acc, red=red):
-            red_starts, red_sizes = _offsets(red, _unravel(j, [r.count for r in red]), starts,
-                                             sizes)
-            part = conv(lhs, rhs, runs + red, red_starts, red_sizes)
-            return part if acc is None else acc + part
-          n_red = math.prod(r.count for r in red)
-          if piece is None:  # the first partial sum starts the accumulator
-            piece = partial_sum(0, None)
-            piece = piece if n_red == 1 else lax.fori_loop(1, n_red, partial_sum, piece)
-          else:
-            piece = (partial_sum(0, piece) if n_red == 1
-                     else lax.fori_loop(0, n_red, partial_sum, piece))
-        if piece is None:
-          return out
-        piece = piece.astype(spec.out_dtype)
-      with jax.named_scope("reassemble"):
-        return _write(out, piece, starts)
 
-    n = math.prod(r.count for r in runs)
-    return body(0, out) if n == 1 else lax.fori_loop(0, n, body, out)
+def _channels_last(spec, lhs, rhs, params):
+  """The piece's operands transposed to (N, spatial..., C) and (spatial..., I, O), its params, and
+  where the output's roles (N, C, spatial...) then sit, as `spec.out_axes` does for the user's."""
+  k = spec.n_spatial
+  lhs_perm = (spec.lhs_axes[0], *spec.lhs_axes[2:], spec.lhs_axes[1])
+  rhs_perm = (*spec.rhs_axes[2:], spec.rhs_axes[1], spec.rhs_axes[0])
+  roles = (0, k + 1, *range(1, k + 1))  # N, C, spatial... of an (N, spatial..., C) array
+  if lhs_perm == tuple(range(k + 2)) and rhs_perm == tuple(range(k + 2)) and (
+      tuple(spec.out_axes) == roles):
+    return lhs, rhs, params, spec.out_axes
+  dn = lax.ConvDimensionNumbers(lhs_spec=roles, rhs_spec=(k + 1, k, *range(k)), out_spec=roles)
+  return (lax.transpose(lhs, lhs_perm), lax.transpose(rhs, rhs_perm),
+          dict(params, dimension_numbers=dn), roles)
 
-  def tiled(lhs, rhs):
-    with jax.named_scope(name):
-      out = jnp.zeros(spec.out_shape, spec.out_dtype)
-      for runs in itertools.product(*(a.runs for a in out_axes)):
-        if not any(r.empty for r in runs):  # pieces reading only padding stay zero
-          out = emit_group(out, lhs, rhs, runs)
-      return out
 
-  return tiled
+def _locate(i: Index, run_starts: np.ndarray) -> tuple[Index, Index]:
+  """(run, index within the run) of piece `i` of an axis whose runs start at `run_starts`."""
+  if len(run_starts) == 1:
+    return 0, i
+  if isinstance(i, int):
+    r = int(np.searchsorted(run_starts, i, side="right")) - 1
+    return r, i - int(run_starts[r])
+  r = jnp.sum(jnp.asarray(run_starts[1:], jnp.int32) <= i).astype(jnp.int32)
+  return r, i - jnp.asarray(run_starts, jnp.int32)[r]
+
+
+def _ravel(indices: Sequence[Index], counts: Sequence[int]) -> Index:
+  flat = 0
+  for i, n in zip(indices, counts):
+    flat = flat * n + i
+  return flat
 
 
 def _unravel(k: Index, counts: Sequence[int]) -> list[Index]:
@@ -135,8 +261,7 @@ def _select(x: jax.Array, operand: str, starts: dict[DimKey, Index], sizes: dict
   return lax.dynamic_slice(x, [jnp.asarray(b, jnp.int32) for b in begin], shape)
 
 
-def _write(out: jax.Array, piece: jax.Array, starts: dict[DimKey, Index]) -> jax.Array:
-  begin = [starts.get(("out", a), 0) for a in range(out.ndim)]
+def _write(out: jax.Array, piece: jax.Array, starts: Sequence[Index]) -> jax.Array:
   if piece.shape == out.shape:
     return piece
-  return lax.dynamic_update_slice(out, piece, [jnp.asarray(b, jnp.int32) for b in begin])
+  return lax.dynamic_update_slice(out, piece, starts)

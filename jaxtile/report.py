@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+import itertools
+import math
+import os
+import pathlib
+from typing import Optional, Union
 
 import numpy as np
 
@@ -11,9 +16,114 @@ from jaxtile import plan as plan_lib
 from jaxtile import spec as spec_lib
 
 
+# ---------------------------------------------------------------------------------------------
+# What a split costs, from the plan's runs.
+#
+# Every combination of runs (one run per axis) is a family of identical pieces, so a sum over
+# pieces is a sum over run combinations of count * (one piece's value): lhs elements read, and
+# MACs = out piece size * input channels per piece * kernel taps per piece. A MAC reads padding
+# when its input position does along some spatial dim, so the MACs that read only real input
+# factor per spatial dim: (out positions * taps inside the input) per dim, times the rest. Along
+# one dim a piece has `tile` outputs and `taps` taps; output o and tap j read position
+# q = o * s + j * dr of the piece's padded line, whose input part (lhs dilation holes included)
+# is [lo', lo' + (w - 1) * dl + 1) (see the halo arithmetic in plan.py). For a fixed j, the o
+# inside are ceil((lo' - j * dr) / s) <= o < ceil((end - j * dr) / s), clipped to [0, tile):
+# one vectorised count over taps (or over outputs, whichever is shorter) per run.
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _pairs_inside(tile: int, taps: int, lo: int, width: int, stride: int, lhs_dil: int,
+                  rhs_dil: int) -> int:
+  """Pairs (output o, tap j) along one dim whose input position lies inside the input."""
+  end = lo + (width - 1) * lhs_dil + 1
+  if taps <= tile:
+    offset, step, bound = np.arange(taps) * rhs_dil, stride, tile
+  else:
+    offset, step, bound = np.arange(tile) * stride, rhs_dil, taps
+  first = np.clip(-((offset - lo) // step), 0, bound)  # -(a // b) == ceil(-a / b)
+  last = np.clip(-((offset - end) // step), 0, bound)
+  return int(np.maximum(last - first, 0).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Costs:
+  """Sums over the pieces that run (see above), and the monolithic conv's counts."""
+  lhs_read: int
+  lhs_size: int
+  macs: int
+  monolithic_macs: int
+  padding_macs: int
+
+  @classmethod
+  def of(cls, plan: plan_lib.ConvPlan) -> _Costs:
+    s = plan.spec
+    lhs_read = macs = padding_macs = 0
+    for runs in itertools.product(*(a.runs for a in plan.axes())):
+      if any(r.empty for r in runs):  # all-padding pieces are skipped
+        continue
+      count = math.prod(r.count for r in runs)
+      sizes, pads = {}, {}
+      for run in runs:
+        sizes.update({span.dim: span.size for span in run.spans if span.size is not None})
+        if run.padding is not None:
+          pads[run.padding[0]] = run.padding[1]
+      lhs, rhs, out = ([sizes.get((operand, a), n) for a, n in enumerate(shape)]
+                       for operand, shape in (("lhs", s.lhs_shape), ("rhs", s.rhs_shape),
+                                              ("out", s.out_shape)))
+      per_position = out[s.out_axes[0]] * out[s.out_axes[1]] * rhs[s.rhs_axes[1]]
+      pairs = inside = 1
+      for d in range(s.n_spatial):
+        tile, taps = out[s.out_axes[2 + d]], rhs[s.rhs_axes[2 + d]]
+        width = lhs[s.lhs_axes[2 + d]]
+        if d not in pads:  # a dim no axis splits: the piece's window is the whole dim's
+          pads[d] = plan_lib.tile_window(0, tile, 0, taps, width, s.window_strides[d],
+                                         s.padding[d], s.lhs_dilation[d],
+                                         s.rhs_dilation[d]).padding
+        pairs *= tile * taps
+        inside *= _pairs_inside(tile, taps, pads[d][0], width, s.window_strides[d],
+                                s.lhs_dilation[d], s.rhs_dilation[d])
+      lhs_read += count * math.prod(lhs)
+      macs += count * per_position * pairs
+      padding_macs += count * per_position * (pairs - inside)
+    monolithic = math.prod(s.out_shape) * s.in_per_group * math.prod(s.kernel_spatial)
+    return cls(lhs_read, math.prod(s.lhs_shape), macs, monolithic, padding_macs)
+
+  @property
+  def extra_input_percent(self) -> float:
+    return 100.0 * (self.lhs_read / self.lhs_size - 1) if self.lhs_size else 0.0
+
+  @property
+  def extra_flops_percent(self) -> float:
+    return 100.0 * (self.macs / self.monolithic_macs - 1) if self.monolithic_macs else 0.0
+
+  @property
+  def padding_waste_percent(self) -> float:
+    return 100.0 * self.padding_macs / self.macs if self.macs else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvReport:
-  """One conv equation of the user's program and what the pass decided for it."""
+  """One conv equation of the user's program and what the pass decided for it.
+
+  The cost of the split, summed over every elemental conv that runs (pieces that read only
+  padding are skipped by the lowering and count for nothing):
+
+  - `extra_input_percent`: lhs elements read by all pieces, relative to the lhs size, minus 100%.
+    Halos read twice, and every output-channel block reads its input window again. Negative where
+    the conv itself skips input (strides wider than the kernel, cropping padding).
+  - `extra_flops_percent`: multiply-accumulates (MACs) of all pieces relative to the monolithic
+    conv's, minus 100%. A MAC is one kernel tap of one input channel for one output element, zero
+    operands included, so the monolithic conv does out.size * in_channels_per_group *
+    prod(kernel) of them. Last pieces shifted back to end at the edge recompute their overlap;
+    skipped all-padding pieces can make it negative.
+  - `padding_waste_percent`: the share of the pieces' MACs whose input position lies in zero
+    padding (outside the input's extent along some spatial dim). Zeros that lhs dilation inserts
+    between input elements are not padding and do not count.
+
+  For a conv left whole, extra input and extra MACs are 0 and the padding waste is the
+  monolithic conv's own. `pieces_per_device` is `ConvPlan.pieces_per_device`.
+  """
   name: str
   lhs_shape: tuple[int, ...]
   rhs_shape: tuple[int, ...]
@@ -31,12 +141,17 @@ class ConvReport:
   source: str
   reason: str
   over_budget: bool
+  extra_input_percent: float
+  extra_flops_percent: float
+  padding_waste_percent: float
+  pieces_per_device: tuple[int, ...]
   plan: Optional[plan_lib.ConvPlan] = dataclasses.field(repr=False, compare=False, default=None)
 
   @classmethod
   def from_record(cls, record) -> ConvReport:
     spec, decision = record.spec, record.decision
     plan = decision.plan if decision.tiled else plan_lib.monolithic_plan(spec)
+    costs = _Costs.of(plan)
     return cls(
         name=record.name, lhs_shape=spec.lhs_shape, rhs_shape=spec.rhs_shape,
         out_shape=spec.out_shape, dtype=spec.out_dtype, working_bytes=spec.working_bytes(),
@@ -44,7 +159,10 @@ class ConvReport:
         in_channel_blocks=plan.in_channel_blocks, out_channel_blocks=plan.out_channel_blocks,
         batch_blocks=plan.batch_blocks, kernel_blocks=plan.kernel_blocks, n_elemental=plan.n_elemental,
         tile_bytes=plan.tile_bytes(), source=spec.source, reason=decision.reason,
-        over_budget=decision.over_budget, plan=plan)
+        over_budget=decision.over_budget, extra_input_percent=costs.extra_input_percent,
+        extra_flops_percent=costs.extra_flops_percent,
+        padding_waste_percent=costs.padding_waste_percent,
+        pieces_per_device=tuple(plan.pieces_per_device), plan=plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +180,60 @@ class Report:
   def tiled(self) -> list[ConvReport]:
     return [c for c in self.convs if c.tiled]
 
+  def plot(self, path: Union[str, os.PathLike]) -> Union[str, os.PathLike]:
+    """Draws each tiled conv's pieces to a PNG or SVG file (by `path`'s suffix); returns `path`.
+
+    One panel per tiled conv. On the input plane (input element coordinates; the two most split
+    spatial dims, the first two on ties, others projected away and named in the title; 1-D convs
+    as one bar per tile): the output tile grid, each tile drawn where its outputs' windows are
+    centred, and every tile's input window (tile plus halo) shaded, so halos read by two tiles
+    show darker. Dims split into kernel-tap blocks show each block's input window instead. A
+    side bar shows the batch, input-channel and output-channel blocks. Needs matplotlib
+    (`pip install jaxtile[plot]`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxtile
+      >>> f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")
+      >>> report = jaxtile.explain(f, max_bytes=2**20)(jnp.ones((1, 8, 64, 64)),
+      ...                                               jnp.ones((8, 8, 3, 3)))
+      >>> report.plot("tiles.png")  # doctest: +SKIP
+      'tiles.png'
+    """
+    suffix = pathlib.Path(path).suffix.lower()
+    if suffix not in (".png", ".svg"):
+      raise ValueError(f"Report.plot: path must end in .png or .svg, but got path={path!r}.")
+    try:
+      from matplotlib import collections as mcollections
+      from matplotlib import patches as mpatches
+      from matplotlib.figure import Figure
+    except ImportError as e:
+      raise ImportError("Report.plot needs matplotlib, which is not installed: "
+                        "pip install jaxtile[plot]") from e
+    mpl = _Mpl(mcollections, mpatches)
+    convs = self.tiled
+    columns = min(len(convs), 2) or 1
+    rows = -(-len(convs) // columns) or 1
+    fig = Figure(figsize=(7.5 * columns, 5.5 * rows), layout="constrained")
+    if not convs:
+      ax = fig.add_subplot()
+      ax.axis("off")
+      ax.text(0.5, 0.5, f"no conv tiled ({len(self.convs)} conv(s), tier={self.tier!r}, "
+              f"max_bytes={self.max_bytes})", ha="center", va="center")
+    else:
+      subfigs = fig.subfigures(rows, columns, squeeze=False)
+      for conv, subfig in zip(convs, subfigs.flat):
+        _draw_conv(subfig, conv, mpl)
+    fig.savefig(path, format=suffix[1:])
+    return path
+
   def __str__(self) -> str:
     header = ("name", "lhs", "rhs", "out", "MiB", "tiled", "tiles", "in/out/batch/kernel blocks",
-              "pieces", "piece MiB", "source")
+              "pieces", "piece MiB", "+read%", "+MACs%", "pad%", "pieces/device", "source")
     rows = [header]
     for c in self.convs:
+      costs = ((f"{c.extra_input_percent:.1f}", f"{c.extra_flops_percent:.1f}",
+                f"{c.padding_waste_percent:.1f}", _per_device(c.pieces_per_device))
+               if c.tiled else ("-",) * 4)
       rows.append((
           c.name.removeprefix("jaxtile/"), spec_lib.short_aval(c.lhs_shape, c.dtype),
           spec_lib.short_aval(c.rhs_shape, c.dtype), spec_lib.short_aval(c.out_shape, c.dtype),
@@ -75,9 +242,196 @@ class Report:
           f"{c.in_channel_blocks}/{c.out_channel_blocks}/{c.batch_blocks}/"
           + "x".join(map(str, c.kernel_blocks)), str(c.n_elemental),
           f"{c.tile_bytes / 2**20:.2f}" + (" (over budget)" if c.over_budget else ""),
-          c.source))
+          *costs, c.source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [f"jaxtile report: {len(self.convs)} conv(s), {len(self.tiled)} tiled, "
              f"tier={self.tier!r}, max_bytes={self.max_bytes} ({self.max_bytes / 2**20:.1f} MiB)"]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    if self.tiled:
+      lines.append("+read%: extra input read (halos, re-reads); +MACs%: extra multiply-adds "
+                   "(overlapping last tiles); pad%: multiply-adds on zero padding.")
     return "\n".join(lines)
+
+
+def _per_device(pieces: tuple[int, ...]) -> str:
+  """`4096` on one device, `512 x8` for 8 devices with 512 each, `3,3,2` otherwise."""
+  if len(pieces) == 1:
+    return str(pieces[0])
+  if len(set(pieces)) == 1:
+    return f"{pieces[0]} x{len(pieces)}"
+  return ",".join(map(str, pieces))
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing (Report.plot). matplotlib is imported by `plot` only and handed in.
+# ---------------------------------------------------------------------------------------------
+_MAX_DRAWN = 96  # pieces per dim with their own window drawn; more are sampled evenly
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mpl:
+  """The matplotlib modules the drawing uses, imported by `Report.plot`."""
+  collections: object
+  patches: object
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece1D:
+  """One piece along a spatial dim, in input element coordinates: its window and its tile."""
+  window: tuple[int, int]  # [start, stop) of the lhs elements it reads
+  tile: Optional[tuple[float, float]]  # where its outputs sit (None for kernel-tap blocks)
+
+
+def _spatial_pieces(plan: plan_lib.ConvPlan, d: int) -> list[_Piece1D]:
+  """Pieces along spatial dim d; `tile` only where the dim's output is split into tiles."""
+  s = plan.spec
+  axis = next(a for a in plan.axes() if a.name in (f"spatial{d}", f"kernel{d}"))
+  tiled = not axis.reduce and axis.count > 1
+  n, stride = s.in_spatial[d], s.window_strides[d]
+  lo, dl = s.padding[d][0], s.lhs_dilation[d]
+  # Output o's window is centred at padded position o * s + (K - 1) / 2 and owns the s positions
+  # around it; (q - lo) / dl turns a padded position q into input element coordinates.
+  centre = (spec_lib.dilated_extent(s.kernel_spatial[d], s.rhs_dilation[d]) - 1) / 2
+  def at(o):
+    return min(max((o * stride + centre - (stride - 1) / 2 - lo) / dl, 0.0), float(n))
+  pieces = []
+  for run in axis.runs:
+    lhs = next(sp for sp in run.spans if sp.dim == ("lhs", s.lhs_axes[2 + d]))
+    out = next((sp for sp in run.spans if sp.dim == ("out", s.out_axes[2 + d])), None)
+    for k in range(run.count):
+      start = lhs.start + k * lhs.step
+      tile = None
+      if tiled and out is not None:
+        o0 = out.start + k * out.step
+        tile = (at(o0), at(o0 + out.size))
+      pieces.append(_Piece1D((start, start + lhs.size), tile))
+  return sorted(pieces, key=lambda p: (p.tile or p.window, p.window))
+
+
+def _sample(items: list, limit: int = _MAX_DRAWN) -> list:
+  if len(items) <= limit:
+    return items
+  return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def _intervals(plan: plan_lib.ConvPlan, dim: plan_lib.DimKey, extent: int):
+  """(start, size) of the pieces along one array dim: offsets add up across axes, sizes are the
+  last axis's (groups give an offset, channel blocks inside a group the size)."""
+  per_axis = []
+  for axis in plan.axes():
+    spans = [(run, sp) for run in axis.runs for sp in run.spans if sp.dim == dim]
+    if spans:
+      per_axis.append([(sp.start + k * sp.step, sp.size) for run, sp in spans
+                       for k in range(run.count)])
+  out = set()
+  for combo in itertools.product(*per_axis):
+    sizes = [size for _, size in combo if size is not None]
+    out.add((sum(start for start, _ in combo), sizes[-1] if sizes else extent))
+  return sorted(out) or [(0, extent)]
+
+
+def _draw_conv(subfig, c: ConvReport, mpl: _Mpl) -> None:
+  plan, s = c.plan, c.plan.spec
+  plane, bar = subfig.subplots(1, 2, gridspec_kw={"width_ratios": [5, 1]})
+  # The two most split spatial dims, in spatial order (the first ones on ties).
+  dims = sorted(sorted(range(s.n_spatial), key=lambda d: -_count(plan, d))[:2])
+  subfig.suptitle(
+      f"{c.name.removeprefix('jaxtile/')}: {spec_lib.short_aval(c.lhs_shape, c.dtype)} * "
+      f"{spec_lib.short_aval(c.rhs_shape, c.dtype)} -> {spec_lib.short_aval(c.out_shape, c.dtype)}"
+      f"\n{c.n_elemental} pieces, +{c.extra_input_percent:.1f}% input read, "
+      f"+{c.extra_flops_percent:.1f}% MACs, {c.padding_waste_percent:.1f}% on padding\n"
+      f"{os.path.basename(c.source)}", fontsize=9)
+  if len(dims) == 1:
+    _draw_line(plane, plan, dims[0], mpl)
+  elif dims:
+    _draw_plane(plane, plan, dims, mpl)
+  hidden = [d for d in range(s.n_spatial) if d not in dims]
+  if hidden:
+    plane.set_title("projected away: " + ", ".join(
+        f"spatial dim {d} ({_count(plan, d)} pieces)" for d in hidden), fontsize=8)
+  _draw_blocks(bar, plan, mpl)
+
+
+def _count(plan: plan_lib.ConvPlan, d: int) -> int:
+  return next(a.count for a in plan.axes() if a.name in (f"spatial{d}", f"kernel{d}"))
+
+
+def _draw_plane(ax, plan: plan_lib.ConvPlan, dims, mpl: _Mpl) -> None:
+  s = plan.spec
+  dy, dx = dims
+  ny, nx = s.in_spatial[dy], s.in_spatial[dx]
+  ys, xs = _spatial_pieces(plan, dy), _spatial_pieces(plan, dx)
+  windows = [((x.window[0], y.window[0]), (x.window[1], y.window[0]), (x.window[1], y.window[1]),
+              (x.window[0], y.window[1])) for y in _sample(ys) for x in _sample(xs)]
+  ax.add_collection(mpl.collections.PolyCollection(
+      windows, facecolors="tab:blue", alpha=0.15, edgecolors="none"))
+  lines = []
+  for p in ys:
+    if p.tile is not None:
+      lines += [((0, v), (nx, v)) for v in p.tile]
+  for p in xs:
+    if p.tile is not None:
+      lines += [((v, 0), (v, ny)) for v in p.tile]
+  ax.add_collection(mpl.collections.LineCollection(lines, colors="tab:blue", linewidths=0.6))
+  # One interior piece in full: its tile (its window along dims without tiles) and its window.
+  y, x = ys[len(ys) // 2], xs[len(xs) // 2]
+  ax.add_patch(mpl.patches.Rectangle(
+      (x.window[0], y.window[0]), x.window[1] - x.window[0], y.window[1] - y.window[0],
+      fill=False, edgecolor="tab:red", linestyle="--", linewidth=1.2))
+  (x0, x1), (y0, y1) = x.tile or x.window, y.tile or y.window
+  ax.add_patch(mpl.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor="tab:red", alpha=0.35,
+                                     edgecolor="tab:red"))
+  ax.add_patch(mpl.patches.Rectangle((0, 0), nx, ny, fill=False, edgecolor="black"))
+  margin = 0.03 * max(nx, ny, 1)
+  ax.set_xlim(-margin, nx + margin)
+  ax.set_ylim(ny + margin, -margin)
+  if max(nx, ny) <= 8 * max(min(nx, ny), 1):
+    ax.set_aspect("equal")
+  ax.set_xlabel(f"spatial dim {dx}: {_count(plan, dx)} pieces (input elements)", fontsize=8)
+  ax.set_ylabel(f"spatial dim {dy}: {_count(plan, dy)} pieces", fontsize=8)
+  ax.legend(handles=[
+      mpl.patches.Patch(facecolor="tab:blue", alpha=0.3, label="input windows (darker: halo)"),
+      mpl.patches.Patch(facecolor="tab:red", alpha=0.35, edgecolor="tab:red", label="one tile"),
+      mpl.patches.Patch(fill=False, edgecolor="tab:red", linestyle="--",
+                        label="its window (tile + halo)")],
+      fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
+
+
+def _draw_line(ax, plan: plan_lib.ConvPlan, d: int, mpl: _Mpl) -> None:
+  n = plan.spec.in_spatial[d]
+  pieces = _sample(_spatial_pieces(plan, d))
+  for row, p in enumerate(pieces):
+    ax.broken_barh([(p.window[0], p.window[1] - p.window[0])], (row - 0.4, 0.8),
+                   facecolors="tab:blue", alpha=0.3)
+    t0, t1 = p.tile or p.window
+    ax.broken_barh([(t0, t1 - t0)], (row - 0.25, 0.5), facecolors="tab:red", alpha=0.6)
+  ax.axvline(0, color="black", linewidth=0.8)
+  ax.axvline(n, color="black", linewidth=0.8)
+  ax.set_ylim(len(pieces) - 0.5, -0.5)
+  ax.set_xlabel(f"spatial dim {d} (input elements)", fontsize=8)
+  ax.set_ylabel(f"piece ({_count(plan, d)} in all)", fontsize=8)
+  ax.legend(handles=[
+      mpl.patches.Patch(facecolor="tab:blue", alpha=0.3, label="input window (tile + halo)"),
+      mpl.patches.Patch(facecolor="tab:red", alpha=0.6, label="tile")], fontsize=7,
+      loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+
+
+def _draw_blocks(ax, plan: plan_lib.ConvPlan, mpl: _Mpl) -> None:
+  s = plan.spec
+  bars = (("batch", ("out", s.out_axes[0]), s.out_shape[s.out_axes[0]]),
+          ("in ch", ("lhs", s.lhs_axes[1]), s.lhs_shape[s.lhs_axes[1]]),
+          ("out ch", ("out", s.out_axes[1]), s.out_shape[s.out_axes[1]]))
+  labels = []
+  for x, (label, dim, extent) in enumerate(bars):
+    blocks = _intervals(plan, dim, extent)
+    for i, (start, size) in enumerate(blocks):
+      ax.add_patch(mpl.patches.Rectangle(
+          (x - 0.35, start / max(extent, 1)), 0.7, size / max(extent, 1),
+          facecolor=("tab:green", "tab:olive")[i % 2], alpha=0.6, edgecolor="white",
+          linewidth=0.5))
+    labels.append(f"{label}\n{extent}\n{len(blocks)} blk")
+  ax.set_xlim(-0.6, len(bars) - 0.4)
+  ax.set_ylim(1, 0)
+  ax.set_xticks(range(len(bars)), labels, fontsize=7)
+  ax.set_yticks([0, 0.5, 1], ["0", "1/2", "all"], fontsize=7)
+  ax.set_title("blocks", fontsize=8)

@@ -1,0 +1,494 @@
+"""Tiled vs monolithic convs: run time, compiled memory, compile time, the paper's case, scaling.
+
+    python benchmarks/bench.py --quick              # every table kind at small sizes (~1 min, CPU)
+    python benchmarks/bench.py                      # the sizes of issue 3 (minutes on a CPU)
+    python benchmarks/bench.py --paper              # adds 1x1024x1024x1024, 4096 pieces (~16 GiB)
+    python benchmarks/bench.py --scaling --host-devices 8   # pieces spread over devices
+    python benchmarks/bench.py --only time,memory   # some tables only
+
+Prints Markdown tables (docs/benchmarks.md records them, with the command line printed first).
+Times are medians over repeats that alternate the programs compared (monolithic, tiled,
+monolithic, ...), after compiling and one warm-up call each, so that both see the same machine
+load. Ratios are tiled / monolithic. Nothing here asserts on time. On a GPU a conv with more than
+2**31 elements, which the monolithic path cannot run, is added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+import jaxtile
+
+MiB = 2**20
+TABLES = ("time", "memory", "compile", "paper", "scaling", "large")
+
+
+# ---------------------------------------------------------------------------------------------
+# Convs as data.
+# ---------------------------------------------------------------------------------------------
+DIMENSION_NUMBERS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "NCHW": ("NCHW", "OIHW", "NCHW")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """A square `kernel`x`kernel` SAME conv, stride 1, float32, on a `size`x`size` image."""
+  batch: int
+  size: int
+  cin: int
+  cout: int
+  kernel: int = 3
+  layout: str = "NHWC"
+
+  def with_layout(self, layout: str) -> Conv:
+    return dataclasses.replace(self, layout=layout)
+
+  @property
+  def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    n, s, k = self.batch, self.size, self.kernel
+    if self.layout == "NHWC":
+      return (n, s, s, self.cin), (k, k, self.cin, self.cout)
+    return (n, self.cin, s, s), (self.cout, self.cin, k, k)
+
+  @property
+  def label(self) -> str:
+    x_shape = "x".join(map(str, self.shapes[0]))
+    return f"{x_shape} {self.layout}, {self.kernel}x{self.kernel}, {self.cin}->{self.cout}"
+
+  @property
+  def input_bytes(self) -> int:
+    return math.prod(self.shapes[0]) * 4
+
+  def fn(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    dimension_numbers = DIMENSION_NUMBERS[self.layout]
+
+    def conv(x, w):
+      return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                          dimension_numbers=dimension_numbers)
+    return conv
+
+  def inputs(self, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Random operands made on the device (no host copy); weights scaled to keep outputs O(1)."""
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x_shape, w_shape = self.shapes
+    w = jax.random.normal(kw, w_shape, jnp.float32) / math.sqrt(self.kernel**2 * self.cin)
+    return jax.random.normal(kx, x_shape, jnp.float32), w
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """The convs each table runs: `--quick` shrinks them, the table kinds stay."""
+  time: Conv          # time, memory and scaling tables
+  compile: Conv       # compile-time table
+  compile_tiles: tuple[int, ...]  # square tile extents for the compile table (16, 256, 4096 pieces)
+  repeats: int
+
+
+FULL = Sizes(time=Conv(1, 512, 128, 128), compile=Conv(1, 256, 8, 8), compile_tiles=(64, 16, 4),
+             repeats=7)
+QUICK = Sizes(time=Conv(1, 256, 64, 64), compile=Conv(1, 256, 8, 8), compile_tiles=(64, 16, 4),
+              repeats=3)
+# Issue 3, target 4: 64 tiles of 128x128 and 8 x 8 channel blocks of 128 = 4096 elemental convs.
+PAPER = Conv(1, 1024, 1024, 1024)
+PAPER_POLICY = dict(tile_shape=(128, 128), channel_block=(128, 128))
+# Above 2**31 elements (1x2048x2048x640 = 2.7e9): 10 GiB of input, for GPUs only.
+LARGE = Conv(1, 2048, 640, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeCase:
+  """A row of the time table: a square grid of `tiles` output tiles, each input-channel block
+  split `in_blocks` ways; `tiles=None` lets the planner choose under a budget of about 1/16 of the
+  monolithic working set."""
+  layout: str
+  tiles: Optional[int]
+  in_blocks: int = 1
+
+  def policy(self, conv: Conv) -> dict:
+    if self.tiles is None:
+      # 1/12, not 1/16: pieces carry a halo, so 16 pieces are each a little above 1/16.
+      return dict(max_bytes=working_bytes(conv) // 12)
+    side = math.isqrt(self.tiles)
+    policy = dict(tile_shape=(conv.size // side, conv.size // side))
+    if self.in_blocks > 1:
+      policy["channel_block"] = (conv.cin // self.in_blocks, None)
+    return policy
+
+  def name(self, conv: Conv) -> str:
+    if self.tiles is None:
+      return f"planner, max_bytes={self.policy(conv)['max_bytes'] / MiB:.1f} MiB"
+    blocks = f" x {self.in_blocks} in-channel blocks" if self.in_blocks > 1 else ""
+    return f"{self.tiles} tiles{blocks}"
+
+
+TIME_CASES = tuple(
+    [TimeCase(layout, tiles, in_blocks) for layout in ("NHWC", "NCHW")
+     for in_blocks in (1, 4) for tiles in (16, 64)]
+    + [TimeCase("NHWC", None)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring.
+# ---------------------------------------------------------------------------------------------
+def timeit_alternating(fns: Sequence[Callable], args: Sequence, repeats: int,
+                       warmup: int = 1) -> tuple[list[float], list]:
+  """Median seconds per call of each of `fns` on `args`, and each one's last output.
+
+  Every function is compiled first (its compile time is not counted) and called `warmup` times;
+  then the timed calls alternate between the functions, `repeats` rounds, so that a change in the
+  machine's load hits all of them alike.
+  """
+  compiled = [jax.jit(fn).lower(*args).compile() for fn in fns]
+  outputs = [None] * len(fns)
+  for _ in range(warmup):
+    for i, fn in enumerate(compiled):
+      outputs[i] = jax.block_until_ready(fn(*args))
+  times: list[list[float]] = [[] for _ in fns]
+  for _ in range(repeats):
+    for i, fn in enumerate(compiled):
+      outputs[i] = None  # let the previous output go before the next call allocates its own
+      start = time.perf_counter()
+      outputs[i] = jax.block_until_ready(fn(*args))
+      times[i].append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times], outputs
+
+
+def temp_bytes(fn: Callable, args: Sequence) -> Optional[dict]:
+  """Temporary, argument and output bytes of `fn`'s compiled program, or None if not reported."""
+  try:
+    stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+  except NotImplementedError:
+    return None
+  if stats is None:
+    return None
+  return dict(temp=stats.temp_size_in_bytes, args=stats.argument_size_in_bytes,
+              out=stats.output_size_in_bytes)
+
+
+def working_bytes(conv: Conv) -> int:
+  """The monolithic conv's working set (input, weights, output) as jaxtile counts it."""
+  return jaxtile.explain(conv.fn())(*conv.inputs()).convs[0].working_bytes
+
+
+def describe(report: jaxtile.Report) -> tuple[str, str]:
+  """(pieces, plan) of every conv in `report`, the tiled ones described by their blocks."""
+  pieces, plans = [], []
+  for c in report.convs:
+    pieces.append(str(c.n_elemental))
+    if not c.tiled:
+      plans.append("monolithic")
+      continue
+    parts = [f"{'x'.join(map(str, c.spatial_tiles))} tiles of "
+             f"{'x'.join(map(str, c.plan.tile_shape))}"]
+    if c.in_channel_blocks > 1 or c.out_channel_blocks > 1:
+      parts.append(f"{c.in_channel_blocks}x{c.out_channel_blocks} in x out channel blocks")
+    if c.batch_blocks > 1:
+      parts.append(f"{c.batch_blocks} batch blocks")
+    if math.prod(c.kernel_blocks) > 1:
+      parts.append(f"{'x'.join(map(str, c.kernel_blocks))} kernel blocks")
+    plans.append(", ".join(parts))
+  return " + ".join(pieces), "; ".join(plans)
+
+
+def first_line(error: BaseException) -> str:
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  return f"{type(error).__name__}: {lines[0] if lines else ''}"[:160]
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing.
+# ---------------------------------------------------------------------------------------------
+_NUMBER = re.compile(r"[-+]?\d[\d.]*(e[-+]?\d+)?|-")
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence], notes=()) -> None:
+  """A Markdown table with aligned columns; numeric columns are right-aligned."""
+  cells = [[str(v) for v in row] for row in rows]
+  widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+  numeric = [bool(cells) and all(_NUMBER.fullmatch(r[i]) for r in cells)
+             for i in range(len(header))]
+  pad = lambda v, i: v.rjust(widths[i]) if numeric[i] else v.ljust(widths[i])
+  print(f"\n### {title}\n")
+  print("| " + " | ".join(pad(h, i) for i, h in enumerate(header)) + " |")
+  print("|" + "|".join("-" * (w + 1) + (":" if n else "-") for w, n in zip(widths, numeric)) + "|")
+  for row in cells:
+    print("| " + " | ".join(pad(v, i) for i, v in enumerate(row)) + " |")
+  for note in notes:
+    print(f"\n{note}")
+  sys.stdout.flush()
+
+
+def ms(seconds: Optional[float]) -> str:
+  if seconds is None:
+    return "-"
+  return f"{seconds * 1e3:.1f}" if seconds >= 0.01 else f"{seconds * 1e3:.2f}"
+
+
+def mib(n: Optional[int]) -> str:
+  if n is None:
+    return "-"
+  return f"{n / MiB:.1f}" if n >= MiB or n == 0 else f"{n / MiB:.3f}"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+  return "-" if a is None or not b else f"{a / b:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables.
+# ---------------------------------------------------------------------------------------------
+def time_table(sizes: Sizes, repeats: int) -> None:
+  """Issue 3, target 1: tiled / monolithic time, per layout and split."""
+  rows = []
+  for case in TIME_CASES:
+    conv = sizes.time.with_layout(case.layout)
+    f, args, policy = conv.fn(), conv.inputs(), case.policy(sizes.time)
+    pieces, plan = describe(jaxtile.explain(f, **policy)(*args))
+    (t_mono, t_tiled), _ = timeit_alternating([f, jaxtile.tile_convs(f, **policy)], args, repeats)
+    rows.append((case.layout, case.name(sizes.time), pieces, plan, ms(t_mono), ms(t_tiled),
+                 ratio(t_tiled, t_mono)))
+  print_table(f"Time: {sizes.time.label}, float32, median of {repeats} alternating runs",
+              ("layout", "split", "pieces", "plan", "monolithic ms", "tiled ms", "tiled / mono"),
+              rows, ["Targets (issue 3): tiled / mono <= 1.05 for tiles alone, <= 1.10 with "
+                     "input-channel blocks, in both layouts."])
+
+
+def memory_table(sizes: Sizes) -> None:
+  """Issue 3, target 2: compiled temporaries of the tiled forward conv and of its gradient.
+
+  Two budgets, M and M / 16, so that temporaries growing with the number of pieces show.
+  """
+  conv = sizes.time
+  f, args = conv.fn(), conv.inputs()
+  # A power of two at most 1/16 of the working set: the conv really is split.
+  budget = 2 ** int(math.log2(working_bytes(conv) // 16))
+  grad = lambda f: jax.grad(lambda x, w: f(x, w).sum(), argnums=(0, 1))
+  # (name, program, max_bytes, the function explain plans (None: not tiled), is a gradient)
+  programs = [("forward, monolithic", f, None, None, False),
+              ("grad, monolithic", grad(f), None, None, True)]
+  for m in (budget, budget // 16):
+    tiled = jaxtile.tile_convs(f, max_bytes=m)
+    programs += [
+        ("forward, tiled", tiled, m, f, False),
+        ("grad of tiled: jax.grad(tile_convs(f))", grad(tiled), m, f, True),
+        ("tiled grad: tile_convs(jax.grad(loss))", jaxtile.tile_convs(grad(f), max_bytes=m), m,
+         grad(f), True)]
+  rows, reported = [], True
+  for name, fn, m, explained, is_grad in programs:
+    pieces = describe(jaxtile.explain(explained, max_bytes=m)(*args))[0] if explained else "1"
+    stats = temp_bytes(fn, args)
+    reported &= stats is not None
+    temp = stats and stats["temp"]
+    rows.append((name, pieces, mib(m), mib(temp), ratio(temp, m),
+                 ratio(temp, m and is_grad and m + conv.input_bytes),
+                 mib(stats and stats["args"]), mib(stats and stats["out"])))
+  notes = [f"Input {conv.input_bytes / MiB:.1f} MiB. Targets (issue 3): forward temp <= 2 M; "
+           "gradient temp a small multiple of M + input, not growing with the number of pieces."]
+  if not reported:
+    notes.append(f"memory_analysis() reports nothing on {jax.devices()[0].platform}: '-'.")
+  print_table(f"Memory: compiled temporaries, {conv.label}, float32",
+              ("program", "pieces", "M MiB", "temp MiB", "temp / M", "temp / (M + input)",
+               "args MiB", "output MiB"), rows, notes)
+
+
+def compile_table(sizes: Sizes, repeats: int, quick: bool) -> None:
+  """Issue 3, target 3: compile time against the number of pieces.
+
+  `lower` is `jax.jit(tiled).lower(...)`: tracing, jaxtile's rewrite and lowering to StableHLO;
+  `compile` is XLA's. Each measurement uses a fresh `tile_convs` wrapper, so no cache is reused.
+  """
+  conv = sizes.compile
+  f, args = conv.fn(), conv.inputs()
+  rows, base, base_pieces, skip = [], None, None, None
+  cases = [("monolithic", None)] + [(f"{t}x{t} tiles", dict(tile_shape=(t, t)))
+                                    for t in sizes.compile_tiles]
+  # One untimed round first: the process's first trace and compile pay one-time costs.
+  jax.jit(jaxtile.tile_convs(f, **cases[1][1])).lower(*args).compile()
+  for name, policy in cases:
+    pieces = describe(jaxtile.explain(f, **policy)(*args))[0] if policy else "1"
+    if skip:
+      rows.append((name, pieces, "-", "-", "-", "-", "-", skip))
+      continue
+    lowers, compiles = [], []
+    for _ in range(repeats):
+      fn = jax.jit(jaxtile.tile_convs(f, **policy) if policy else conv.fn())
+      start = time.perf_counter()
+      lowered = fn.lower(*args)
+      lowers.append(time.perf_counter() - start)
+      start = time.perf_counter()
+      lowered.compile()
+      compiles.append(time.perf_counter() - start)
+    t_lower, t_compile = statistics.median(lowers), statistics.median(compiles)
+    if policy and base is None:
+      base, base_pieces = (t_lower, t_compile), pieces
+    rows.append((name, pieces, ms(t_lower), ms(t_compile), ms(t_lower + t_compile),
+                 ratio(t_compile, base and base[1]) if policy else "-",
+                 ratio(t_lower + t_compile, base and sum(base)) if policy else "-", ""))
+    if quick and t_lower + t_compile > 5:
+      skip = f"skipped in --quick: the previous row took {t_lower + t_compile:.1f} s"
+  print_table(f"Compile time: {conv.label}, median of {repeats}",
+              ("program", "pieces", "lower ms", "compile ms", "total ms",
+               f"compile / {base_pieces} pieces", f"total / {base_pieces} pieces", "note"), rows,
+              ["lower = trace + jaxtile's rewrite + lowering to StableHLO; compile = XLA. "
+               "Target: 4096 pieces compile within 1.5x of 16."])
+
+
+def paper_table(repeats: int, warmup: int) -> None:
+  """Issue 3, target 4: the paper's 4096-piece conv, end to end, against the monolithic one."""
+  print(f"\nPaper case: {PAPER.label} with {PAPER_POLICY}. Needs about 16 GiB of device memory "
+        "(4 GiB per activation, both results held to compare them); minutes on a CPU.")
+  f, args = PAPER.fn(), PAPER.inputs()
+  pieces, plan = describe(jaxtile.explain(f, **PAPER_POLICY)(*args))
+  (t_mono, t_tiled), (mono, tiled) = timeit_alternating(
+      [f, jaxtile.tile_convs(f, **PAPER_POLICY)], args, repeats, warmup)
+  max_abs = float(jnp.max(jnp.abs(tiled - mono)))
+  rel_l2 = float(jnp.linalg.norm(tiled - mono) / jnp.linalg.norm(mono))
+  print_table(f"Paper case: {PAPER.label}, float32, median of {repeats} alternating runs",
+              ("pieces", "plan", "monolithic s", "tiled s", "tiled / mono", "max abs error",
+               "relative L2 error"),
+              [(pieces, plan, f"{t_mono:.3g}", f"{t_tiled:.3g}", ratio(t_tiled, t_mono),
+                f"{max_abs:.2e}", f"{rel_l2:.2e}")])
+
+
+def scaling_table(sizes: Sizes, repeats: int) -> None:
+  """Issue 4: one conv's 64 pieces divided among 1, 2, 4, 8 devices (as many as present)."""
+  title = "Scaling: pieces divided among devices"
+  if "devices" not in inspect.signature(jaxtile.tile_convs).parameters:
+    print(f"\n### {title}\n\nskipped: devices= not available in jaxtile.tile_convs")
+    return
+  conv = sizes.time
+  f, args = conv.fn(), conv.inputs()
+  side = conv.size // 8
+  policy = dict(tile_shape=(side, side))  # 8x8 = 64 tiles
+  devices = jax.devices()
+  counts = [n for n in (1, 2, 4, 8) if n <= len(devices)]
+  fns, per_device = [], []
+  for n in counts:
+    fns.append(jaxtile.tile_convs(f, devices=devices[:n], **policy))
+    try:
+      report = jaxtile.explain(f, devices=devices[:n], **policy)(*args)
+      per_device.append(", ".join(map(str, report.convs[0].plan.pieces_per_device)))
+    except TypeError as e:  # explain does not take devices= (yet)
+      per_device.append(f"n/a ({first_line(e)})")
+  times, _ = timeit_alternating(fns, args, repeats)
+  rows = [(n, ppd, ms(t), ratio(t, times[0])) for n, ppd, t in zip(counts, per_device, times)]
+  notes = [f"{conv.label}, tile_shape={policy['tile_shape']} (64 pieces); {len(devices)} "
+           f"{devices[0].platform} device(s) present."]
+  if devices[0].platform == "cpu":
+    notes.append("Host CPU devices share the same cores: these times say little about scaling.")
+  print_table(f"{title}: {conv.label}, median of {repeats} alternating runs",
+              ("devices", "pieces per device", "time ms", "time / 1 device"), rows, notes)
+
+
+def large_table(conv: Conv, repeats: int) -> None:
+  """A conv above 2**31 elements: the monolithic path fails (where it does), the tiled one runs.
+
+  The tiled conv takes the default policy: whatever the budget, jaxtile splits a conv whose
+  operands exceed 2**31 - 1 elements.
+  """
+  f = conv.fn()
+  x_shape, _ = conv.shapes
+  # Made in slabs along axis 1, so that no single random-number kernel spans 2**31 elements.
+  slabs = 4
+  slab_shape = x_shape[:1] + (x_shape[1] // slabs,) + x_shape[2:]
+  x = jnp.concatenate([jax.random.normal(k, slab_shape, jnp.float32)
+                       for k in jax.random.split(jax.random.key(0), slabs)], axis=1)
+  _, w = conv.inputs()
+  args = (x, w)
+  tiled = jaxtile.tile_convs(f)
+  pieces, plan = describe(jaxtile.explain(f)(*args))
+  fns, names, notes = [tiled], ["tiled (default policy)"], {}
+  try:
+    jax.block_until_ready(jax.jit(f)(*args))
+    fns.insert(0, f)
+    names.insert(0, "monolithic")
+  except Exception as e:  # the failure is the point: report it, whatever its type
+    notes["monolithic"] = f"fails: {first_line(e)}"
+  times, _ = timeit_alternating(fns, args, repeats)
+  timed = dict(zip(names, times))
+  rows = [("monolithic", "1", "-", ms(timed.get("monolithic")), notes.get("monolithic", "runs")),
+          ("tiled (default policy)", pieces, plan, ms(timed["tiled (default policy)"]),
+           "runs")]
+  print_table(f"Above 2**31 elements: {conv.label} ({math.prod(x_shape):.2e} input elements), "
+              f"float32, median of {repeats}",
+              ("program", "pieces", "plan", "time ms", "note"), rows)
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help=f"small shapes and few repeats (~1 minute on a CPU): time conv "
+                           f"{QUICK.time.label}")
+  parser.add_argument("--repeats", type=int, default=None,
+                      help=f"timed rounds per table (default {FULL.repeats}, {QUICK.repeats} with "
+                           "--quick)")
+  parser.add_argument("--paper", action="store_true",
+                      help="add the paper's 4096-piece case (~16 GiB; not with --quick)")
+  parser.add_argument("--scaling", action="store_true",
+                      help="add the device scaling table (needs tile_convs(devices=...))")
+  parser.add_argument("--only", type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+                      default=None, help=f"comma-separated tables among {','.join(TABLES)}")
+  parser.add_argument("--host-devices", type=int, default=None,
+                      help="on a CPU, split the host into this many devices (for --scaling)")
+  args = parser.parse_args(argv)
+  for table in args.only or ():
+    if table not in TABLES:
+      parser.error(f"--only takes tables among {','.join(TABLES)}, but got {table!r}")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.host_devices:
+    jax.config.update("jax_num_cpu_devices", args.host_devices)  # before the backend starts
+  sizes = QUICK if args.quick else FULL
+  repeats = args.repeats or sizes.repeats
+  device = jax.devices()[0]
+  on_gpu = device.platform == "gpu"
+
+  print("command: " + shlex.join(["python"] + sys.argv if argv is None else ["bench.py", *argv]))
+  print(f"device: {device.device_kind} ({device.platform}, {jax.device_count()} device(s)); "
+        f"jax {jax.__version__}, jaxtile {jaxtile.__version__}, {os.cpu_count()} CPU cores")
+  if os.environ.get("XLA_FLAGS"):
+    print(f"XLA_FLAGS: {os.environ['XLA_FLAGS']}")
+
+  tables = set(args.only or ("time", "memory", "compile") + (("large",) if on_gpu else ()))
+  tables |= {"paper"} if args.paper else set()
+  tables |= {"scaling"} if args.scaling else set()
+  start = time.perf_counter()
+  if "time" in tables:
+    time_table(sizes, repeats)
+  if "memory" in tables:
+    memory_table(sizes)
+  if "compile" in tables:
+    compile_table(sizes, 1 if args.quick else 3, args.quick)
+  if "scaling" in tables:
+    scaling_table(sizes, repeats)
+  if "large" in tables:
+    if not on_gpu:
+      print(f"\nnote: the above-2**31 case was asked for on {device.platform}; it needs ~12 GiB.")
+    large_table(LARGE, repeats)
+  if "paper" in tables:
+    if args.quick:
+      print("\n### Paper case\n\nskipped: not run with --quick (drop --quick to run it)")
+    else:
+      # On a CPU one run of each takes minutes: no warm-up call, one timed round.
+      paper_table(repeats, warmup=1) if on_gpu else paper_table(1, warmup=0)
+  print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
