@@ -12,6 +12,7 @@ pieces, and one piece is alive at a time.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -92,13 +93,19 @@ class Pieces:
     counts = [self.out_axes[i].count for i in free]
     out = jnp.zeros(self.out_shape(fixed), self.spec.out_dtype)
 
-    def body(k, out):
+    # Under differentiation each piece is rematerialised: the loop's residuals are then `lhs`,
+    # `rhs` (loop-invariant) and the piece index, not one saved input slice per piece.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def piece(lhs, rhs, k):
       index = dict(fixed)
       index.update(zip(free, _unravel(k, counts)))
-      piece, starts = self.piece(lhs, rhs, [index[i] for i in range(len(self.out_axes))],
-                                 relative=frozenset(fixed))
+      return self.piece(lhs, rhs, [index[i] for i in range(len(self.out_axes))],
+                        relative=frozenset(fixed))
+
+    def body(k, out):
+      piece_out, starts = piece(lhs, rhs, k)
       with jax.named_scope("reassemble"):
-        return _write(out, piece, starts)
+        return _write(out, piece_out, starts)
 
     n = math.prod(counts)
     return body(0, out) if n == 1 else lax.fori_loop(0, n, body, out)
@@ -106,8 +113,7 @@ class Pieces:
   def piece(self, lhs, rhs, index: Sequence[Index], relative=frozenset()):
     """Output piece `index` (one index per output axis) and where it goes in the output.
 
-    Axes in `relative` are written at offset 0 (the output is one block of theirs). The piece is
-    rematerialised under differentiation: its residuals are `lhs` and `rhs`, not a slice per piece.
+    Axes in `relative` are written at offset 0 (the output is one block of theirs).
     """
     located = [_locate(i, starts) for i, starts in zip(index, self.run_starts)]
     run_ids = [r for r, _ in located]
@@ -120,8 +126,7 @@ class Pieces:
       combo = tuple(a.runs[r] for a, r in zip(self.out_axes, run_ids))
       return branch(combo, lhs, rhs, local)
     branch_index = _ravel(run_ids, [len(a.runs) for a in self.out_axes])
-    branches = [jax.checkpoint(lambda lhs, rhs, local, c=c: branch(c, lhs, rhs, local),
-                               prevent_cse=False) for c in self.combos]
+    branches = [functools.partial(branch, c) for c in self.combos]
     local = [jnp.asarray(l, jnp.int32) for l in local]
     return lax.switch(branch_index, branches, lhs, rhs, local)
 
@@ -185,8 +190,9 @@ class Pieces:
         axis = out_axes[2 + extra]
         piece = lax.slice_in_dim(piece, 0, piece.shape[axis] - 1, axis=axis)
       if out_axes != spec.out_axes:  # back to the user's layout
-        piece = lax.transpose(piece, tuple(int(i) for i in np.argsort(
-            [out_axes.index(a) for a in np.argsort(spec.out_axes)])))
+        # User dim u holds role spec.out_axes.index(u), which the piece holds at out_axes[role].
+        piece = lax.transpose(piece, tuple(out_axes[spec.out_axes.index(u)]
+                                           for u in range(piece.ndim)))
     assert piece.shape == want, (piece.shape, want, spec)  # the halo arithmetic's invariant
     return piece
 
