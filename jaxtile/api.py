@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxtile import _compat
 from jaxtile import plan as plan_lib
@@ -72,8 +73,45 @@ def _int_tuple(name: str, value: Any, length: Optional[int] = None):
 
 
 
+def _mesh(devices, mesh_axis) -> tuple[Optional[Mesh], Optional[str]]:
+  """`devices` (a sequence of devices, or a Mesh) as a mesh and the axis to divide pieces along."""
+  if devices is None:
+    if mesh_axis is not None:
+      raise ValueError(f"tile_convs: mesh_axis={mesh_axis!r} needs devices= (a Mesh), but got "
+                       "devices=None.")
+    return None, None
+  if isinstance(devices, Mesh):
+    names = tuple(devices.axis_names)
+    if mesh_axis is None:
+      if len(names) != 1:
+        raise ValueError(f"tile_convs: devices is a Mesh with axes {names}; pass mesh_axis= to "
+                         "name the one to divide pieces along, but got mesh_axis=None.")
+      mesh_axis = names[0]
+    if mesh_axis not in names:
+      raise ValueError(f"tile_convs: mesh_axis must be one of the mesh's axes {names}, but got "
+                       f"mesh_axis={mesh_axis!r}.")
+    return devices, mesh_axis
+  if mesh_axis is not None:
+    raise ValueError(f"tile_convs: mesh_axis={mesh_axis!r} applies to a Mesh, but got devices as "
+                     f"a {type(devices).__name__}.")
+  if isinstance(devices, jax.Device):
+    devices = [devices]
+  if not isinstance(devices, Sequence) or not devices or not all(
+      isinstance(d, jax.Device) for d in devices):
+    raise TypeError("tile_convs: devices must be a non-empty sequence of jax.Device (for example "
+                    f"jax.devices()) or a jax.sharding.Mesh, but got devices={devices!r}.")
+  if len(set(devices)) != len(devices):
+    raise ValueError(f"tile_convs: devices must be distinct, but got devices={list(devices)!r}.")
+  return Mesh(np.array(devices), (MESH_AXIS,)), MESH_AXIS
+
+
+#: Name of the mesh axis made from a list of devices.
+MESH_AXIS = "jaxtile"
+
+
 def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block=None,
-                tier="auto", strict=False) -> Callable[[], plan_lib.Policy]:
+                tier="auto", strict=False, devices=None, mesh_axis=None,
+                shard_output=False) -> Callable[[], plan_lib.Policy]:
   """Validates the policy arguments now; returns a thunk giving the `Policy` at trace time.
 
   `max_bytes=None` resolves on the device at trace time, so the default follows the device.
@@ -88,10 +126,16 @@ def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block
     raise ValueError(f"tile_convs: tier must be one of {plan_lib.TIERS}, but got tier={tier!r}.")
   if not isinstance(strict, bool):
     raise TypeError(f"tile_convs: strict must be a bool, but got strict={strict!r}.")
+  if not isinstance(shard_output, bool):
+    raise TypeError(f"tile_convs: shard_output must be a bool, but got "
+                    f"shard_output={shard_output!r}.")
+  mesh, mesh_axis = _mesh(devices, mesh_axis)
+  if shard_output and mesh is None:
+    raise ValueError("tile_convs: shard_output=True needs devices=, but got devices=None.")
 
   def resolve() -> plan_lib.Policy:
     return plan_lib.Policy(max_bytes or default_max_bytes(), tile_shape, channel_block,
-                           batch_block, tier, strict)
+                           batch_block, tier, strict, mesh, mesh_axis, shard_output)
   return resolve
 
 
@@ -186,6 +230,8 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
                tile_shape: Union[int, Sequence[Optional[int]], None] = None,
                channel_block: Union[int, tuple[Optional[int], Optional[int]], None] = None,
                batch_block: Optional[int] = None, tier: str = "auto", strict: bool = False,
+               devices: Union[Sequence[jax.Device], Mesh, None] = None,
+               mesh_axis: Optional[str] = None, shard_output: bool = False,
                static_argnums: Union[int, Sequence[int]] = (),
                static_argnames: Union[str, Sequence[str]] = ()) -> Callable:
   """Rewrites every oversized convolution in `fun` into tiles that fit `max_bytes`.
@@ -214,6 +260,13 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
       evaluates every conv with the NumPy reference on the host (for debugging).
     strict: raise `BudgetError` when a conv cannot be split within `max_bytes`, instead of
       running it at the finest split reachable with a warning.
+    devices: divide each tiled conv's pieces among these devices (a sequence of `jax.Device`,
+      or a `jax.sharding.Mesh`, possibly spanning several processes) with `jax.shard_map`:
+      contiguous blocks of the output per device, gathered back into one array. Inside the
+      user's own `pmap`/`shard_map`, convs are tiled per device and not distributed again.
+    mesh_axis: the axis of a multi-axis Mesh `devices` to divide pieces along.
+    shard_output: leave each distributed conv's output sharded over the devices along the
+      dimension its pieces were divided on (for the next layer), instead of unconstrained.
     static_argnums, static_argnames: arguments treated as static whole, as in `jax.jit`.
 
   Returns:
@@ -228,12 +281,14 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
     >>> f(x, w).shape
     (1, 8, 64, 64)
   """
-  policy = make_policy(max_bytes, tile_shape, channel_block, batch_block, tier, strict)
+  policy = make_policy(max_bytes, tile_shape, channel_block, batch_block, tier, strict, devices,
+                       mesh_axis, shard_output)
   static_argnums, static_argnames = _static_args(static_argnums, static_argnames)
   if fun is None:
     return functools.partial(
         tile_convs, max_bytes=max_bytes, tile_shape=tile_shape, channel_block=channel_block,
-        batch_block=batch_block, tier=tier, strict=strict, static_argnums=static_argnums,
+        batch_block=batch_block, tier=tier, strict=strict, devices=devices,
+        mesh_axis=mesh_axis, shard_output=shard_output, static_argnums=static_argnums,
         static_argnames=static_argnames)
   if not callable(fun):
     raise TypeError(f"tile_convs: fun must be callable, but got {fun!r}.")

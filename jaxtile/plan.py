@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -455,6 +455,19 @@ def refine(plan: ConvPlan, max_bytes: int, fixed: frozenset[str] = frozenset()) 
   return plan
 
 
+def for_devices(plan: ConvPlan, n_devices: int, fixed: frozenset[str] = frozenset()) -> ConvPlan:
+  """`plan` on `n_devices`, its output axes halved (same preference order) until one has a block
+  per device, so that no device idles. Reductions are not split for devices (see distribute)."""
+  plan = dataclasses.replace(plan, n_devices=n_devices)
+  while max(a.count for a in plan.axes() if not a.reduce) < n_devices:
+    candidates = [(name, c) for name, c in _halvings(plan, fixed)
+                  if not name.startswith(("in_channel", "kernel"))]
+    if not candidates:
+      break
+    plan = min(candidates, key=lambda c: _preference(c[0]))[1]
+  return plan
+
+
 def normalize_blocks(spec: ConvSpec, tile_shape, channel_block, batch_block) -> tuple[ConvPlan,
                                                                                        frozenset]:
   """The monolithic plan with the user's overrides applied, and the axes they fix.
@@ -548,6 +561,13 @@ class Policy:
   batch_block: Optional[int] = None
   tier: str = "auto"
   strict: bool = False
+  mesh: Optional[Any] = None  # a jax.sharding.Mesh: tiled convs' pieces are divided along
+  mesh_axis: Optional[str] = None  # this axis of it
+  shard_output: bool = False  # leave each distributed conv's output sharded along its split dim
+
+  @property
+  def n_devices(self) -> int:
+    return 1 if self.mesh is None else self.mesh.shape[self.mesh_axis]
 
   @property
   def has_overrides(self) -> bool:
@@ -579,6 +599,8 @@ def decide(spec: ConvSpec, policy: Policy) -> Decision:
     return Decision(None, f"fits: {mono.tile_bytes()} <= max_bytes={policy.max_bytes}")
   plan, fixed = normalize_blocks(spec, policy.tile_shape, policy.channel_block, policy.batch_block)
   plan = refine(plan, policy.max_bytes, fixed)
+  if policy.n_devices > 1:
+    plan = for_devices(plan, policy.n_devices, fixed)
   if plan.fits(policy.max_bytes):
     return Decision(plan, "split to fit max_bytes" if not mono.fits(policy.max_bytes)
                     else "split as asked (tile_shape/channel_block/batch_block or tier='tiled')")

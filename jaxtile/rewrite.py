@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from jaxtile import _compat
+from jaxtile import distribute
 from jaxtile import lower as lower_lib
 from jaxtile import plan as plan_lib
 from jaxtile import reference
@@ -40,6 +41,7 @@ class Rewriter:
   def __init__(self, policy: plan_lib.Policy):
     self.policy = policy
     self.records: list[ConvRecord] = []
+    self._spmd_depth = 0  # > 0 inside the user's own pmap/shard_map: convs are per-device there
 
   def closed_jaxpr(self, closed: _compat.ClosedJaxpr) -> _compat.ClosedJaxpr:
     jaxpr = self.jaxpr(closed.jaxpr)
@@ -52,7 +54,12 @@ class Rewriter:
     return _compat.replace_jaxpr(jaxpr, eqns=eqns)
 
   def nested(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
-    params = {k: self._param(v) for k, v in eqn.params.items()}
+    spmd = _compat.is_spmd(eqn)
+    self._spmd_depth += spmd
+    try:
+      params = {k: self._param(v) for k, v in eqn.params.items()}
+    finally:
+      self._spmd_depth -= spmd
     if all(params[k] is v for k, v in eqn.params.items()):
       return eqn
     return _compat.replace_eqn(eqn, params=params)
@@ -69,7 +76,11 @@ class Rewriter:
 
   def conv(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
     spec = ConvSpec.from_eqn(eqn)
-    record = ConvRecord(len(self.records), spec, plan_lib.decide(spec, self.policy))
+    policy = self.policy
+    if self._spmd_depth and policy.mesh is not None:
+      # Already per-device code: tile its convs, leave the distribution to the user's program.
+      policy = dataclasses.replace(policy, mesh=None, mesh_axis=None)
+    record = ConvRecord(len(self.records), spec, plan_lib.decide(spec, policy))
     self.records.append(record)
     decision = record.decision
     if self.policy.tier == "reference":
@@ -85,7 +96,13 @@ class Rewriter:
     logging.info("jaxtile: %s %s -> %s, pieces of <= %d bytes (%s)", record.name,
                  spec.describe(), plan_lib.describe_plan(decision.plan),
                  decision.plan.tile_bytes(), decision.reason)
-    return self._bind(eqn, lower_lib.lower(decision.plan, record.name), record.name)
+    plan = decision.plan
+    if plan.distributed_axis is not None:
+      fun = distribute.lower(plan, record.name, self.policy.mesh, self.policy.mesh_axis,
+                             self.policy.shard_output)
+    else:
+      fun = lower_lib.lower(plan, record.name)
+    return self._bind(eqn, fun, record.name)
 
   @staticmethod
   def _bind(eqn, fun, name: str) -> _compat.JaxprEqn:

@@ -1,0 +1,155 @@
+"""Pieces divided among devices (`devices=`): same numbers as on one device, for every split."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jaxtile
+
+N_DEVICES = len(jax.devices())
+needs_8 = pytest.mark.skipif(N_DEVICES < 8, reason="needs 8 devices (tests/conftest.py sets 8 "
+                             "host CPU devices before jax is imported)")
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+
+
+def operands(shape=(2, 28, 30, 8), cout=12):
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], cout))
+  return x, w
+
+
+def single_device(fn, x, w, **policy):
+  return jaxtile.tile_convs(fn, **policy)(x, w)
+
+
+@needs_8
+@pytest.mark.parametrize("policy, axis", [
+    (dict(tile_shape=(4, 30), batch_block=2), "spatial0"),        # 7 row tiles on 4 devices
+    (dict(tile_shape=(5, 7), batch_block=2), "spatial0"),         # 6 x 5 tiles
+    (dict(batch_block=1, tile_shape=(28, 30)), "batch"),           # batch rows
+    (dict(channel_block=(None, 2), batch_block=2, tile_shape=(28, 30)), "out_channel"),
+    (dict(channel_block=(4, 4), tile_shape=(14, 15)), "out_channel"),  # with partial sums
+])
+@pytest.mark.parametrize("n_devices", [4, 3])
+def test_equals_single_device(policy, axis, n_devices):
+  x, w = operands()
+  devices = jax.devices()[:n_devices]
+  report = jaxtile.explain(conv, devices=devices, **policy)(x, w).convs[0]
+  plan = report.plan
+  if axis != "batch" or n_devices <= 2:
+    assert plan.distributed_axis == axis
+  assert len(report.pieces_per_device) == n_devices
+  assert sum(report.pieces_per_device) == report.n_elemental
+  got = jaxtile.tile_convs(conv, devices=devices, **policy)(x, w)
+  want = single_device(conv, x, w, **policy)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, jax.jit(conv)(x, w), rtol=1e-5, atol=1e-4)
+
+
+@needs_8
+def test_uneven_counts_seven_tiles_on_four_devices():
+  x, w = operands((1, 28, 16, 4), 4)
+  policy = dict(tile_shape=(4, 16), devices=jax.devices()[:4])
+  report = jaxtile.explain(conv, **policy)(x, w).convs[0]
+  assert report.plan.spatial_tiles == (7, 1)
+  assert report.pieces_per_device == (2, 2, 2, 1)
+  np.testing.assert_array_equal(jaxtile.tile_convs(conv, **policy)(x, w),
+                                single_device(conv, x, w, tile_shape=(4, 16)))
+
+
+def test_one_device_reports_all_pieces():
+  x, w = operands()
+  report = jaxtile.explain(conv, tile_shape=(7, 10))(x, w).convs[0]
+  assert report.pieces_per_device == (report.n_elemental,) == (12,)
+
+
+@needs_8
+def test_more_devices_than_blocks_splits_further():
+  """A plan with fewer blocks than devices is split further so no device idles."""
+  x, w = operands((1, 16, 16, 8), 8)
+  report = jaxtile.explain(conv, max_bytes=2**13, devices=jax.devices())(x, w).convs[0]
+  assert sum(1 for n in report.pieces_per_device if n) == 8
+  np.testing.assert_allclose(
+      jaxtile.tile_convs(conv, max_bytes=2**13, devices=jax.devices())(x, w),
+      jax.jit(conv)(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_8
+def test_gradients_through_distributed_conv():
+  x, w = operands()
+  tiled = jaxtile.tile_convs(conv, tile_shape=(5, 7), devices=jax.devices()[:4])
+  loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()
+  got = jax.grad(loss(tiled), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(conv), argnums=(0, 1))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+  tiled_grad = jaxtile.tile_convs(jax.grad(loss(conv), argnums=(0, 1)), tile_shape=(5, 7),
+                                  devices=jax.devices()[:4])
+  for g, r in zip(tiled_grad(x, w), want):
+    np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+@needs_8
+def test_mesh_axis_of_a_two_axis_mesh_and_sharded_output():
+  x, w = operands()
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tiles"))
+  tiled = jaxtile.tile_convs(conv, tile_shape=(7, 30), devices=mesh, mesh_axis="tiles",
+                             shard_output=True)
+  report = jaxtile.explain(conv, tile_shape=(7, 30), devices=mesh, mesh_axis="tiles")(x, w)
+  assert report.convs[0].pieces_per_device == (1, 1, 1, 1)
+  out = tiled(x, w)
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "tiles")), out.ndim)
+  np.testing.assert_allclose(out, jax.jit(conv)(x, w), rtol=1e-5, atol=1e-4)
+
+
+@needs_8
+def test_user_pmap_is_left_as_is_and_convs_tiled_per_device():
+  x, w = operands((4, 16, 16, 4), 4)
+  tiled = jaxtile.tile_convs(jax.pmap(lambda x, w: conv(x[None], w)[0], in_axes=(0, None)),
+                             tile_shape=(4, 16), devices=jax.devices()[:4])
+  report = jaxtile.explain(jax.pmap(lambda x, w: conv(x[None], w)[0], in_axes=(0, None)),
+                           tile_shape=(4, 16), devices=jax.devices()[:4])(x, w)
+  assert report.convs[0].tiled and report.convs[0].pieces_per_device == (4,)
+  np.testing.assert_allclose(tiled(x, w), jax.jit(conv)(x, w), rtol=1e-5, atol=1e-4)
+
+
+@needs_8
+def test_sharded_inputs_under_jit():
+  """A user's jit over inputs sharded on the batch: the result is the same; the pass tiles the
+  (global) conv it sees."""
+  x, w = operands((8, 12, 12, 4), 4)
+  mesh = Mesh(np.array(jax.devices()), ("b",))
+  xs = jax.device_put(x, NamedSharding(mesh, P("b")))
+  got = jax.jit(jaxtile.tile_convs(conv, tile_shape=(4, 12)))(xs, w)
+  np.testing.assert_allclose(got, jax.jit(conv)(x, w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(devices="gpu"), TypeError, r"devices must be a non-empty sequence of jax.Device.*'gpu'"),
+    (dict(devices=[]), TypeError, r"devices must be a non-empty sequence"),
+    (dict(mesh_axis="x"), ValueError, r"mesh_axis='x' needs devices="),
+    (dict(shard_output=True), ValueError, r"shard_output=True needs devices="),
+    (dict(shard_output=1, devices=None), TypeError, r"shard_output must be a bool"),
+])
+def test_bad_device_arguments(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    jaxtile.tile_convs(conv, **kwargs)
+
+
+@needs_8
+def test_bad_mesh_axis():
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tiles"))
+  with pytest.raises(ValueError, match=r"pass mesh_axis= .* mesh_axis=None"):
+    jaxtile.tile_convs(conv, devices=mesh)
+  with pytest.raises(ValueError, match=r"one of the mesh's axes \('data', 'tiles'\).*'rows'"):
+    jaxtile.tile_convs(conv, devices=mesh, mesh_axis="rows")
+  with pytest.raises(ValueError, match="distinct"):
+    jaxtile.tile_convs(conv, devices=[jax.devices()[0]] * 2)
