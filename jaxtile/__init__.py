@@ -1,6 +1,9 @@
 """jaxtile: tile oversized JAX convolutions into exact select-process-reassemble loops."""
 
 from jaxtile import reference as reference
+from jaxtile.tune import TuneResult as TuneResult
+from jaxtile.tune import autotune as autotune
+from jaxtile.tune import load_tuning as load_tuning
 from jaxtile.api import default_max_bytes as default_max_bytes
 from jaxtile.api import explain as explain
 from jaxtile.api import tile_convs as tile_convs
@@ -21,9 +24,12 @@ __all__ = (
     "ConvPlan",
     "ConvReport",
     "Report",
+    "TuneResult",
+    "autotune",
     "check",
     "default_max_bytes",
     "explain",
+    "load_tuning",
     "reference",
     "tile_convs",
 )

@@ -135,7 +135,8 @@ def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block
 
   def resolve() -> plan_lib.Policy:
     return plan_lib.Policy(max_bytes or default_max_bytes(), tile_shape, channel_block,
-                           batch_block, tier, strict, mesh, mesh_axis, shard_output)
+                           batch_block, tier, strict, mesh, mesh_axis, shard_output,
+                           jax.devices()[0].device_kind)
   return resolve
 
 

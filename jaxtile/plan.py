@@ -436,13 +436,20 @@ def _halvings(plan: ConvPlan, fixed: frozenset[str]) -> list[tuple[str, ConvPlan
   return out
 
 
-def _preference(name: str) -> tuple[int, str]:
+def _preference(name: str, order: tuple[str, ...] = _PREFERENCE,
+                inner_first: bool = False) -> tuple[int, int]:
   base = name.rstrip("0123456789")
-  return _PREFERENCE.index(base), name
+  dim = int(name[len(base):] or 0)
+  return order.index(base), -dim if inner_first else dim
 
 
-def refine(plan: ConvPlan, max_bytes: int, fixed: frozenset[str] = frozenset()) -> ConvPlan:
-  """Halves blocks (see the rule above) until the plan fits `max_bytes` or nothing can be halved."""
+def refine(plan: ConvPlan, max_bytes: int, fixed: frozenset[str] = frozenset(),
+           order: tuple[str, ...] = _PREFERENCE, tie: float = _TIE,
+           inner_first: bool = False) -> ConvPlan:
+  """Halves blocks (see the rule above) until the plan fits `max_bytes` or nothing can be halved.
+
+  `order`, `tie` and `inner_first` (spatial dims innermost first) vary the rule for autotuning.
+  """
   while not plan.fits(max_bytes):
     candidates = [(c.tile_bytes(), name, c) for name, c in _halvings(plan, fixed)]
     candidates = [c for c in candidates if c[0] < plan.tile_bytes()
@@ -450,9 +457,64 @@ def refine(plan: ConvPlan, max_bytes: int, fixed: frozenset[str] = frozenset()) 
     if not candidates:
       return plan
     best = min(b for b, _, _ in candidates)
-    ties = [c for c in candidates if c[0] <= best * _TIE]
-    plan = min(ties, key=lambda c: _preference(c[1]))[2]
+    ties = [c for c in candidates if c[0] <= best * tie]
+    plan = min(ties, key=lambda c: _preference(c[1], order, inner_first))[2]
   return plan
+
+
+# Variations of the rule that `jaxtile.autotune` times against each other: name -> refine kwargs.
+RULES = {
+    "default": {},
+    "smallest-piece": dict(tie=1.0),
+    "inner-strips": dict(inner_first=True),
+    "channels-first": dict(order=("batch", "group", "out_channel", "spatial", "in_channel",
+                                  "kernel")),
+    "reduce-first": dict(order=("batch", "group", "in_channel", "spatial", "out_channel",
+                                "kernel")),
+}
+
+
+def candidate_plans(spec: ConvSpec, policy: Policy) -> dict[str, ConvPlan]:
+  """The plan of each rule in `RULES` that fits the budget, without duplicates."""
+  start, fixed = normalize_blocks(spec, policy.tile_shape, policy.channel_block,
+                                  policy.batch_block)
+  plans: dict[str, ConvPlan] = {}
+  for name, kwargs in RULES.items():
+    plan = refine(start, policy.max_bytes, fixed, **kwargs)
+    if plan.fits(policy.max_bytes) and plan not in plans.values():
+      plans[name] = plan
+  return plans
+
+
+# Plans chosen by `jaxtile.autotune`, by `tuning_key`: used by `decide` instead of the rule.
+_TUNED: dict[str, dict[str, Any]] = {}
+
+_BLOCK_FIELDS = ("batch_block", "group_block", "out_block", "in_block", "tile_shape",
+                 "kernel_block")
+
+
+def tuning_key(spec: ConvSpec, policy: Policy) -> str:
+  """A conv's signature (shapes, dtypes, params), the budget and the device kind, as a string."""
+  params = tuple((k, v) for k, v in spec.params if k != "out_sharding")
+  return repr((spec.lhs_shape, spec.rhs_shape, str(spec.lhs_dtype), str(spec.rhs_dtype),
+               str(spec.out_dtype), params, policy.max_bytes, policy.device_kind))
+
+
+def remember(key: str, plan: ConvPlan) -> None:
+  _TUNED[key] = {f: getattr(plan, f) for f in _BLOCK_FIELDS}
+
+
+def tuned_blocks() -> dict[str, dict[str, Any]]:
+  return _TUNED
+
+
+def _tuned_plan(spec: ConvSpec, policy: Policy) -> Optional[ConvPlan]:
+  blocks = _TUNED.get(tuning_key(spec, policy))
+  if blocks is None or policy.has_overrides:
+    return None
+  plan = dataclasses.replace(monolithic_plan(spec), **{
+      k: tuple(v) if isinstance(v, list) else v for k, v in blocks.items()})
+  return plan if plan.fits(policy.max_bytes) else None
 
 
 def for_devices(plan: ConvPlan, n_devices: int, fixed: frozenset[str] = frozenset()) -> ConvPlan:
@@ -564,6 +626,7 @@ class Policy:
   mesh: Optional[Any] = None  # a jax.sharding.Mesh: tiled convs' pieces are divided along
   mesh_axis: Optional[str] = None  # this axis of it
   shard_output: bool = False  # leave each distributed conv's output sharded along its split dim
+  device_kind: str = ""  # where plans are tuned for (`jaxtile.autotune`)
 
   @property
   def n_devices(self) -> int:
@@ -598,7 +661,7 @@ def decide(spec: ConvSpec, policy: Policy) -> Decision:
   if policy.tier == "auto" and not policy.has_overrides and mono.fits(policy.max_bytes):
     return Decision(None, f"fits: {mono.tile_bytes()} <= max_bytes={policy.max_bytes}")
   plan, fixed = normalize_blocks(spec, policy.tile_shape, policy.channel_block, policy.batch_block)
-  plan = refine(plan, policy.max_bytes, fixed)
+  plan = _tuned_plan(spec, policy) or refine(plan, policy.max_bytes, fixed)
   if policy.n_devices > 1:
     plan = for_devices(plan, policy.n_devices, fixed)
   if plan.fits(policy.max_bytes):

@@ -1,0 +1,153 @@
+"""`autotune`: time the planner's candidate piece shapes per tiled conv, remember the fastest.
+
+The planner's rule (`plan.refine`) is a good default; which piece shape a backend runs fastest is
+an empirical fact of that backend. For every conv `tile_convs` would tile, `autotune` builds the
+plan of each variation of the rule (`plan.RULES`) that fits the budget, times each lowered on
+the current device (median of `repeats` runs after a warm-up, on random operands of the conv's
+shapes), and remembers the fastest under the conv's signature, the budget and the device kind.
+Later `tile_convs` calls with the same signature use it. Remembered plans live in memory and,
+with `cache=path`, in a small JSON file that later processes load with `cache=` or `load_tuning`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from jaxtile import api
+from jaxtile import lower as lower_lib
+from jaxtile import plan as plan_lib
+from jaxtile import rewrite as rewrite_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedConv:
+  """One tiled conv: each candidate rule's plan and median time, and the one chosen."""
+  name: str
+  source: str
+  seconds: dict[str, float]  # rule -> median seconds (absent: not timed, read from the cache)
+  plans: dict[str, str]  # rule -> plan description
+  chosen: str  # a rule name, or "cached"
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+  convs: list[TunedConv]
+  device_kind: str
+  cache: Optional[str]
+
+  def __str__(self) -> str:
+    lines = [f"jaxtile autotune on {self.device_kind!r}: {len(self.convs)} tiled conv(s)"
+             + (f", cache {self.cache}" if self.cache else "")]
+    for c in self.convs:
+      lines.append(f"  {c.name} ({c.source}): chose {c.chosen}")
+      for rule, plan in c.plans.items():
+        t = c.seconds.get(rule)
+        lines.append(f"    {'*' if rule == c.chosen else ' '} {rule:15s} "
+                     f"{'-' if t is None else f'{t * 1e3:9.2f} ms'}  {plan}")
+    return "\n".join(lines)
+
+
+def load_tuning(path: str) -> int:
+  """Loads remembered plans from a JSON file written by `autotune(..., cache=path)`.
+
+  Returns the number of entries loaded; a missing file loads nothing.
+  """
+  if not os.path.exists(path):
+    return 0
+  try:
+    with open(path) as f:
+      entries = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"jaxtile.load_tuning: cannot read the tuning cache path={path!r}: {e}") from e
+  if not isinstance(entries, dict):
+    raise ValueError(f"jaxtile.load_tuning: path={path!r} does not hold a tuning cache (a JSON "
+                     f"object), but a {type(entries).__name__}.")
+  plan_lib.tuned_blocks().update(entries)
+  return len(entries)
+
+
+def _save(path: str) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(plan_lib.tuned_blocks(), f, indent=1, sort_keys=True)
+  os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+
+
+def _time(plan: plan_lib.ConvPlan, operands, repeats: int) -> float:
+  fn = jax.jit(lower_lib.lower(plan, "autotune"))
+  jax.block_until_ready(fn(*operands))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*operands))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def autotune(fun: Callable, /, *, repeats: int = 3, cache: Optional[str] = None,
+             static_argnums=(), static_argnames=(), **policy_kwargs) -> Callable[..., TuneResult]:
+  """Returns `f(*args, **kwargs) -> TuneResult`, tuning the tiled convs of `fun` at those args.
+
+  Takes the policy keywords of `tile_convs` (the budget above all: plans are remembered per
+  `max_bytes`). Convs with explicit `tile_shape`/`channel_block`/`batch_block` are not tuned.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxtile
+    >>> f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")
+    >>> x, w = jnp.ones((1, 8, 64, 64)), jnp.ones((8, 8, 3, 3))
+    >>> result = jaxtile.autotune(f, max_bytes=2**17, repeats=1)(x, w)
+    >>> jaxtile.tile_convs(f, max_bytes=2**17)(x, w).shape  # uses the remembered plan
+    (1, 8, 64, 64)
+  """
+  if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    raise ValueError(f"jaxtile.autotune: repeats must be a positive int, but got "
+                     f"repeats={repeats!r}.")
+  cache = cache or os.environ.get("JAXTILE_AUTOTUNE_CACHE") or None
+  policy = api.make_policy(**policy_kwargs)
+  static_argnums, static_argnames = api._static_args(static_argnums, static_argnames)
+
+  @functools.wraps(fun)
+  def tuned(*args, **kwargs) -> TuneResult:
+    if cache:
+      load_tuning(cache)
+    dynamic, static = api._split_call(args, kwargs, static_argnums, static_argnames)
+    closed, _ = api._trace(fun, static, dynamic)
+    resolved = policy()
+    _, records = rewrite_lib.rewrite(closed, resolved)
+    results, seen = [], set()
+    for record in records:
+      if not record.decision.tiled or resolved.has_overrides:
+        continue
+      key = plan_lib.tuning_key(record.spec, resolved)
+      if key in seen:  # the same conv signature met twice: tuned once
+        continue
+      seen.add(key)
+      spec = record.spec
+      candidates = plan_lib.candidate_plans(spec, resolved)
+      describe = {rule: plan_lib.describe_plan(p) for rule, p in candidates.items()}
+      if key in plan_lib.tuned_blocks():
+        results.append(TunedConv(record.name, spec.source, {}, describe, "cached"))
+        continue
+      keys = jax.random.split(jax.random.key(0), 2)
+      operands = [jax.random.normal(k, shape, dtype) for k, shape, dtype in
+                  zip(keys, (spec.lhs_shape, spec.rhs_shape), (spec.lhs_dtype, spec.rhs_dtype))]
+      seconds = {rule: _time(p, operands, repeats) for rule, p in candidates.items()}
+      chosen = min(seconds, key=seconds.get)
+      plan_lib.remember(key, candidates[chosen])
+      results.append(TunedConv(record.name, spec.source, seconds, describe, chosen))
+    if cache:
+      _save(cache)
+    return TuneResult(results, resolved.device_kind, cache)
+
+  return tuned
