@@ -520,12 +520,12 @@ def _tuned_plan(spec: ConvSpec, policy: Policy) -> Optional[ConvPlan]:
 def for_devices(plan: ConvPlan, n_devices: int, fixed: frozenset[str] = frozenset()) -> ConvPlan:
   """`plan` on `n_devices`, its output axes halved (same preference order) until one has a block
   per device, so that no device idles. Reductions are not split for devices (see distribute)."""
-  plan = dataclasses.replace(plan, n_devices=n_devices)
+  start = plan = dataclasses.replace(plan, n_devices=n_devices)
   while max(a.count for a in plan.axes() if not a.reduce) < n_devices:
     candidates = [(name, c) for name, c in _halvings(plan, fixed)
                   if not name.startswith(("in_channel", "kernel"))]
     if not candidates:
-      break
+      return start  # no output axis reaches a block per device: extra pieces would buy nothing
     plan = min(candidates, key=lambda c: _preference(c[0]))[1]
   return plan
 
