@@ -90,7 +90,9 @@ def _mesh(devices, mesh_axis) -> tuple[Optional[Mesh], Optional[str]]:
     if mesh_axis not in names:
       raise ValueError(f"tile_convs: mesh_axis must be one of the mesh's axes {names}, but got "
                        f"mesh_axis={mesh_axis!r}.")
-    return devices, mesh_axis
+    # The pieces are placed by shard_map; the mesh's own axis types (explicit sharding from
+    # `jax.make_mesh`) would make the reassembly outside it a sharded-dim indexing error.
+    return Mesh(devices.devices, names), mesh_axis
   if mesh_axis is not None:
     raise ValueError(f"tile_convs: mesh_axis={mesh_axis!r} applies to a Mesh, but got devices as "
                      f"a {type(devices).__name__}.")
@@ -141,7 +143,8 @@ def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block
 
 
 def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+  # ShapeDtypeStructs trace like arrays, so `explain` can plan a model without allocating it.
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
 class _Static:

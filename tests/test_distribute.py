@@ -153,3 +153,19 @@ def test_bad_mesh_axis():
     jaxtile.tile_convs(conv, devices=mesh, mesh_axis="rows")
   with pytest.raises(ValueError, match="distinct"):
     jaxtile.tile_convs(conv, devices=[jax.devices()[0]] * 2)
+
+
+@needs_8
+def test_make_mesh_with_explicit_axes():
+  x, w = operands()
+  mesh = jax.make_mesh((4,), ("b",))
+  got = jaxtile.tile_convs(conv, tile_shape=(7, 30), devices=mesh)(x, w)
+  np.testing.assert_allclose(got, jax.jit(conv)(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_explain_with_shapes_only():
+  """Plans a model from shapes, without allocating its arguments."""
+  x = jax.ShapeDtypeStruct((1, 4096, 4096, 8), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)
+  report = jaxtile.explain(lambda x, w: jnp.tanh(conv(x, w)), max_bytes=2**24)(x, w)
+  assert report.convs[0].tiled
