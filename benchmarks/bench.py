@@ -29,11 +29,12 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 import jaxtile
 
 MiB = 2**20
-TABLES = ("time", "memory", "compile", "paper", "scaling", "large")
+TABLES = ("time", "memory", "compile", "forms", "grad", "paper", "scaling", "large")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +266,72 @@ def time_table(sizes: Sizes, repeats: int) -> None:
                      "input-channel blocks, in both layouts."])
 
 
+def forms_table(repeats: int) -> None:
+  """The backend facts jaxtile's piece forms rely on (lower.py): one tile, expressed three ways."""
+  key = jax.random.split(jax.random.key(0), 2)
+  w_hwio = jax.random.normal(key[1], (3, 3, 128, 128), jnp.float32)
+  x_nhwc = jax.random.normal(key[0], (1, 130, 130, 128), jnp.float32)
+  nhwc = ("NHWC", "HWIO", "NHWC")
+  unpadded = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=nhwc)
+  padded = lambda x, w: lax.conv_general_dilated(  # one extra output column over padding, cropped
+      x, w, (1, 1), ((0, 0), (0, 1)), dimension_numbers=nhwc)[:, :, :128]
+  (t_unpadded, t_padded), outs = timeit_alternating([unpadded, padded], (x_nhwc, w_hwio), repeats)
+  same = bool(jnp.array_equal(outs[0], outs[1]))
+  flops = 2 * 128 * 128 * 9 * 128 * 128
+  x_nchw, w_oihw = jnp.transpose(x_nhwc, (0, 3, 1, 2)), jnp.transpose(w_hwio, (3, 2, 0, 1))
+  nchw = ("NCHW", "OIHW", "NCHW")
+
+  def in_loop(transposed):
+    def run(x, w):  # 4 pieces of the same tile inside a fori_loop, as the lowering runs them
+      def body(i, acc):
+        if transposed:
+          y = lax.conv_general_dilated(jnp.transpose(x, (0, 2, 3, 1)), jnp.transpose(w, (2, 3, 1, 0)),
+                                       (1, 1), "VALID", dimension_numbers=nhwc)
+          y = jnp.transpose(y, (0, 3, 1, 2))
+        else:
+          y = lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=nchw)
+        return acc + y * i
+      return lax.fori_loop(0, 4, body, jnp.zeros((1, 128, 128, 128), jnp.float32))
+    return run
+  (t_nchw, t_nhwc), _ = timeit_alternating([in_loop(False), in_loop(True)], (x_nchw, w_oihw),
+                                           repeats)
+  print_table(
+      f"Piece forms on {jax.devices()[0].platform}: one 128x128x128 output tile, 3x3, 128 -> 128, "
+      f"median of {repeats}",
+      ("form", "ms", "GFLOP/s", "ratio"),
+      [("no padding (VALID on the 130x130 window)", ms(t_unpadded), f"{flops / t_unpadded / 1e9:.0f}",
+        "1.00"),
+       ("one extra padded output column, cropped", ms(t_padded), f"{flops / t_padded / 1e9:.0f}",
+        ratio(t_padded, t_unpadded)),
+       ("NCHW conv in a loop, 4 pieces", ms(t_nchw), f"{4 * flops / t_nchw / 1e9:.0f}", "1.00"),
+       ("same, transposed to NHWC per piece", ms(t_nhwc), f"{4 * flops / t_nhwc / 1e9:.0f}",
+        ratio(t_nhwc, t_nchw))],
+      [f"padded-and-cropped equals unpadded exactly: {same}"])
+
+
+GRAD_CONV = Conv(batch=1, size=256, cin=64, cout=64)
+
+
+def grad_table(sizes: Sizes, repeats: int) -> None:
+  """Gradient time: differentiating the tiled program vs tiling the differentiated one."""
+  conv = GRAD_CONV if sizes is FULL else sizes.time  # differentiating the tiled loop is slow
+  f, args = conv.fn(), conv.inputs()
+  tile = (conv.size // 4,) * 2
+  loss = lambda g: (lambda x, w: jnp.sum(g(x, w) ** 2))
+  mono = jax.grad(loss(f), argnums=(0, 1))
+  grad_of_tiled = jax.grad(loss(jaxtile.tile_convs(f, tile_shape=tile)), argnums=(0, 1))
+  tiled_grad = jaxtile.tile_convs(jax.grad(loss(f), argnums=(0, 1)), tile_shape=tile)
+  (t_mono, t_a, t_b), outs = timeit_alternating([mono, grad_of_tiled, tiled_grad], args, repeats)
+  def err(got):
+    return max(float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r)) for g, r in zip(got, outs[0]))
+  print_table(
+      f"Gradient time: {conv.label}, 4x4 tiles, median of {repeats} alternating runs",
+      ("program", "ms", "/ monolithic", "rel L2 vs monolithic"),
+      [("jax.grad(f), monolithic", ms(t_mono), "1.00", "-"),
+       ("jax.grad(tile_convs(f))", ms(t_a), ratio(t_a, t_mono), f"{err(outs[1]):.1e}"),
+       ("tile_convs(jax.grad(f))", ms(t_b), ratio(t_b, t_mono), f"{err(outs[2]):.1e}")])
+
+
 def memory_table(sizes: Sizes) -> None:
   """Issue 3, target 2: compiled temporaries of the tiled forward conv and of its gradient.
 
@@ -465,7 +532,8 @@ def main(argv=None):
   if os.environ.get("XLA_FLAGS"):
     print(f"XLA_FLAGS: {os.environ['XLA_FLAGS']}")
 
-  tables = set(args.only or ("time", "memory", "compile") + (("large",) if on_gpu else ()))
+  tables = set(args.only or ("time", "memory", "compile", "forms", "grad")
+               + (("large",) if on_gpu else ()))
   tables |= {"paper"} if args.paper else set()
   tables |= {"scaling"} if args.scaling else set()
   start = time.perf_counter()
@@ -475,6 +543,10 @@ def main(argv=None):
     memory_table(sizes)
   if "compile" in tables:
     compile_table(sizes, 1 if args.quick else 3, args.quick)
+  if "forms" in tables:
+    forms_table(repeats)
+  if "grad" in tables:
+    grad_table(sizes, repeats)
   if "scaling" in tables:
     scaling_table(sizes, repeats)
   if "large" in tables:
