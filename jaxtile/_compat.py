@@ -88,3 +88,8 @@ def is_spmd(eqn: JaxprEqn) -> bool:
 def shard_map(fun: Callable, mesh, in_specs, out_specs) -> Callable:
   """`jax.shard_map` (jax >= 0.7), without replication checks: pieces vary by device index."""
   return jax.shard_map(fun, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+# Derivatives defined by jaxtile for the convs it binds (jaxtile.forms).
+linear_call = jax.custom_derivatives.linear_call
+SymbolicZero = jax.custom_derivatives.SymbolicZero

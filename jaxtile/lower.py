@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxtile import _compat
+from jaxtile import forms
 from jaxtile.plan import Axis, ConvPlan, DimKey, Run
 
 Index = Union[int, jax.Array]  # a piece index: a Python int when static
@@ -36,19 +36,6 @@ def lower(plan: ConvPlan, name: str) -> Callable[[jax.Array, jax.Array], jax.Arr
     with jax.named_scope(name):
       return pieces.emit(lhs, rhs)
   return tiled
-
-
-# How a piece is expressed, per backend. XLA:CPU (jax 0.10, see docs/benchmarks.md):
-#  - runs a conv whose padding is all zero on a path about 3x slower than the same conv with any
-#    padding (1x130x130x128 -> 128, 3x3: 33 GFLOP/s unpadded, 100 GFLOP/s with one padded
-#    column). Interior tiles are unpadded pieces, so each gets one extra output along its
-#    longest spatial dim, computed over padding and cropped: exact, for 1 / (tile extent) more
-#    arithmetic.
-#  - converts a channels-first conv to channels-last only outside loops; inside one it runs a
-#    generic kernel 20-50x slower. Pieces are transposed to channels-last (N, spatial, C and
-#    spatial, I, O) around the conv: two copies of piece size, free next to the conv.
-_PAD_UNPADDED = {"cpu": True}
-_CHANNELS_LAST = {"cpu": True}
 
 
 class Pieces:
@@ -70,9 +57,7 @@ class Pieces:
     sizes = _offsets(self.combos[0], [0] * len(self.out_axes))[1]
     # Every combo has this output piece shape (the last block of an axis is shifted back).
     self.piece_shape = tuple(sizes.get(("out", a), n) for a, n in enumerate(spec.out_shape))
-    backend = jax.default_backend()
-    self.pad_unpadded = _PAD_UNPADDED.get(backend, False)
-    self.channels_last = _CHANNELS_LAST.get(backend, False)
+    self.forms = forms.for_backend()
 
   @property
   def counts(self) -> list[int]:
@@ -170,46 +155,16 @@ class Pieces:
         key = "feature_group_count" if spec.feature_group_count > 1 else "batch_group_count"
         params[key] = run.groups
     want = tuple(sizes.get(("out", a), n) for a, n in enumerate(spec.out_shape))
-    extra = None
-    if self.pad_unpadded and spec.n_spatial and all(p == (0, 0) for p in padding):
-      # One more output along the longest spatial dim, over padding, cropped below.
-      extra = max(range(spec.n_spatial), key=lambda d: want[spec.out_axes[2 + d]])
-      padding[extra] = (0, spec.window_strides[extra])
     params["padding"] = tuple(padding)
     if self.plan.splits_reduction:
       params["preferred_element_type"] = spec.acc_dtype
     with jax.named_scope("select"):
       lhs_piece = _select(lhs, "lhs", starts, sizes)
       rhs_piece = _select(rhs, "rhs", starts, sizes)
-    out_axes = spec.out_axes
-    if self.channels_last:
-      lhs_piece, rhs_piece, params, out_axes = _channels_last(spec, lhs_piece, rhs_piece, params)
     with jax.named_scope("process"):
-      piece = _compat.conv_general_dilated_p.bind(lhs_piece, rhs_piece, **params)
-      if extra is not None:
-        axis = out_axes[2 + extra]
-        piece = lax.slice_in_dim(piece, 0, piece.shape[axis] - 1, axis=axis)
-      if out_axes != spec.out_axes:  # back to the user's layout
-        # User dim u holds role spec.out_axes.index(u), which the piece holds at out_axes[role].
-        piece = lax.transpose(piece, tuple(out_axes[spec.out_axes.index(u)]
-                                           for u in range(piece.ndim)))
+      piece = forms.conv(lhs_piece, rhs_piece, params, self.forms)
     assert piece.shape == want, (piece.shape, want, spec)  # the halo arithmetic's invariant
     return piece
-
-
-def _channels_last(spec, lhs, rhs, params):
-  """The piece's operands transposed to (N, spatial..., C) and (spatial..., I, O), its params, and
-  where the output's roles (N, C, spatial...) then sit, as `spec.out_axes` does for the user's."""
-  k = spec.n_spatial
-  lhs_perm = (spec.lhs_axes[0], *spec.lhs_axes[2:], spec.lhs_axes[1])
-  rhs_perm = (*spec.rhs_axes[2:], spec.rhs_axes[1], spec.rhs_axes[0])
-  roles = (0, k + 1, *range(1, k + 1))  # N, C, spatial... of an (N, spatial..., C) array
-  if lhs_perm == tuple(range(k + 2)) and rhs_perm == tuple(range(k + 2)) and (
-      tuple(spec.out_axes) == roles):
-    return lhs, rhs, params, spec.out_axes
-  dn = lax.ConvDimensionNumbers(lhs_spec=roles, rhs_spec=(k + 1, k, *range(k)), out_spec=roles)
-  return (lax.transpose(lhs, lhs_perm), lax.transpose(rhs, rhs_perm),
-          dict(params, dimension_numbers=dn), roles)
 
 
 def _locate(i: Index, run_starts: np.ndarray) -> tuple[Index, Index]:
