@@ -15,7 +15,6 @@ input. Partial sums (input-channel or kernel-tap blocks) stay on the device of t
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax

@@ -4,7 +4,8 @@ Output pieces all have one shape (see `plan._block_starts`); what differs betwee
 input window, its padding and its group count, which are static per *run* (`plan.Run`). The loop
 runs over every output piece; a `lax.switch` on the piece's runs picks the branch that selects
 its window (`dynamic_slice` at offsets affine in the piece index), processes it (an elemental
-`conv_general_dilated` bound with the equation's own params), and sums its input-channel and
+`conv_general_dilated` with the equation's own params, in the backend's fast form: `forms.py`),
+and sums its input-channel and
 kernel-tap partials in an accumulator; reassemble writes the piece (`dynamic_update_slice`). The
 graph grows with the number of runs (interior pieces plus edges), never with the number of
 pieces, and one piece is alive at a time.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +59,6 @@ class Pieces:
     # Every combo has this output piece shape (the last block of an axis is shifted back).
     self.piece_shape = tuple(sizes.get(("out", a), n) for a, n in enumerate(spec.out_shape))
     self.forms = forms.for_backend()
-
-  @property
-  def counts(self) -> list[int]:
-    return [a.count for a in self.out_axes]
 
   def out_shape(self, fixed: Mapping[int, Index] = {}) -> tuple[int, ...]:
     """The output, or with the axes in `fixed` held at one block, that block's slab."""

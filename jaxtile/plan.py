@@ -14,7 +14,6 @@ import functools
 import math
 from typing import Any, Iterable, Optional
 
-import numpy as np
 
 from jaxtile import spec as spec_lib
 from jaxtile.spec import ConvSpec

@@ -20,7 +20,6 @@ import time
 from typing import Callable, Optional
 
 import jax
-import numpy as np
 
 from jaxtile import api
 from jaxtile import lower as lower_lib

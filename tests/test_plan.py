@@ -1,6 +1,5 @@
 """The planner: halo arithmetic against the NumPy reference, budgets, runs, the split rule."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -5,8 +5,6 @@ built in, then permuted into each layout; every case is run under policies that 
 (asserted through `explain`).
 """
 
-import itertools
-import math
 
 import jax
 import jax.numpy as jnp
