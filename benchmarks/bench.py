@@ -110,19 +110,23 @@ LARGE = Conv(1, 2048, 640, 64)
 
 @dataclasses.dataclass(frozen=True)
 class TimeCase:
-  """A row of the time table: a square grid of `tiles` output tiles, each input-channel block
-  split `in_blocks` ways; `tiles=None` lets the planner choose under a budget of about 1/16 of the
-  monolithic working set."""
+  """A row of the time table: `tiles` output tiles, as a square grid or as full-width strips,
+  each input-channel block split `in_blocks` ways; `tiles=None` lets the planner choose under a
+  budget of about 1/16 of the monolithic working set."""
   layout: str
   tiles: Optional[int]
   in_blocks: int = 1
+  strips: bool = False
 
   def policy(self, conv: Conv) -> dict:
     if self.tiles is None:
       # 1/12, not 1/16: pieces carry a halo, so 16 pieces are each a little above 1/16.
       return dict(max_bytes=working_bytes(conv) // 12)
-    side = math.isqrt(self.tiles)
-    policy = dict(tile_shape=(conv.size // side, conv.size // side))
+    if self.strips:
+      policy = dict(tile_shape=(conv.size // self.tiles, conv.size))
+    else:
+      side = math.isqrt(self.tiles)
+      policy = dict(tile_shape=(conv.size // side, conv.size // side))
     if self.in_blocks > 1:
       policy["channel_block"] = (conv.cin // self.in_blocks, None)
     return policy
@@ -131,12 +135,12 @@ class TimeCase:
     if self.tiles is None:
       return f"planner, max_bytes={self.policy(conv)['max_bytes'] / MiB:.1f} MiB"
     blocks = f" x {self.in_blocks} in-channel blocks" if self.in_blocks > 1 else ""
-    return f"{self.tiles} tiles{blocks}"
+    return f"{self.tiles} {'strips' if self.strips else 'tiles'}{blocks}"
 
 
 TIME_CASES = tuple(
-    [TimeCase(layout, tiles, in_blocks) for layout in ("NHWC", "NCHW")
-     for in_blocks in (1, 4) for tiles in (16, 64)]
+    [TimeCase(layout, tiles, in_blocks, strips) for layout in ("NHWC", "NCHW")
+     for strips in (False, True) for in_blocks in (1, 4) for tiles in (16, 64)]
     + [TimeCase("NHWC", None)])
 
 
