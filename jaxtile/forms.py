@@ -76,22 +76,16 @@ def _differentiable(key: _Params, forms: Forms):
     return _bind(lhs, rhs, params, forms)
 
   def jvp(primals, tangents):
-    lhs, rhs = primals
-    d_lhs, d_rhs = tangents
-    out = f(lhs, rhs)
+    out = f(*primals)
     parts = []
-    if not isinstance(d_lhs, _compat.SymbolicZero):
+    for argnum, d in enumerate(tangents):  # the conv is linear in each operand
+      if isinstance(d, _compat.SymbolicZero):
+        continue
+      other = primals[1 - argnum]
+      aval = jax.ShapeDtypeStruct(primals[argnum].shape, primals[argnum].dtype)
       parts.append(_compat.linear_call(
-          lambda rhs, d: conv(d, rhs, params, forms),
-          functools.partial(_transpose, params, forms, 0, jax.ShapeDtypeStruct(lhs.shape,
-                                                                             lhs.dtype)),
-          rhs, d_lhs))
-    if not isinstance(d_rhs, _compat.SymbolicZero):
-      parts.append(_compat.linear_call(
-          lambda lhs, d: conv(lhs, d, params, forms),
-          functools.partial(_transpose, params, forms, 1, jax.ShapeDtypeStruct(rhs.shape,
-                                                                             rhs.dtype)),
-          lhs, d_rhs))
+          lambda other, d, argnum=argnum: conv(*_ordered(argnum, d, other), params, forms),
+          functools.partial(_transpose, params, forms, argnum, aval), other, d))
     tangent = functools.reduce(jnp.add, parts) if parts else jnp.zeros(out.shape, out.dtype)
     return out, tangent
 
@@ -99,12 +93,16 @@ def _differentiable(key: _Params, forms: Forms):
   return f
 
 
+def _ordered(argnum: int, x, other):
+  """(lhs, rhs) with `x` as operand `argnum`."""
+  return (x, other) if argnum == 0 else (other, x)
+
+
 def _transpose(params, forms: Forms, argnum: int, aval, other, ct):
   """Cotangent of operand `argnum` of the conv, given the other operand: JAX's transpose rule
   traced to a jaxpr, its convs re-bound in `forms`."""
   def linear(x):
-    args = (x, other) if argnum == 0 else (other, x)
-    return _compat.conv_general_dilated_p.bind(*args, **params)
+    return _compat.conv_general_dilated_p.bind(*_ordered(argnum, x, other), **params)
   transposed = jax.linear_transpose(linear, aval)
   closed = jax.make_jaxpr(lambda ct: transposed(ct)[0])(ct)
   eqns = [
