@@ -38,13 +38,11 @@ def lower(plan: ConvPlan, name: str, mesh: Mesh, axis_name: str,
   m, blocks = plan.blocks_per_device, axis.count
   # Where block i (in the axis's piece order) starts in the output, per output dim.
   out_starts = np.zeros((blocks, len(plan.spec.out_shape)), np.int32)
-  i = 0
-  for run in axis.runs:
-    for k in range(run.count):
-      for span in run.spans:
-        if span.dim[0] == "out":
-          out_starts[i, span.dim[1]] = span.start + k * span.step
-      i += 1
+  for run, first in zip(axis.runs, np.cumsum([0] + [r.count for r in axis.runs])):
+    for span in run.spans:
+      if span.dim[0] == "out":
+        out_starts[first:first + run.count, span.dim[1]] = (
+            span.start + np.arange(run.count) * span.step)
   sharded_dim = next(s.dim[1] for s in axis.runs[0].spans if s.dim[0] == "out")
 
   def per_device(lhs, rhs):
