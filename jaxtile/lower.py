@@ -188,9 +188,13 @@ def _unravel(k: Index, counts: Sequence[int]) -> list[Index]:
   for count in reversed(counts):
     if count == 1:
       indices.append(0)
-    else:
+    elif isinstance(k, int):
       indices.append(k % count)
       k = k // count
+    else:  # k >= 0: lax's truncating rem/div, not jnp's floor ones (a smaller jaxpr)
+      count = np.asarray(count, k.dtype)
+      indices.append(lax.rem(k, count))
+      k = lax.div(k, count)
   return indices[::-1]
 
 

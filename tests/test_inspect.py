@@ -459,3 +459,22 @@ def test_cli_bad_arguments_get_one_line(fixture_module, capsys, argv, message):
   assert "Traceback" not in err and out == ""
   (line,) = err.strip().splitlines()
   assert line.startswith("jaxtile: error: ") and message in line, line
+
+
+def test_named_scopes_name_each_conv_and_step():
+  """The compiled program's op names (what profilers and HLO dumps show) carry
+  jaxtile/convN/.../{select,process,reassemble} for every rewritten conv."""
+  import re
+
+  def two_convs(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(y, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  x, w = jnp.ones((1, 32, 32, 4)), jnp.ones((3, 3, 4, 4))
+  hlo = jax.jit(jaxtile.tile_convs(two_convs, tile_shape=(8, 32))).lower(x, w).compile().as_text()
+  names = set(re.findall(r'op_name="([^"]*)"', hlo))
+  for conv in ("jaxtile/conv0/", "jaxtile/conv1/"):
+    for step in ("select", "process", "reassemble"):
+      assert any(conv in n and f"/{step}/" in n.split(conv, 1)[1] for n in names), (conv, step)
