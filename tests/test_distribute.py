@@ -169,3 +169,16 @@ def test_explain_with_shapes_only():
   w = jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)
   report = jaxtile.explain(lambda x, w: jnp.tanh(conv(x, w)), max_bytes=2**24)(x, w)
   assert report.convs[0].tiled
+
+
+@needs_8
+def test_user_shard_map_is_left_as_is_and_convs_tiled_per_device():
+  x, w = operands((4, 16, 16, 4), 4)
+  mesh = Mesh(np.array(jax.devices()[:4]), ("b",))
+  per_device = jax.shard_map(conv, mesh=mesh, in_specs=(P("b"), P()), out_specs=P("b"))
+  report = jaxtile.explain(per_device, tile_shape=(4, 16), devices=jax.devices()[:4])(x, w)
+  (c,) = report.convs
+  assert c.lhs_shape == (1, 16, 16, 4)  # the per-device conv
+  assert c.tiled and c.pieces_per_device == (c.n_elemental,)
+  got = jaxtile.tile_convs(per_device, tile_shape=(4, 16), devices=jax.devices()[:4])(x, w)
+  np.testing.assert_allclose(got, jax.jit(conv)(x, w), rtol=1e-5, atol=1e-4)
