@@ -677,7 +677,9 @@ def decide(spec: ConvSpec, policy: Policy) -> Decision:
 
 
 def describe_plan(plan: ConvPlan) -> str:
+  devices = (f" pieces_per_device={plan.pieces_per_device} along {plan.distributed_axis}"
+             if plan.distributed_axis else "")
   return (f"batch_blocks={plan.batch_blocks} spatial_tiles={plan.spatial_tiles} "
           f"out_channel_blocks={plan.out_channel_blocks} in_channel_blocks="
           f"{plan.in_channel_blocks} kernel_blocks={plan.kernel_blocks} "
-          f"n_elemental={plan.n_elemental}")
+          f"n_elemental={plan.n_elemental}{devices}")

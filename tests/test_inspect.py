@@ -478,3 +478,25 @@ def test_named_scopes_name_each_conv_and_step():
   for conv in ("jaxtile/conv0/", "jaxtile/conv1/"):
     for step in ("select", "process", "reassemble"):
       assert any(conv in n and f"/{step}/" in n.split(conv, 1)[1] for n in names), (conv, step)
+
+
+def test_one_info_line_per_rewritten_conv(caplog):
+  """Each rewritten conv logs one absl INFO line: its name, shapes, plan, piece bytes, source."""
+  import logging
+
+  def two_convs(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(y, w, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  x, w = jnp.ones((1, 32, 32, 4)), jnp.ones((3, 3, 4, 4))
+  with caplog.at_level(logging.INFO):
+    jaxtile.tile_convs(two_convs, tile_shape=(8, 32), devices=jax.devices()[:2])(x, w)
+  lines = [r.getMessage() for r in caplog.records
+           if r.levelno == logging.INFO and r.getMessage().startswith("jaxtile: jaxtile/conv")]
+  assert len(lines) == 2, lines
+  for i, line in enumerate(lines):
+    assert f"jaxtile/conv{i} " in line and "f32[1,32,32,4]" in line
+    assert "n_elemental=4" in line and "pieces_per_device=(2, 2)" in line
+    assert "pieces of <=" in line and "test_inspect.py" in line
