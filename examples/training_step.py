@@ -13,9 +13,10 @@ target. One step of SGD with momentum, written with `jax.tree.map`, is taken thr
                            gradients), which `explain` lists after the forward ones
 
 and the gradients and updated parameters of the tiled steps are compared with the untiled step.
-It exits non-zero if any differs by more than float32 rounding. Both forms are exact; the second
-is the one to train with (docs/guide.md, Gradients): its backward convs are planned like forward
-ones, while the first differentiates each piece's loop body and is slow on CPU.
+It exits non-zero if any differs by more than float32 rounding. Both forms are exact and bounded
+in memory (docs/guide.md, Gradients): the first differentiates each piece inside the forward
+loop (with derivatives bound in the backend's fast form), the second plans the backward convs
+as convs of their own, with their own pieces.
 """
 
 import argparse
