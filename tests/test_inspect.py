@@ -461,19 +461,20 @@ def test_cli_bad_arguments_get_one_line(fixture_module, capsys, argv, message):
   assert line.startswith("jaxtile: error: ") and message in line, line
 
 
+def _two_convs(x, w):
+  y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(y, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def test_named_scopes_name_each_conv_and_step():
   """The compiled program's op names (what profilers and HLO dumps show) carry
   jaxtile/convN/.../{select,process,reassemble} for every rewritten conv."""
   import re
 
-  def two_convs(x, w):
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return jax.lax.conv_general_dilated(y, w, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
   x, w = jnp.ones((1, 32, 32, 4)), jnp.ones((3, 3, 4, 4))
-  hlo = jax.jit(jaxtile.tile_convs(two_convs, tile_shape=(8, 32))).lower(x, w).compile().as_text()
+  hlo = jax.jit(jaxtile.tile_convs(_two_convs, tile_shape=(8, 32))).lower(x, w).compile().as_text()
   names = set(re.findall(r'op_name="([^"]*)"', hlo))
   for conv in ("jaxtile/conv0/", "jaxtile/conv1/"):
     for step in ("select", "process", "reassemble"):
@@ -484,15 +485,9 @@ def test_one_info_line_per_rewritten_conv(caplog):
   """Each rewritten conv logs one absl INFO line: its name, shapes, plan, piece bytes, source."""
   import logging
 
-  def two_convs(x, w):
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return jax.lax.conv_general_dilated(y, w, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
   x, w = jnp.ones((1, 32, 32, 4)), jnp.ones((3, 3, 4, 4))
   with caplog.at_level(logging.INFO):
-    jaxtile.tile_convs(two_convs, tile_shape=(8, 32), devices=jax.devices()[:2])(x, w)
+    jaxtile.tile_convs(_two_convs, tile_shape=(8, 32), devices=jax.devices()[:2])(x, w)
   lines = [r.getMessage() for r in caplog.records
            if r.levelno == logging.INFO and r.getMessage().startswith("jaxtile: jaxtile/conv")]
   assert len(lines) == 2, lines
