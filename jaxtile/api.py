@@ -230,6 +230,16 @@ def _trace(fun, static: _Static, dynamic):
   return jax.make_jaxpr(flat, return_shape=True)(*dynamic)
 
 
+def _records(fun, policy: Callable[[], plan_lib.Policy], static_argnums, static_argnames, args,
+             kwargs):
+  """Every conv of `fun(*args, **kwargs)` with what `policy` decides for it, and the policy."""
+  dynamic, static = _split_call(args, kwargs, static_argnums, static_argnames)
+  closed, _ = _trace(fun, static, dynamic)
+  resolved = policy()
+  _, records = rewrite_lib.rewrite(closed, resolved)
+  return records, resolved
+
+
 def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None,
                tile_shape: Union[int, Sequence[Optional[int]], None] = None,
                channel_block: Union[int, tuple[Optional[int], Optional[int]], None] = None,
@@ -332,10 +342,7 @@ def explain(fun: Callable, /, *, static_argnums=(), static_argnames=(), **policy
 
   @functools.wraps(fun)
   def explained(*args, **kwargs):
-    dynamic, static = _split_call(args, kwargs, static_argnums, static_argnames)
-    closed, _ = _trace(fun, static, dynamic)
-    resolved = policy()
-    _, records = rewrite_lib.rewrite(closed, resolved)
+    records, resolved = _records(fun, policy, static_argnums, static_argnames, args, kwargs)
     return report_lib.Report.from_records(records, resolved)
 
   return explained

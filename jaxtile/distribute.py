@@ -38,7 +38,7 @@ def lower(plan: ConvPlan, name: str, mesh: Mesh, axis_name: str,
   m, blocks = plan.blocks_per_device, axis.count
   # Where block i (in the axis's piece order) starts in the output, per output dim.
   out_starts = np.zeros((blocks, len(plan.spec.out_shape)), np.int32)
-  for run, first in zip(axis.runs, np.cumsum([0] + [r.count for r in axis.runs])):
+  for run, first in zip(axis.runs, pieces.run_starts[a]):
     for span in run.spans:
       if span.dim[0] == "out":
         out_starts[first:first + run.count, span.dim[1]] = (

@@ -24,7 +24,6 @@ import jax
 from jaxtile import api
 from jaxtile import lower as lower_lib
 from jaxtile import plan as plan_lib
-from jaxtile import rewrite as rewrite_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +119,7 @@ def autotune(fun: Callable, /, *, repeats: int = 3, cache: Optional[str] = None,
   def tuned(*args, **kwargs) -> TuneResult:
     if cache:
       load_tuning(cache)
-    dynamic, static = api._split_call(args, kwargs, static_argnums, static_argnames)
-    closed, _ = api._trace(fun, static, dynamic)
-    resolved = policy()
-    _, records = rewrite_lib.rewrite(closed, resolved)
+    records, resolved = api._records(fun, policy, static_argnums, static_argnames, args, kwargs)
     results, seen = [], set()
     for record in records:
       if not record.decision.tiled or resolved.has_overrides:
