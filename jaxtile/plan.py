@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
+from absl import logging
 
 from jaxtile import spec as spec_lib
 from jaxtile.spec import ConvSpec
@@ -364,6 +366,41 @@ class ConvPlan:
   def fits(self, max_bytes: int) -> bool:
     return self.tile_bytes() <= max_bytes and self.max_piece_elements() <= spec_lib.INT32_MAX
 
+  # -- what the pieces read ---------------------------------------------------------------------
+  def piece_families(self) -> Iterator[tuple[int, dict[str, tuple[int, ...]],
+                                             dict[int, tuple[int, int]]]]:
+    """Each family of identical pieces that runs: (count, operand shapes, padding per dim).
+
+    Every combination of runs (one per axis) is a family of `count` pieces with the same operand
+    shapes (`{"lhs": ..., "rhs": ..., "out": ...}`, user layout) and, per spatial dim that some
+    axis splits, the same padding. Families of pieces that read only padding are left out: the
+    lowering skips them.
+    """
+    s = self.spec
+    for runs in itertools.product(*(a.runs for a in self.axes())):
+      if any(r.empty for r in runs):
+        continue
+      sizes: dict[DimKey, int] = {}
+      pads: dict[int, tuple[int, int]] = {}
+      for run in runs:
+        sizes.update({span.dim: span.size for span in run.spans if span.size is not None})
+        if run.padding is not None:
+          pads[run.padding[0]] = run.padding[1]
+      shapes = {operand: tuple(sizes.get((operand, a), n) for a, n in enumerate(shape))
+                for operand, shape in (("lhs", s.lhs_shape), ("rhs", s.rhs_shape),
+                                       ("out", s.out_shape))}
+      yield math.prod(r.count for r in runs), shapes, pads
+
+  def extra_input_percent(self) -> float:
+    """Input elements all pieces read, relative to the input's size, minus 100%.
+
+    Halos are read by two neighbouring tiles, and every output-channel block reads its input
+    window again; negative where the conv itself skips input.
+    """
+    read = sum(count * math.prod(shapes["lhs"]) for count, shapes, _ in self.piece_families())
+    size = math.prod(self.spec.lhs_shape)
+    return 100.0 * (read / size - 1) if size else 0.0
+
 
 def monolithic_plan(spec: ConvSpec) -> ConvPlan:
   return ConvPlan(spec, batch_block=max(spec.batch, 1), group_block=spec.groups,
@@ -390,8 +427,8 @@ def is_splittable(spec: ConvSpec) -> bool:
 # outer spatial dim gives full-width strips, the shape XLA runs fastest, until their halo makes
 # them clearly worse than squarer tiles. Input channels come last: they add an accumulator and
 # change the summation order; kernel blocks, last, are for weight-gradient convs, whose "kernel"
-# is the output gradient at full image size. Axes the user fixed (tile_shape, channel_block, batch_block) are
-# never changed.
+# is the output gradient at full image size. Axes the user fixed (tile_shape entries that are not
+# None, channel_block, batch_block) are never changed.
 # ---------------------------------------------------------------------------------------------
 _TIE = 1.10
 _PREFERENCE = ("batch", "group", "spatial", "out_channel", "in_channel", "kernel")
@@ -415,12 +452,12 @@ def _halvings(plan: ConvPlan, fixed: frozenset[str]) -> list[tuple[str, ConvPlan
     if g < plan.group_block:
       out.append(("group", dataclasses.replace(plan, group_block=g)))
   for d, (t, b) in enumerate(zip(plan.tile_shape, plan.kernel_block)):
-    if "spatial" not in fixed and b == s.kernel_spatial[d]:
+    if f"spatial{d}" not in fixed and b == s.kernel_spatial[d]:
       smaller = halve(t, tile_quantum(s, d))
       if smaller < t:
         tiles = plan.tile_shape[:d] + (smaller,) + plan.tile_shape[d + 1:]
         out.append((f"spatial{d}", dataclasses.replace(plan, tile_shape=tiles)))
-    if "kernel" not in fixed and t == s.out_spatial[d] and b > 1:
+    if f"kernel{d}" not in fixed and t == s.out_spatial[d] and b > 1:
       blocks = plan.kernel_block[:d] + (halve(b),) + plan.kernel_block[d + 1:]
       out.append((f"kernel{d}", dataclasses.replace(plan, kernel_block=blocks)))
   if one_group:
@@ -544,12 +581,16 @@ def normalize_blocks(spec: ConvSpec, tile_shape, channel_block, batch_block) -> 
       raise ValueError(
           f"tile_convs: tile_shape must have one extent per spatial dim of the conv "
           f"({spec.n_spatial}), but got tile_shape={tuple(tile_shape)} for {spec.describe()}.")
+    # Dims given an extent keep it (their kernel is not split either); None dims start whole
+    # and are left to the planner like any other axis.
     tiles = []
-    for t, e in zip(tile_shape, spec.out_spatial):
-      t = max(e, 1) if t is None else min(int(t), max(e, 1))
-      tiles.append(t)
+    for d, (t, e) in enumerate(zip(tile_shape, spec.out_spatial)):
+      if t is None:
+        tiles.append(max(e, 1))
+      else:
+        tiles.append(min(int(t), max(e, 1)))
+        fixed |= {f"spatial{d}", f"kernel{d}"}
     plan = dataclasses.replace(plan, tile_shape=tuple(tiles))
-    fixed |= {"spatial", "kernel"}
   if batch_block is not None:
     plan = dataclasses.replace(plan, batch_block=min(int(batch_block), max(spec.batch, 1)))
     fixed.add("batch")
@@ -610,7 +651,19 @@ TIERS = ("auto", "tiled", "native", "reference")
 
 
 class BudgetError(ValueError):
-  """A conv cannot be split into pieces within `max_bytes` (raised with `strict=True`)."""
+  """A conv cannot be split into pieces within `max_bytes` (raised with `strict=True`).
+
+  Besides the message, it carries what a caller needs to word its own remedy (the command line
+  words it for a shell): `conv` (the conv's description, with its source line), `max_bytes`,
+  `smallest_bytes` (the finest split's largest piece) and `element_limit` (True when a piece
+  operand is above 2**31 - 1 elements, which no budget changes).
+  """
+
+  def __init__(self, message: str, *, conv: str = "", max_bytes: int = 0,
+               smallest_bytes: int = 0, element_limit: bool = False):
+    super().__init__(message)
+    self.conv, self.max_bytes = conv, max_bytes
+    self.smallest_bytes, self.element_limit = smallest_bytes, element_limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -648,8 +701,12 @@ class Decision:
     return self.plan is not None and self.plan.n_elemental > 1
 
 
-def decide(spec: ConvSpec, policy: Policy) -> Decision:
-  """Plans one conv under `policy`: split it, leave it, or (strict) raise `BudgetError`."""
+def decide(spec: ConvSpec, policy: Policy, warn: bool = True) -> Decision:
+  """Plans one conv under `policy`: split it, leave it, or (strict) raise `BudgetError`.
+
+  With `warn`, a split the budget makes wasteful (see `wasteful`) is logged once, as an absl
+  warning naming the budget that avoids it.
+  """
   if policy.tier == "native":
     return Decision(None, "tier='native'")
   if policy.tier == "reference":
@@ -659,21 +716,124 @@ def decide(spec: ConvSpec, policy: Policy) -> Decision:
     return Decision(None, "zero-size operand: nothing to split")
   if policy.tier == "auto" and not policy.has_overrides and mono.fits(policy.max_bytes):
     return Decision(None, f"fits: {mono.tile_bytes()} <= max_bytes={policy.max_bytes}")
-  plan, fixed = normalize_blocks(spec, policy.tile_shape, policy.channel_block, policy.batch_block)
-  plan = _tuned_plan(spec, policy) or refine(plan, policy.max_bytes, fixed)
+  start, fixed = normalize_blocks(spec, policy.tile_shape, policy.channel_block,
+                                  policy.batch_block)
+  tuned = _tuned_plan(spec, policy)
+  plan = tuned or refine(start, policy.max_bytes, fixed)
   if policy.n_devices > 1:
     plan = for_devices(plan, policy.n_devices, fixed)
   if plan.fits(policy.max_bytes):
+    if warn and not tuned and not policy.has_overrides:
+      _warn_if_wasteful(spec, plan, start, fixed, policy.max_bytes)
     return Decision(plan, "split to fit max_bytes" if not mono.fits(policy.max_bytes)
                     else "split as asked (tile_shape/channel_block/batch_block or tier='tiled')")
+  over_bytes = plan.tile_bytes() > policy.max_bytes
+  element_limit = plan.max_piece_elements() > spec_lib.INT32_MAX
+  forced = []
+  if over_bytes:
+    forced.append(f"pieces of {plan.tile_bytes()} bytes ({format_bytes(plan.tile_bytes())}), "
+                  f"above the budget max_bytes={policy.max_bytes} "
+                  f"({format_bytes(policy.max_bytes)})")
+  if element_limit:
+    forced.append(f"a piece operand of {plan.max_piece_elements()} elements, above the 2**31-1 "
+                  "element limit (XLA's and cuDNN's, whatever the budget)")
+  by_user = (" with the axes tile_shape/channel_block/batch_block fix" if fixed else "")
   message = (
-      f"jaxtile: the finest split reachable leaves pieces of {plan.tile_bytes()} bytes "
-      f"(largest operand piece {plan.max_piece_elements()} elements), above max_bytes="
-      f"{policy.max_bytes} or the 2**31-1 element limit, for {spec.describe()}. Smallest piece: "
-      f"{plan.largest_piece()}, plan {describe_plan(plan)}.")
+      f"jaxtile: even the finest split reachable{by_user} leaves {' and '.join(forced)}, for "
+      f"{spec.describe()}. Smallest piece: {plan.largest_piece()}, plan {describe_plan(plan)}.")
   if policy.strict:
-    raise BudgetError(message + " Raise max_bytes, or pass strict=False to run it anyway.")
+    remedy = []
+    if over_bytes:
+      remedy.append(f"raise max_bytes to {plan.tile_bytes()} or more")
+    if element_limit or fixed:
+      remedy.append("loosen tile_shape/channel_block/batch_block")
+    raise BudgetError(f"{message} To fix: {', or '.join(remedy)}; or pass strict=False to run "
+                      "it at that split anyway.", conv=spec.describe(),
+                      max_bytes=policy.max_bytes, smallest_bytes=plan.tile_bytes(),
+                      element_limit=element_limit)
   return Decision(plan, message, over_budget=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits nobody would choose.
+#
+# A tiny budget gives a plan that is correct but absurd: max_bytes=100 on a 256x256 conv makes
+# tens of thousands of pieces whose halos read the input several times over. A split is
+# wasteful when
+#   - the input its pieces read beyond the input's size (halos read twice, the input re-read per
+#     output-channel block) is more bytes than the whole monolithic conv holds (lhs + rhs + out):
+#     a kernel-dominated conv split into output-channel blocks re-reads its small input cheaply
+#     and is not wasteful; a spatial split into tiles barely wider than their halo is; or
+#   - it runs more than `WASTEFUL_PIECES` pieces of under `SMALL_PIECE_BYTES` each: each piece
+#     costs a loop step and a conv call whatever its size, and small pieces are all overhead.
+# Such a plan is logged once with its numbers and the smallest budget (a power of two) whose plan
+# is not wasteful. Plans forced by the 2**31-1 element limit, or asked for by tile_shape,
+# channel_block or batch_block, are not the budget's doing and are not logged.
+# ---------------------------------------------------------------------------------------------
+WASTEFUL_PIECES = 4096
+SMALL_PIECE_BYTES = 2**16
+
+
+def wasteful(plan: ConvPlan) -> list[str]:
+  """What makes a split wasteful (see above), in words; empty when nothing does."""
+  s, problems = plan.spec, []
+  extra = plan.extra_input_percent()
+  extra_bytes = extra / 100 * spec_lib.array_bytes(s.lhs_shape, s.lhs_dtype)
+  if extra_bytes > s.working_bytes():
+    problems.append(f"its pieces read the input {1 + extra / 100:.1f} times over "
+                    f"(+{extra:.0f}% input reads: halos re-read by neighbouring pieces), more "
+                    f"bytes than the whole conv holds ({format_bytes(s.working_bytes())})")
+  if plan.n_elemental > WASTEFUL_PIECES and plan.tile_bytes() < SMALL_PIECE_BYTES:
+    problems.append(f"{plan.n_elemental} pieces of {format_bytes(plan.tile_bytes())} each, "
+                    "where each piece's loop step and conv call cost more than its work")
+  return problems
+
+
+def budget_without_waste(start: ConvPlan, fixed: frozenset[str],
+                         max_bytes: int) -> Optional[tuple[int, Optional[ConvPlan]]]:
+  """The smallest power-of-two budget above `max_bytes` whose plan is not wasteful, and that plan.
+
+  The plan is None where only leaving the conv whole (a budget of its working set) avoids waste;
+  the result is None when no budget does (the 2**31-1 element limit forces the split).
+  """
+  spec = start.spec
+  budget = 1 << max(max_bytes, 1).bit_length()
+  while budget < spec.working_bytes():
+    plan = refine(start, budget, fixed)
+    if plan.fits(budget) and not wasteful(plan):
+      return budget, plan
+    budget *= 2
+  whole = refine(start, spec.working_bytes(), fixed)
+  if whole.n_elemental > 1 and wasteful(whole):
+    return None
+  return spec.working_bytes(), None
+
+
+def _warn_if_wasteful(spec: ConvSpec, plan: ConvPlan, start: ConvPlan, fixed: frozenset[str],
+                      max_bytes: int) -> None:
+  problems = wasteful(plan)
+  if not problems:
+    return
+  better = budget_without_waste(start, fixed, max_bytes)
+  if better is None:
+    return  # forced by the element limit: no budget avoids it
+  budget, other = better
+  if other is None:
+    instead = f"max_bytes={budget} ({format_bytes(budget)}) or more leaves it whole"
+  else:
+    instead = (f"max_bytes={budget} ({format_bytes(budget)}) gives {other.n_elemental} pieces "
+               f"and +{max(other.extra_input_percent(), 0):.0f}% input reads")
+  logging.warning("jaxtile: max_bytes=%d (%s) splits %s into a wasteful plan: %s. %s.",
+                  max_bytes, format_bytes(max_bytes), spec.describe(), "; ".join(problems),
+                  instead)
+
+
+def format_bytes(n: int) -> str:
+  """`100 B`, `1.5 KiB`, `548 KiB`, `16 MiB`, `2 GiB`: three significant digits at most."""
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.3g} {unit}"
+  return f"{n} B"
 
 
 def describe_plan(plan: ConvPlan) -> str:

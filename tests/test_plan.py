@@ -1,6 +1,9 @@
 """The planner: halo arithmetic against the NumPy reference, budgets, runs, the split rule."""
 
 
+import logging
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +116,93 @@ def test_channel_block_must_cover_whole_groups():
     plan_lib.decide(spec, plan_lib.Policy(max_bytes=2**30, channel_block=(6, None)))
   plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=2**30, channel_block=(4, 4))).plan
   assert plan.group_block == 1 and plan.out_channel_blocks == 3
+
+
+NONE_DIM_CASES = {
+    "2-D strips, width fixed": (dict(lhs=(1, 16, 256, 256), rhs=(16, 16, 3, 3)), (None, 32), 2**18),
+    "2-D, height fixed": (dict(lhs=(2, 8, 128, 96), rhs=(8, 8, 5, 5)), (16, None), 2**16),
+    "3-D, two dims free": (dict(lhs=(1, 4, 32, 64, 64), rhs=(4, 4, 3, 3, 3)), (None, 8, None),
+                           2**16),
+    "strided and dilated": (dict(lhs=(1, 8, 200, 120), rhs=(8, 8, 3, 3), window_strides=(2, 1),
+                                 rhs_dilation=(1, 2)), (None, 40), 2**15),
+    "1-D": (dict(lhs=(1, 32, 4096), rhs=(32, 32, 7)), (None,), 2**16),
+}
+
+
+@pytest.mark.parametrize("case", NONE_DIM_CASES.values(), ids=NONE_DIM_CASES.keys())
+def test_none_tile_dims_are_chosen_within_the_budget(case):
+  """`tile_shape=(None, 32)`: the given dims keep their extent, the planner splits the None
+  dims (and channels, batch) until pieces fit max_bytes."""
+  shapes, tile_shape, budget = case
+  shapes = dict(shapes)
+  n = len(shapes["lhs"]) - 2
+  shapes.setdefault("window_strides", (1,) * n)
+  spec = _spec(shapes.pop("lhs"), shapes.pop("rhs"), padding="SAME", **shapes)
+  decision = plan_lib.decide(spec, plan_lib.Policy(max_bytes=budget, tile_shape=tile_shape))
+  plan = decision.plan
+  assert not decision.over_budget and plan.fits(budget), decision.reason
+  assert plan.tile_bytes() <= budget
+  for d, t in enumerate(tile_shape):
+    if t is not None:
+      assert plan.tile_shape[d] == min(t, spec.out_spatial[d])
+  assert any(plan.tile_shape[d] < spec.out_spatial[d]
+             for d, t in enumerate(tile_shape) if t is None), plan.tile_shape
+
+
+def test_none_tile_dims_stay_whole_when_the_conv_fits():
+  spec = _spec((1, 4, 64, 64), (4, 4, 3, 3), window_strides=(1, 1), padding="SAME")
+  plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=2**30, tile_shape=(None, 16))).plan
+  assert plan.tile_shape == (64, 16) and plan.spatial_tiles == (1, 4)
+
+
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_wasteful_budget_warns_once_with_the_numbers_and_a_better_budget(caplog):
+  """max_bytes=100 on a 64x64 conv with 8 channels: 262144 pieces of one output element each, whose
+  windows read the input 70 times over. One warning gives the numbers and a budget whose plan is
+  not wasteful."""
+  spec = _spec((1, 8, 64, 64), (8, 8, 3, 3), window_strides=(1, 1), padding="SAME")
+  with caplog.at_level(logging.WARNING):
+    plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=100)).plan
+  (message,) = _warnings(caplog)
+  extra = plan.extra_input_percent()
+  assert plan.n_elemental == 262144 and extra > 6000
+  assert "max_bytes=100 (100 B)" in message and "f32[1,8,64,64]" in message
+  assert f"+{extra:.0f}% input reads" in message and f"{plan.n_elemental} pieces" in message
+  budget, better = re.search(r"max_bytes=(\d+) \([^)]*\) gives (\d+) pieces", message).groups()
+  with caplog.at_level(logging.WARNING):
+    other = plan_lib.decide(spec, plan_lib.Policy(max_bytes=int(budget))).plan
+  assert len(_warnings(caplog)) == 1 and other.n_elemental == int(better)  # no new warning
+  assert not plan_lib.wasteful(other)
+
+
+def test_sensible_and_forced_splits_do_not_warn(caplog):
+  kernel_heavy = _spec((1, 1024, 4, 4), (1024, 1024, 1, 1), window_strides=(1, 1),
+                       padding="VALID")  # out-channel blocks re-read a tiny input: fine
+  strips = _spec((1, 128, 512, 512), (128, 128, 3, 3), window_strides=(1, 1), padding="SAME")
+  with caplog.at_level(logging.WARNING):
+    assert plan_lib.decide(kernel_heavy,
+                           plan_lib.Policy(max_bytes=kernel_heavy.working_bytes() // 4)).tiled
+    assert plan_lib.decide(strips, plan_lib.Policy(max_bytes=strips.working_bytes() // 8)).tiled
+    # Asked for by tile_shape: the user's choice, not the budget's.
+    assert plan_lib.decide(strips, plan_lib.Policy(max_bytes=2**30, tile_shape=(2, 2))).tiled
+  assert _warnings(caplog) == []
+
+
+def test_over_budget_says_which_rule_forced_it():
+  spec = _spec((1, 4, 16, 16), (4, 4, 3, 3), window_strides=(1, 1), padding="SAME")
+  decision = plan_lib.decide(spec, plan_lib.Policy(max_bytes=16))
+  assert decision.over_budget
+  assert "leaves pieces of 84 bytes (84 B), above the budget max_bytes=16 (16 B)" in decision.reason
+  assert "2**31-1 element limit" not in decision.reason
+  with pytest.raises(jaxtile.BudgetError, match="raise max_bytes to 84 or more") as info:
+    plan_lib.decide(spec, plan_lib.Policy(max_bytes=16, strict=True))
+  assert (info.value.max_bytes, info.value.smallest_bytes, info.value.element_limit) == (16, 84,
+                                                                                         False)
+  # A tile_shape the user fixed keeps a piece operand above 2**31-1 elements, whatever the budget.
+  huge = _spec((1, 1, 65536, 65536), (1, 1, 1, 1), window_strides=(1, 1), padding="VALID")
+  decision = plan_lib.decide(huge, plan_lib.Policy(max_bytes=2**62, tile_shape=(65536, 65536)))
+  assert decision.over_budget and "above the 2**31-1 element limit" in decision.reason
+  assert "above the budget" not in decision.reason
