@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import numbers
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -230,14 +232,162 @@ def _trace(fun, static: _Static, dynamic):
   return jax.make_jaxpr(flat, return_shape=True)(*dynamic)
 
 
-def _records(fun, policy: Callable[[], plan_lib.Policy], static_argnums, static_argnames, args,
-             kwargs):
-  """Every conv of `fun(*args, **kwargs)` with what `policy` decides for it, and the policy."""
-  dynamic, static = _split_call(args, kwargs, static_argnums, static_argnames)
-  closed, _ = _trace(fun, static, dynamic)
-  resolved = policy()
-  _, records = rewrite_lib.rewrite(closed, resolved)
-  return records, resolved
+class Recorder(rewrite_lib.Rewriter):
+  """The pass's walk, also noting each conv's `report.Layer` and calls to already tiled functions.
+
+  A call to a function already decorated with `tile_convs` (its `tile_convs(f)` jit equation) is
+  not entered: its convs are jaxtile's own pieces, not the user's layers.
+  """
+
+  def __init__(self, policy: plan_lib.Policy):
+    super().__init__(policy)
+    self.layers: list[report_lib.Layer] = []
+    self.already_tiled: list[str] = []
+    self._scopes: list[str] = []  # name stacks of the enclosing equations, outermost first
+
+  def nested(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
+    tiled = report_lib.tiled_call(eqn)
+    if tiled is not None:
+      self.already_tiled.append(tiled)
+      return eqn
+    self._scopes.append(report_lib.name_stack(eqn))
+    try:
+      return super().nested(eqn)
+    finally:
+      self._scopes.pop()
+
+  def note_layer(self, eqn: _compat.JaxprEqn) -> None:
+    self.layers.append(report_lib.layer_of(eqn, tuple(self._scopes)))
+
+  def conv(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
+    self.note_layer(eqn)
+    return super().conv(eqn)
+
+  def report(self, described: str) -> report_lib.Report:
+    return report_lib.Report.from_records(self.records, self.policy, self.layers, described,
+                                          tuple(self.already_tiled))
+
+
+# ---------------------------------------------------------------------------------------------
+# explain, check and autotune: what they analyse, and what they return before they are called.
+# ---------------------------------------------------------------------------------------------
+POLICY_KEYWORDS = tuple(inspect.signature(make_policy).parameters)
+_POLICY_DEFAULTS = {k: v.default for k, v in inspect.signature(make_policy).parameters.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiled:
+  """What `tile_convs` was given, kept on the function it returns as `__jaxtile_tiled__`.
+
+  `wrapper` is that function itself: `jax.jit`, `jax.grad` and `functools.wraps` copy the
+  attribute onto their own wrappers, which must not pass for it.
+  """
+  wrapper: Callable
+  fun: Callable
+  policy: dict[str, Any]
+  static_argnums: tuple[int, ...]
+  static_argnames: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What `explain`, `check` or `autotune` analyse: the function, its policy, and in words which."""
+  fun: Callable
+  policy_kwargs: dict[str, Any]
+  policy: Callable[[], plan_lib.Policy]
+  static_argnums: tuple[int, ...]
+  static_argnames: tuple[str, ...]
+  described: str
+
+
+def target(op: str, fun: Callable, policy_kwargs: dict[str, Any], static_argnums=(),
+           static_argnames=(), args: tuple = ()) -> Target:
+  """`fun` and the policy keywords given to `op`; for a function decorated with `tile_convs`, the
+  undecorated function, planned with the decorator's keywords and those given to `op` on top.
+
+  Raises TypeError for a non-callable `fun`, for `args` (the function's arguments, passed to
+  `op` itself instead of to what it returns) or a keyword that is not a policy keyword, and what
+  `make_policy` raises for a bad policy value.
+  """
+  if not callable(fun):
+    raise TypeError(f"{op}: fun must be callable, but got fun={fun!r}.")
+  if args:
+    raise TypeError(f"{op}: takes the function and policy keywords, then is called with the "
+                    f"function's arguments, as jaxtile.{op}(fun, **policy)(*args), but got "
+                    f"{len(args)} positional argument(s) after fun.")
+  unknown = sorted(set(policy_kwargs) - set(POLICY_KEYWORDS))
+  if unknown:
+    raise TypeError(f"{op}: unknown keyword argument(s) {', '.join(map(repr, unknown))}; {op} "
+                    f"takes tile_convs's policy keywords {POLICY_KEYWORDS}.")
+  static_argnums, static_argnames = _static_args(static_argnums, static_argnames)
+  given = _policy_text(policy_kwargs)
+  tiled = getattr(fun, "__jaxtile_tiled__", None)
+  if isinstance(tiled, _Tiled) and tiled.wrapper is fun:
+    name = getattr(tiled.fun, "__name__", "fun")
+    described = f"@tile_convs({_policy_text(tiled.policy)}) of {name}"
+    if given:
+      described += f", with {given} given to {op}"
+    policy_kwargs = {**tiled.policy, **policy_kwargs}
+    static_argnums = static_argnums or tiled.static_argnums
+    static_argnames = static_argnames or tiled.static_argnames
+    fun = tiled.fun
+  else:
+    described = f"{given} given to {op}" if given else "the defaults (no keywords given)"
+  return Target(fun, dict(policy_kwargs), make_policy(**policy_kwargs), static_argnums,
+                static_argnames, described)
+
+
+def _policy_text(policy_kwargs: dict[str, Any]) -> str:
+  """`max_bytes=1048576, tile_shape=(16, None)`: the keywords that differ from the defaults."""
+  parts = []
+  for k, v in policy_kwargs.items():
+    if v is _POLICY_DEFAULTS.get(k) or (isinstance(v, (bool, str)) and v == _POLICY_DEFAULTS.get(k)):
+      continue
+    if k == "devices" and not isinstance(v, Mesh):
+      n = len(v) if isinstance(v, Sequence) else 1
+      v = f"<{n} device{'s' if n != 1 else ''}>"
+      parts.append(f"{k}={v}")
+      continue
+    parts.append(f"{k}={v!r}")
+  return ", ".join(parts)
+
+
+class Traced(NamedTuple):
+  """A call of `Target.fun`, traced and walked by a `Recorder`."""
+  recorder: Recorder  # its records, layers and policy
+  closed: _compat.ClosedJaxpr  # the traced program
+  rewritten: _compat.ClosedJaxpr  # as the recorder rewrote it
+  dynamic: list  # the array leaves of the arguments, the programs' inputs
+
+
+def trace_and_record(tgt: Target, args, kwargs,
+                     recorder: Callable[[plan_lib.Policy], Recorder] = Recorder) -> Traced:
+  """Traces `tgt.fun(*args, **kwargs)` and walks it with a `recorder` of `tgt.policy`."""
+  dynamic, static = _split_call(args, kwargs, tgt.static_argnums, tgt.static_argnames)
+  closed, _ = _trace(tgt.fun, static, dynamic)
+  walker = recorder(tgt.policy())
+  return Traced(walker, closed, walker.closed_jaxpr(closed), dynamic)
+
+
+class Staged:
+  """`explain(fun, **policy)` (or `check`, `autotune`) before it is called with `fun`'s arguments.
+
+  Calling it runs the analysis, as a JAX transformation's result is called; its repr says so, so
+  that a forgotten call (`print(jaxtile.explain(f, max_bytes=...))`) says what to do.
+  """
+
+  def __init__(self, op: str, tgt: Target, call: Callable, returns: str):
+    functools.update_wrapper(self, tgt.fun)
+    self._op, self._target, self._call, self._returns = op, tgt, call, returns
+
+  def __call__(self, *args, **kwargs):
+    return self._call(*args, **kwargs)
+
+  def __repr__(self) -> str:
+    name = getattr(self._target.fun, "__name__", "fun")
+    return (f"<jaxtile.{self._op}({name}) with policy {self._target.described}: not run yet. "
+            f"Call it with {name}'s arguments to get the {self._returns}: "
+            f"jaxtile.{self._op}({name}, ...)(*args).>")
 
 
 def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None,
@@ -321,13 +471,22 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
     dynamic, static = _split_call(args, kwargs, static_argnums, static_argnames)
     return jitted(static, *dynamic)
 
+  # `explain`, `check` and `autotune` given `wrapper` analyse `fun` under this policy.
+  wrapper.__jaxtile_tiled__ = _Tiled(
+      wrapper, fun, dict(max_bytes=max_bytes, tile_shape=tile_shape, channel_block=channel_block,
+                         batch_block=batch_block, tier=tier, strict=strict, devices=devices,
+                         mesh_axis=mesh_axis, shard_output=shard_output),
+      static_argnums, static_argnames)
   return wrapper
 
 
-def explain(fun: Callable, /, *, static_argnums=(), static_argnames=(), **policy_kwargs):
-  """Returns `f(*args, **kwargs) -> Report`: what `tile_convs` would do to each conv of `fun`.
+def explain(fun: Callable, /, *args, static_argnums=(), static_argnames=(),
+            **policy_kwargs) -> Callable[..., report_lib.Report]:
+  """Transforms `fun` into `f(*args, **kwargs) -> Report`: what `tile_convs` does to its convs.
 
-  Nothing is run: `fun` is traced and planned. Takes the same policy keywords as `tile_convs`.
+  Nothing is run: `fun` is traced at the arguments and planned. Takes the same policy keywords as
+  `tile_convs`. A function decorated with `tile_convs` is explained undecorated, under the
+  decorator's policy with the keywords given here on top; the report's `policy` says which.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxtile
@@ -337,12 +496,9 @@ def explain(fun: Callable, /, *, static_argnums=(), static_argnames=(), **policy
     >>> report.convs[0].tiled, report.convs[0].n_elemental > 1
     (True, True)
   """
-  policy = make_policy(**policy_kwargs)
-  static_argnums, static_argnames = _static_args(static_argnums, static_argnames)
+  tgt = target("explain", fun, policy_kwargs, static_argnums, static_argnames, args)
 
-  @functools.wraps(fun)
-  def explained(*args, **kwargs):
-    records, resolved = _records(fun, policy, static_argnums, static_argnames, args, kwargs)
-    return report_lib.Report.from_records(records, resolved)
+  def explained(*args, **kwargs) -> report_lib.Report:
+    return trace_and_record(tgt, args, kwargs).recorder.report(tgt.described)
 
-  return explained
+  return Staged("explain", tgt, explained, "Report")

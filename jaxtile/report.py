@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
 import math
 import os
 import pathlib
+import textwrap
 from typing import Optional, Union
 
 import numpy as np
 
+from jaxtile import _compat
 from jaxtile import plan as plan_lib
 from jaxtile import spec as spec_lib
 
@@ -59,29 +62,19 @@ class _Costs:
   def of(cls, plan: plan_lib.ConvPlan) -> _Costs:
     s = plan.spec
     lhs_read = macs = padding_macs = 0
-    for runs in itertools.product(*(a.runs for a in plan.axes())):
-      if any(r.empty for r in runs):  # all-padding pieces are skipped
-        continue
-      count = math.prod(r.count for r in runs)
-      sizes, pads = {}, {}
-      for run in runs:
-        sizes.update({span.dim: span.size for span in run.spans if span.size is not None})
-        if run.padding is not None:
-          pads[run.padding[0]] = run.padding[1]
-      lhs, rhs, out = ([sizes.get((operand, a), n) for a, n in enumerate(shape)]
-                       for operand, shape in (("lhs", s.lhs_shape), ("rhs", s.rhs_shape),
-                                              ("out", s.out_shape)))
+    for count, shapes, pads in plan.piece_families():
+      lhs, rhs, out = shapes["lhs"], shapes["rhs"], shapes["out"]
       per_position = out[s.out_axes[0]] * out[s.out_axes[1]] * rhs[s.rhs_axes[1]]
       pairs = inside = 1
       for d in range(s.n_spatial):
         tile, taps = out[s.out_axes[2 + d]], rhs[s.rhs_axes[2 + d]]
         width = lhs[s.lhs_axes[2 + d]]
-        if d not in pads:  # a dim no axis splits: the piece's window is the whole dim's
-          pads[d] = plan_lib.tile_window(0, tile, 0, taps, width, s.window_strides[d],
-                                         s.padding[d], s.lhs_dilation[d],
-                                         s.rhs_dilation[d]).padding
+        # A dim no axis splits: the piece's window is the whole dim's.
+        lo = pads[d][0] if d in pads else plan_lib.tile_window(
+            0, tile, 0, taps, width, s.window_strides[d], s.padding[d], s.lhs_dilation[d],
+            s.rhs_dilation[d]).padding[0]
         pairs *= tile * taps
-        inside *= _pairs_inside(tile, taps, pads[d][0], width, s.window_strides[d],
+        inside *= _pairs_inside(tile, taps, lo, width, s.window_strides[d],
                                 s.lhs_dilation[d], s.rhs_dilation[d])
       lhs_read += count * math.prod(lhs)
       macs += count * per_position * pairs
@@ -123,6 +116,12 @@ class ConvReport:
 
   For a conv left whole, extra input and extra MACs are 0 and the padding waste is the
   monolithic conv's own. `pieces_per_device` is `ConvPlan.pieces_per_device`.
+
+  Which layer it is: `source` is the innermost user frame (`file:line (function)`, past flax and
+  equinox frames), often a helper shared by many layers; `scope` the module path JAX's name stack
+  gives it (flax, haiku and equinox modules and `jax.named_scope` set it; "" when none);
+  `call_site` the innermost user frame that is not such a helper (see "Which layer" below); and
+  the `layer` property the two together.
   """
   name: str
   lhs_shape: tuple[int, ...]
@@ -145,10 +144,18 @@ class ConvReport:
   extra_flops_percent: float
   padding_waste_percent: float
   pieces_per_device: tuple[int, ...]
+  scope: str = ""  # module path from JAX's name stack ("UNet/ConvBlock_0/Conv_1"), "" if none
+  call_site: str = ""  # the first user frame outside helpers (see `Report`)
   plan: Optional[plan_lib.ConvPlan] = dataclasses.field(repr=False, compare=False, default=None)
 
+  @property
+  def layer(self) -> str:
+    """What identifies the conv in the user's program: its module path and its call site."""
+    return " ".join(filter(None, (self.scope, self.call_site)))
+
   @classmethod
-  def from_record(cls, record) -> ConvReport:
+  def from_record(cls, record, layer: Optional[Layer] = None,
+                  call_site: Optional[str] = None) -> ConvReport:
     spec, decision = record.spec, record.decision
     plan = decision.plan if decision.tiled else plan_lib.monolithic_plan(spec)
     costs = _Costs.of(plan)
@@ -157,28 +164,132 @@ class ConvReport:
         out_shape=spec.out_shape, dtype=spec.out_dtype, working_bytes=spec.working_bytes(),
         tiled=decision.tiled, spatial_tiles=plan.spatial_tiles,
         in_channel_blocks=plan.in_channel_blocks, out_channel_blocks=plan.out_channel_blocks,
-        batch_blocks=plan.batch_blocks, kernel_blocks=plan.kernel_blocks, n_elemental=plan.n_elemental,
-        tile_bytes=plan.tile_bytes(), source=spec.source, reason=decision.reason,
-        over_budget=decision.over_budget, extra_input_percent=costs.extra_input_percent,
+        batch_blocks=plan.batch_blocks, kernel_blocks=plan.kernel_blocks,
+        n_elemental=plan.n_elemental, tile_bytes=plan.tile_bytes(), source=spec.source,
+        reason=decision.reason, over_budget=decision.over_budget,
+        extra_input_percent=costs.extra_input_percent,
         extra_flops_percent=costs.extra_flops_percent,
         padding_waste_percent=costs.padding_waste_percent,
-        pieces_per_device=tuple(plan.pieces_per_device), plan=plan)
+        pieces_per_device=tuple(plan.pieces_per_device),
+        scope=layer.scope if layer else "", call_site=call_site or spec.source, plan=plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which layer a conv belongs to ("Which layer").
+#
+# A conv's innermost user frame is often a helper (`def conv(x, w): return lax.conv(...)`)
+# shared by every layer. Two things tell layers apart: the module path JAX's name stack carries
+# (flax, haiku and equinox modules and `jax.named_scope` set it; nested jaxprs carry it relative
+# to their enclosing equation, so the walk joins the enclosing ones), and the call site: the
+# innermost user frame that is not a helper. A frame is a helper when two convs of the same
+# module path pass through it by different call stacks; convs with identical stacks (one helper
+# called in a loop) cannot be told apart by frames, and keep their innermost frame.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """Where one conv equation comes from: its module path and its user frames, innermost first."""
+  scope: str
+  frames: tuple[str, ...]
+
+
+def name_stack(eqn) -> str:
+  """The equation's name stack as JAX prints it (`UNet/ConvBlock_0/Conv_1`, `jvp(f)`), or ""."""
+  return str(getattr(eqn.source_info, "name_stack", "") or "")
+
+
+def tiled_call(eqn) -> Optional[str]:
+  """`tile_convs(f)` when the equation calls a function already decorated by `tile_convs`."""
+  name = eqn.params.get("name")
+  return name if isinstance(name, str) and name.startswith("tile_convs(") else None
+
+
+def layer_of(eqn, enclosing: tuple[str, ...] = ()) -> Layer:
+  """The `Layer` of a conv equation met under the name stacks `enclosing` (outermost first)."""
+  traceback = getattr(eqn.source_info, "traceback", None)
+  frames = tuple(
+      f"{f.file_name}:{f.line_num} ({f.function_name})"
+      for f in (traceback.frames if traceback is not None else ())
+      if not _compat._is_library_file(f.file_name))
+  return Layer("/".join(filter(None, (*enclosing, name_stack(eqn)))), frames)
+
+
+def call_sites(layers: list[Optional[Layer]]) -> list[Optional[str]]:
+  """Each conv's innermost user frame that is not a helper (see above); None without frames."""
+  stacks: dict[tuple[str, str], set[tuple[str, ...]]] = collections.defaultdict(set)
+  for layer in layers:
+    for frame in layer.frames if layer else ():
+      stacks[layer.scope, frame].add(layer.frames)
+  sites = []
+  for layer in layers:
+    if not layer or not layer.frames:
+      sites.append(None)
+      continue
+    own = [f for f in layer.frames if len(stacks[layer.scope, f]) == 1]
+    sites.append(own[0] if own else layer.frames[0])
+  return sites
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-  """Every conv found in a program (nested ones included), in the order the pass met them."""
+  """Every conv found in a program (nested ones included), in the order the pass met them.
+
+  `policy` says which policy keywords planned them and where they came from (given to
+  `explain`, or the `@tile_convs` decorator of the function explained). `already_tiled` names
+  the calls to functions already decorated with `tile_convs` found inside the program: their
+  convs are jaxtile's own pieces and are not listed.
+  """
   convs: list[ConvReport]
   max_bytes: int
   tier: str
+  policy: str = ""
+  already_tiled: tuple[str, ...] = ()
 
   @classmethod
-  def from_records(cls, records, policy: plan_lib.Policy) -> Report:
-    return cls([ConvReport.from_record(r) for r in records], policy.max_bytes, policy.tier)
+  def from_records(cls, records, policy: plan_lib.Policy,
+                   layers: Optional[list[Optional[Layer]]] = None, described: str = "",
+                   already_tiled: tuple[str, ...] = ()) -> Report:
+    layers = layers or [None] * len(records)
+    convs = [ConvReport.from_record(r, layer, site)
+             for r, layer, site in zip(records, layers, call_sites(layers))]
+    return cls(convs, policy.max_bytes, policy.tier, described, tuple(already_tiled))
 
   @property
   def tiled(self) -> list[ConvReport]:
     return [c for c in self.convs if c.tiled]
+
+  def max_bytes_to_tile(self) -> Optional[int]:
+    """A budget (a power of two) that would split the largest conv left whole, or None.
+
+    None when some conv is tiled already, or when nothing could be (no conv, or tier 'native' or
+    'reference', or only zero-size convs).
+    """
+    if self.tiled or self.tier in ("native", "reference"):
+      return None
+    sizes = [c.working_bytes for c in self.convs if c.plan is not None
+             and plan_lib.is_splittable(c.plan.spec) and c.working_bytes > 1]
+    return 1 << (max(sizes) - 1).bit_length() - 1 if sizes else None
+
+  def nothing_tiled(self) -> Optional[str]:
+    """When no conv is tiled, why, in words, and the budget that would tile one; else None."""
+    if self.tiled:
+      return None
+    if not self.convs:
+      return "nothing is tiled: the function has no conv" + (
+          f" outside {', '.join(self.already_tiled)}, already tiled" if self.already_tiled
+          else "") + "."
+    if self.tier in ("native", "reference"):
+      return (f"nothing is tiled: tier={self.tier!r} rewrites no conv into pieces; "
+              "tier='auto' tiles the convs above max_bytes.")
+    budget = self.max_bytes_to_tile()
+    if budget is None:
+      return "nothing is tiled: every conv has a zero-size operand."
+    biggest = max(self.convs, key=lambda c: c.working_bytes)
+    return (f"nothing is tiled: every conv fits max_bytes={self.max_bytes} "
+            f"({plan_lib.format_bytes(self.max_bytes)}). The largest, "
+            f"{short_name(biggest)} ({plan_lib.format_bytes(biggest.working_bytes)}), would be "
+            f"tiled with max_bytes={budget} ({plan_lib.format_bytes(budget)}) or less.")
 
   def plot(self, path: Union[str, os.PathLike]) -> Union[str, os.PathLike]:
     """Draws each tiled conv's pieces to a PNG or SVG file (by `path`'s suffix); returns `path`.
@@ -226,31 +337,142 @@ class Report:
     fig.savefig(path, format=suffix[1:])
     return path
 
-  def __str__(self) -> str:
-    header = ("name", "lhs", "rhs", "out", "MiB", "tiled", "tiles", "in/out/batch/kernel blocks",
-              "pieces", "piece MiB", "+read%", "+MACs%", "pad%", "pieces/device", "source")
-    rows = [header]
-    for c in self.convs:
-      costs = ((f"{c.extra_input_percent:.1f}", f"{c.extra_flops_percent:.1f}",
-                f"{c.padding_waste_percent:.1f}", _per_device(c.pieces_per_device))
-               if c.tiled else ("-",) * 4)
-      rows.append((
-          c.name.removeprefix("jaxtile/"), spec_lib.short_aval(c.lhs_shape, c.dtype),
-          spec_lib.short_aval(c.rhs_shape, c.dtype), spec_lib.short_aval(c.out_shape, c.dtype),
-          f"{c.working_bytes / 2**20:.1f}", "yes" if c.tiled else "no",
-          "x".join(map(str, c.spatial_tiles)) or "-",
-          f"{c.in_channel_blocks}/{c.out_channel_blocks}/{c.batch_blocks}/"
-          + "x".join(map(str, c.kernel_blocks)), str(c.n_elemental),
-          f"{c.tile_bytes / 2**20:.2f}" + (" (over budget)" if c.over_budget else ""),
-          *costs, c.source))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+  def header(self, width: int = 100) -> list[str]:
+    """The lines above the table: counts, tier, budget, policy, and what is not listed."""
     lines = [f"jaxtile report: {len(self.convs)} conv(s), {len(self.tiled)} tiled, "
-             f"tier={self.tier!r}, max_bytes={self.max_bytes} ({self.max_bytes / 2**20:.1f} MiB)"]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-    if self.tiled:
-      lines.append("+read%: extra input read (halos, re-reads); +MACs%: extra multiply-adds "
-                   "(overlapping last tiles); pad%: multiply-adds on zero padding.")
+             f"tier={self.tier!r}, max_bytes={self.max_bytes} "
+             f"({plan_lib.format_bytes(self.max_bytes)})"]
+    if self.policy:
+      lines += textwrap.wrap(f"policy: {self.policy}", width, subsequent_indent="  ")
+    if self.already_tiled:
+      lines += textwrap.wrap(
+          f"not listed: {', '.join(self.already_tiled)}, already tiled (its convs are jaxtile's "
+          "pieces); explain the decorated function itself to see its plan", width,
+          subsequent_indent="  ")
+    return lines
+
+  def table(self, wide: bool = False, width: int = 100) -> str:
+    """The report as text: the header, one row per conv, a footer explaining the columns.
+
+    The default form fits `width` columns (long layer names are cut from the left); `wide=True`
+    adds every column (operand shapes, block counts, +MACs%, pad%) and full source paths.
+    """
+    lines = self.header(width)
+    if not self.convs:
+      return "\n".join(lines + [self.nothing_tiled()])
+    distributed = any(len(c.pieces_per_device) > 1 for c in self.convs)
+    if wide:
+      header = ("name", "lhs", "rhs", "out", "size", "tiled", "tiles",
+                "in/out/batch/kernel blocks", "pieces", "piece", "+read%", "+MACs%", "pad%",
+                "pieces/device", "layer")
+      rows = [(short_name(c), spec_lib.short_aval(c.lhs_shape, c.dtype),
+               spec_lib.short_aval(c.rhs_shape, c.dtype),
+               spec_lib.short_aval(c.out_shape, c.dtype), plan_lib.format_bytes(c.working_bytes),
+               "yes" if c.tiled else "no", "x".join(map(str, c.spatial_tiles)) or "-",
+               f"{c.in_channel_blocks}/{c.out_channel_blocks}/{c.batch_blocks}/"
+               + "x".join(map(str, c.kernel_blocks)), str(c.n_elemental), _piece(c),
+               *((f"{c.extra_input_percent:.1f}", f"{c.extra_flops_percent:.1f}",
+                  f"{c.padding_waste_percent:.1f}", _per_device(c.pieces_per_device))
+                 if c.tiled else ("-",) * 4), c.layer) for c in self.convs]
+    else:
+      columns = {
+          "conv": [short_name(c) for c in self.convs],
+          "out": [spec_lib.short_aval(c.out_shape, c.dtype) for c in self.convs],
+          "size": [plan_lib.format_bytes(c.working_bytes) for c in self.convs],
+          "pieces": [str(c.n_elemental) for c in self.convs],
+          "split": [_split(c) for c in self.convs],
+          "piece": [_piece(c) for c in self.convs],
+          "+read%": [f"{c.extra_input_percent:.1f}" if c.tiled else "-" for c in self.convs]}
+      if distributed:
+        columns["devices"] = [_per_device(c.pieces_per_device) if c.tiled else "-"
+                              for c in self.convs]
+      columns["layer"] = [short_layer(c) for c in self.convs]
+      lines += fit_columns(columns, width, optional=("size", "out"))
+    if wide:
+      lines += format_rows([header] + rows)
+    nothing = self.nothing_tiled()
+    if nothing:
+      lines += textwrap.wrap(nothing, width)
+    else:
+      lines += textwrap.wrap(
+          "+read%: input read by all pieces beyond the input's size (halos read by two "
+          "neighbouring tiles, the input read again per output-channel block)"
+          + ("; +MACs%: extra multiply-adds (overlapping last tiles); pad%: multiply-adds on "
+             "zero padding" if wide else "") + ".", width)
+    if any(c.over_budget for c in self.convs):
+      lines += textwrap.wrap("over: even the finest split reachable is above max_bytes (or the "
+                             "2**31-1 element limit); the conv's reason says which.", width)
     return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+_LAYER_ROOM = 40  # columns the narrow table tries to keep for the layer
+
+
+def short_name(c) -> str:
+  return c.name.removeprefix("jaxtile/")
+
+
+def _piece(c: ConvReport) -> str:
+  return plan_lib.format_bytes(c.tile_bytes) + (" over" if c.over_budget else "")
+
+
+def _split(c: ConvReport) -> str:
+  """`whole`, or the split in brief: `tiles 8x1 in/2 out/4 batch/2 kernel 2x1`."""
+  if not c.tiled:
+    return "whole"
+  parts = []
+  if math.prod(c.spatial_tiles) > 1:
+    parts.append("tiles " + "x".join(map(str, c.spatial_tiles)))
+  parts += [f"{label}/{n}" for label, n in (("in", c.in_channel_blocks),
+                                            ("out", c.out_channel_blocks),
+                                            ("batch", c.batch_blocks)) if n > 1]
+  if math.prod(c.kernel_blocks) > 1:
+    parts.append("kernel " + "x".join(map(str, c.kernel_blocks)))
+  return " ".join(parts)
+
+
+def short_layer(c) -> str:
+  """The layer, briefly: the module path and `file:line` of the call site (its function too when
+  there is no module path), the file by its base name."""
+  site = c.call_site
+  if site and not site.startswith("<"):
+    site = os.path.basename(site).replace(".<locals>.", ".")
+    if c.scope:
+      site = site.split(" (", 1)[0]
+  return " ".join(filter(None, (c.scope, site)))
+
+
+def fit_columns(columns: dict[str, list[str]], width: int,
+                optional: tuple[str, ...] = ()) -> list[str]:
+  """Named columns (the last one the layer) as lines of at most `width` characters.
+
+  Long shapes or splits leave the layer little room: while it does not fit in less than
+  `_LAYER_ROOM` columns, the `optional` columns are dropped, in order; then `format_rows` cuts
+  what still does not fit.
+  """
+  columns = dict(columns)
+  longest = max(map(len, list(columns.values())[-1]), default=0)
+  for name in optional:
+    room = width - sum(max(len(k), *map(len, v)) + 2 for k, v in list(columns.items())[:-1])
+    if room >= min(longest, _LAYER_ROOM):
+      break
+    columns.pop(name, None)
+  return format_rows([tuple(columns)] + list(zip(*columns.values())), width)
+
+
+def format_rows(rows: list[tuple[str, ...]], width: Optional[int] = None) -> list[str]:
+  """Rows as left-aligned columns two spaces apart; with `width`, the last column (the layer) gets
+  what is left of `width` columns and longer entries lose their start (`...ck_0/Conv_1 a.py:9`)."""
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  if width is not None:
+    room = max(width - sum(widths[:-1]) - 2 * (len(widths) - 1), len(rows[0][-1]))
+    rows = [r[:-1] + (r[-1] if len(r[-1]) <= room else "..." + r[-1][len(r[-1]) - room + 3:],)
+            for r in rows]
+    widths[-1] = min(widths[-1], room)
+  return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def _per_device(pieces: tuple[int, ...]) -> str:

@@ -12,7 +12,6 @@ with `cache=path`, in a small JSON file that later processes load with `cache=` 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -24,13 +23,14 @@ import jax
 from jaxtile import api
 from jaxtile import lower as lower_lib
 from jaxtile import plan as plan_lib
+from jaxtile import report as report_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class TunedConv:
   """One tiled conv: each candidate rule's plan and median time, and the one chosen."""
   name: str
-  source: str
+  source: str  # its call site (the first user frame outside helpers), as in `ConvReport`
   seconds: dict[str, float]  # rule -> median seconds (absent: not timed, read from the cache)
   plans: dict[str, str]  # rule -> plan description
   chosen: str  # a rule name, or "cached"
@@ -38,13 +38,18 @@ class TunedConv:
 
 @dataclasses.dataclass(frozen=True)
 class TuneResult:
+  """Every tuned conv signature, the device kind the times were measured on, the cache file
+  used, and the policy keywords planned with and where they came from."""
   convs: list[TunedConv]
   device_kind: str
   cache: Optional[str]
+  policy: str = ""
 
   def __str__(self) -> str:
     lines = [f"jaxtile autotune on {self.device_kind!r}: {len(self.convs)} tiled conv(s)"
              + (f", cache {self.cache}" if self.cache else "")]
+    if self.policy:
+      lines.append(f"policy: {self.policy}")
     for c in self.convs:
       lines.append(f"  {c.name} ({c.source}): chose {c.chosen}")
       for rule, plan in c.plans.items():
@@ -93,12 +98,14 @@ def _time(plan: plan_lib.ConvPlan, operands, repeats: int) -> float:
   return statistics.median(times)
 
 
-def autotune(fun: Callable, /, *, repeats: int = 3, cache: Optional[str] = None,
+def autotune(fun: Callable, /, *args, repeats: int = 3, cache: Optional[str] = None,
              static_argnums=(), static_argnames=(), **policy_kwargs) -> Callable[..., TuneResult]:
-  """Returns `f(*args, **kwargs) -> TuneResult`, tuning the tiled convs of `fun` at those args.
+  """Transforms `fun` into `f(*args, **kwargs) -> TuneResult`, tuning its tiled convs at those args.
 
   Takes the policy keywords of `tile_convs` (the budget above all: plans are remembered per
-  `max_bytes`). Convs with explicit `tile_shape`/`channel_block`/`batch_block` are not tuned.
+  `max_bytes`). Convs with explicit `tile_shape`/`channel_block`/`batch_block` are not tuned. A
+  function decorated with `tile_convs` is tuned undecorated, under the decorator's policy with the
+  keywords given here on top (`TuneResult.policy` says which).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxtile
@@ -112,16 +119,16 @@ def autotune(fun: Callable, /, *, repeats: int = 3, cache: Optional[str] = None,
     raise ValueError(f"jaxtile.autotune: repeats must be a positive int, but got "
                      f"repeats={repeats!r}.")
   cache = cache or os.environ.get("JAXTILE_AUTOTUNE_CACHE") or None
-  policy = api.make_policy(**policy_kwargs)
-  static_argnums, static_argnames = api._static_args(static_argnums, static_argnames)
+  tgt = api.target("autotune", fun, policy_kwargs, static_argnums, static_argnames, args)
 
-  @functools.wraps(fun)
   def tuned(*args, **kwargs) -> TuneResult:
     if cache:
       load_tuning(cache)
-    records, resolved = api._records(fun, policy, static_argnums, static_argnames, args, kwargs)
+    recorder = api.trace_and_record(tgt, args, kwargs).recorder
+    resolved = recorder.policy
+    sites = report_lib.call_sites(recorder.layers)
     results, seen = [], set()
-    for record in records:
+    for record, site in zip(recorder.records, sites):
       if not record.decision.tiled or resolved.has_overrides:
         continue
       key = plan_lib.tuning_key(record.spec, resolved)
@@ -129,10 +136,11 @@ def autotune(fun: Callable, /, *, repeats: int = 3, cache: Optional[str] = None,
         continue
       seen.add(key)
       spec = record.spec
+      where = site or spec.source
       candidates = plan_lib.candidate_plans(spec, resolved)
       describe = {rule: plan_lib.describe_plan(p) for rule, p in candidates.items()}
       if key in plan_lib.tuned_blocks():
-        results.append(TunedConv(record.name, spec.source, {}, describe, "cached"))
+        results.append(TunedConv(record.name, where, {}, describe, "cached"))
         continue
       keys = jax.random.split(jax.random.key(0), 2)
       operands = [jax.random.normal(k, shape, dtype) for k, shape, dtype in
@@ -140,9 +148,9 @@ def autotune(fun: Callable, /, *, repeats: int = 3, cache: Optional[str] = None,
       seconds = {rule: _time(p, operands, repeats) for rule, p in candidates.items()}
       chosen = min(seconds, key=seconds.get)
       plan_lib.remember(key, candidates[chosen])
-      results.append(TunedConv(record.name, spec.source, seconds, describe, chosen))
+      results.append(TunedConv(record.name, where, seconds, describe, chosen))
     if cache:
       _save(cache)
-    return TuneResult(results, resolved.device_kind, cache)
+    return TuneResult(results, resolved.device_kind, cache, tgt.described)
 
-  return tuned
+  return api.Staged("autotune", tgt, tuned, "TuneResult")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import math
 import numbers
+import textwrap
 from typing import Any, Callable, Optional
 
 import jax
@@ -62,6 +62,12 @@ class ConvCheck:
   n_elemental: int = 1
   calls: int = 0  # times the conv ran
   note: str = ""
+  scope: str = ""  # as in `ConvReport`: the module path from JAX's name stack
+  call_site: str = ""  # as in `ConvReport`: the first user frame outside helpers
+
+  @property
+  def layer(self) -> str:
+    return " ".join(filter(None, (self.scope, self.call_site)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,29 +79,46 @@ class CheckResult:
   n_outputs: int
   report: report_lib.Report = dataclasses.field(repr=False, compare=False)
 
-  def __str__(self) -> str:
+  @property
+  def compared(self) -> bool:
+    """Whether any conv was compared: False when nothing was tiled (see `report.nothing_tiled`)."""
+    return bool(self.convs)
+
+  def table(self, wide: bool = False, width: int = 100) -> str:
+    """The result as text; fits `width` columns unless `wide` (full source paths)."""
     r = self.report
     lines = [f"jaxtile check: {len(self.convs)} tiled conv(s) of {len(r.convs)}, tier={r.tier!r}, "
-             f"max_bytes={r.max_bytes}",
-             f"whole function, tiled vs jax.jit: max abs error {_num(self.output_max_abs_error)}, "
-             f"relative L2 error {_num(self.output_rel_l2_error)} over {self.n_outputs} "
-             f"output(s)"]
-    if not self.convs:
-      return "\n".join(lines)
-    header = ("name", "out", "pieces", "max abs", "rel L2", "ref max abs", "ref rel L2", "ref",
-              "source")
-    rows = [header] + [
-        (c.name.removeprefix("jaxtile/"),
-         spec_lib.short_aval(c.out_shape, c.dtype) if c.dtype is not None else "-",
-         str(c.n_elemental), _num(c.max_abs_error), _num(c.rel_l2_error),
-         _num(c.ref_max_abs_error), _num(c.ref_rel_l2_error), c.ref_scope, c.source)
-        for c in self.convs]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines.append("per tiled conv, tiled vs monolithic conv (max abs, rel L2) and vs the float64 "
-                 "reference (ref):")
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
-    lines += [f"{c.name.removeprefix('jaxtile/')}: {c.note}" for c in self.convs if c.note]
+             f"max_bytes={r.max_bytes} ({plan_lib.format_bytes(r.max_bytes)})"]
+    lines += r.header(width)[1:]
+    if not self.compared:
+      return "\n".join(lines + textwrap.wrap(
+          "NOTHING WAS COMPARED: " + (r.nothing_tiled() or "no conv was tiled."), width))
+    lines.append(f"whole function, tiled vs jax.jit: max abs error "
+                 f"{_num(self.output_max_abs_error)}, relative L2 error "
+                 f"{_num(self.output_rel_l2_error)} over {self.n_outputs} output(s)")
+    columns = {
+        "conv": [report_lib.short_name(c) for c in self.convs],
+        "out": [spec_lib.short_aval(c.out_shape, c.dtype) if c.dtype is not None else "-"
+                for c in self.convs],
+        "pieces": [str(c.n_elemental) for c in self.convs],
+        "max abs": [_num(c.max_abs_error) for c in self.convs],
+        "rel L2": [_num(c.rel_l2_error) for c in self.convs],
+        "ref abs": [_num(c.ref_max_abs_error) for c in self.convs],
+        "ref L2": [_num(c.ref_rel_l2_error) for c in self.convs],
+        "ref": [c.ref_scope for c in self.convs],
+        "layer": [c.layer if wide else report_lib.short_layer(c) for c in self.convs]}
+    lines += textwrap.wrap("per tiled conv, tiled vs the monolithic conv (max abs, rel L2) and vs "
+                           "the float64 reference (ref abs, ref L2; ref: over the full output or "
+                           "random windows):", width)
+    if wide:
+      lines += report_lib.format_rows([tuple(columns)] + list(zip(*columns.values())))
+    else:
+      lines += report_lib.fit_columns(columns, width, optional=("out",))
+    lines += [f"{report_lib.short_name(c)}: {c.note}" for c in self.convs if c.note]
     return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.table()
 
 
 def _num(x: Optional[float]) -> str:
@@ -143,12 +166,9 @@ def _combine(errors: list[Errors]) -> tuple[float, float]:
   return max_abs, diff / ref
 
 
-_POLICY_KEYWORDS = tuple(inspect.signature(api.make_policy).parameters)
-
-
 def check(fun: Callable, /, *args, static_argnums=(), static_argnames=(), windows: int = 4,
-          seed: int = 0, **policy) -> CheckResult:
-  """Runs `fun(*args)` tiled and whole; compares every tiled conv and the outputs.
+          seed: int = 0, **policy) -> Callable[..., CheckResult]:
+  """Transforms `fun` into `f(*args, **kwargs) -> CheckResult`: runs it tiled and whole, compares.
 
   Three programs run: `tile_convs(fun, **policy)` and `jax.jit(fun)`, whose outputs are
   compared; and `fun` with each tiled conv computed both tiled (the pass's own lowering) and
@@ -160,10 +180,12 @@ def check(fun: Callable, /, *args, static_argnums=(), static_argnames=(), window
   spatial dim, one batch row, up to `WINDOW_CHANNELS` output channels of one group) and the input
   windows they read, cut by the pass's halo arithmetic (`plan.tile_window`).
 
+  When no conv is tiled nothing is compared; the result says so (`CheckResult.compared` is
+  False) and names the budget that would tile one.
+
   Args:
-    fun: the function, as given to `tile_convs`. Keyword arguments of `fun` are not taken here;
-      bind them with `functools.partial`.
-    *args: its arguments; array leaves are traced, other leaves static, as in `tile_convs`.
+    fun: the function, as given to `tile_convs`, or a function decorated with `tile_convs`
+      (checked undecorated under the decorator's policy, with `**policy` on top).
     static_argnums, static_argnames: as in `tile_convs`.
     windows: output windows compared with the reference for each conv too big to compare whole
       (0: none).
@@ -171,45 +193,42 @@ def check(fun: Callable, /, *args, static_argnums=(), static_argnames=(), window
     **policy: `tile_convs`'s policy keywords (`max_bytes`, `tile_shape`, ...).
 
   Returns:
-    A `CheckResult`; `print` it for a table.
+    A function taking `fun`'s arguments (array leaves traced, other leaves static, as in
+    `tile_convs`) and returning a `CheckResult`; `print` it for a table.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxtile
     >>> f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")
-    >>> result = jaxtile.check(f, jnp.ones((1, 8, 64, 64)), jnp.ones((8, 8, 3, 3)),
-    ...                        max_bytes=2**17)
+    >>> result = jaxtile.check(f, max_bytes=2**17)(jnp.ones((1, 8, 64, 64)),
+    ...                                             jnp.ones((8, 8, 3, 3)))
     >>> result.convs[0].ref_scope, result.convs[0].rel_l2_error < 1e-6
     ('full', True)
   """
-  if not callable(fun):
-    raise TypeError(f"check: fun must be callable, but got fun={fun!r}.")
+  tgt = api.target("check", fun, policy, static_argnums, static_argnames, args)
   for name, value in (("windows", windows), ("seed", seed)):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
       raise TypeError(f"check: {name} must be an int >= 0, but got {name}={value!r} of type "
                       f"{type(value).__name__}.")
     if value < 0:
       raise ValueError(f"check: {name} must be >= 0, but got {name}={value!r}.")
-  unknown = sorted(set(policy) - set(_POLICY_KEYWORDS))
-  if unknown:
-    raise TypeError(f"check: unknown keyword argument(s) {', '.join(map(repr, unknown))}; check "
-                    f"takes tile_convs's policy keywords {_POLICY_KEYWORDS}, windows and seed.")
-  resolve = api.make_policy(**policy)
-  static_argnums, static_argnames = api._static_args(static_argnums, static_argnames)
 
-  dynamic, static = api._split_call(args, {}, static_argnums, static_argnames)
-  closed, _ = api._trace(fun, static, dynamic)
-  capture = _Capture(resolve(), windows, np.random.default_rng(seed))
-  program = capture.closed_jaxpr(closed)
-  jax.block_until_ready(jax.jit(_compat.jaxpr_as_fun(program))(*dynamic))
-  jax.effects_barrier()  # every host callback has run
-  report = report_lib.Report.from_records(capture.records, capture.policy)
+  def checked(*args, **kwargs) -> CheckResult:
+    traced = api.trace_and_record(
+        tgt, args, kwargs, lambda p: _Capture(p, windows, np.random.default_rng(seed)))
+    capture, closed, dynamic = traced.recorder, traced.closed, traced.dynamic
+    jax.block_until_ready(jax.jit(_compat.jaxpr_as_fun(traced.rewritten))(*dynamic))
+    jax.effects_barrier()  # every host callback has run
+    report = capture.report(tgt.described)
+    tiled = jax.tree_util.tree_leaves(api.tile_convs(
+        tgt.fun, static_argnums=tgt.static_argnums, static_argnames=tgt.static_argnames,
+        **tgt.policy_kwargs)(*args, **kwargs))
+    whole = jax.jit(_compat.jaxpr_as_fun(closed))(*dynamic)
+    output_max, output_rel = _combine([_device_errors(a, b) for a, b in zip(tiled, whole)])
+    convs = [capture.result(record, c)
+             for record, c in zip(capture.records, report.convs) if record.decision.tiled]
+    return CheckResult(convs, output_max, output_rel, len(whole), report)
 
-  tiled = jax.tree_util.tree_leaves(api.tile_convs(
-      fun, static_argnums=static_argnums, static_argnames=static_argnames, **policy)(*args))
-  whole = jax.jit(_compat.jaxpr_as_fun(closed))(*dynamic)
-  output_max, output_rel = _combine([_device_errors(a, b) for a, b in zip(tiled, whole)])
-  convs = [capture.result(record) for record in capture.records if record.decision.tiled]
-  return CheckResult(convs, output_max, output_rel, len(whole), report)
+  return api.Staged("check", tgt, checked, "CheckResult")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +240,7 @@ class _Window:
   padding: tuple[tuple[int, int], ...]
 
 
-class _Capture(rewrite_lib.Rewriter):
+class _Capture(api.Recorder):
   """The pass's walk (same order, same records), but each tiled conv runs tiled and whole.
 
   The tiled result flows on. A `jax.debug.callback` hands the comparison, and on the first call
@@ -237,9 +256,11 @@ class _Capture(rewrite_lib.Rewriter):
     self.operands: dict[int, Any] = {}
 
   def conv(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
+    self.note_layer(eqn)
     spec = ConvSpec.from_eqn(eqn)
     index = len(self.records)
-    record = rewrite_lib.ConvRecord(index, spec, plan_lib.decide(spec, self.policy))
+    # No warnings here: `tile_convs`, run next on the same function, logs them once.
+    record = rewrite_lib.ConvRecord(index, spec, plan_lib.decide(spec, self.policy, warn=False))
     self.records.append(record)
     if not record.decision.tiled:
       return eqn
@@ -273,12 +294,13 @@ class _Capture(rewrite_lib.Rewriter):
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
     return _compat.traced_call_eqn(conv, avals, eqn.invars, eqn.outvars, eqn.source_info)
 
-  def result(self, record) -> ConvCheck:
+  def result(self, record, conv: report_lib.ConvReport) -> ConvCheck:
     spec, index = record.spec, record.index
     scope, chosen = self.scope[index]
     calls = len(self.errors[index])
     base = dict(name=record.name, source=spec.source, out_shape=spec.out_shape,
-                dtype=spec.out_dtype, n_elemental=record.decision.plan.n_elemental, calls=calls)
+                dtype=spec.out_dtype, n_elemental=record.decision.plan.n_elemental, calls=calls,
+                scope=conv.scope, call_site=conv.call_site)
     if not calls:
       return ConvCheck(max_abs_error=None, rel_l2_error=None, ref_max_abs_error=None,
                        ref_rel_l2_error=None, ref_scope="skipped",

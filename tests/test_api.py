@@ -291,7 +291,7 @@ def test_report_fields_under_a_budget():
   assert c.n_elemental > 1
   assert 0 < c.tile_bytes <= budget < c.working_bytes
   assert f"{THIS_FILE}:{CONV_LINE}" in c.source
-  text = str(report)
+  text = report.table(wide=True)  # every column: all three shapes, the full source path
   assert "f32[2,16,16,4]" in text and "f32[3,3,4,8]" in text and "f32[2,16,16,8]" in text
   assert f"{THIS_FILE}:{CONV_LINE}" in text
 

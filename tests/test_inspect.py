@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -173,11 +174,58 @@ def test_padding_waste_of_a_whole_conv_matches_the_reference():
 
 
 def test_report_prints_the_costs():
-  text = str(jaxtile.explain(conv1d, tile_shape=(8,))(jnp.ones((1, 1, 16)), jnp.ones((1, 1, 3))))
-  header = next(line for line in text.splitlines() if line.startswith("name"))
+  report = jaxtile.explain(conv1d, tile_shape=(8,))(jnp.ones((1, 1, 16)), jnp.ones((1, 1, 3)))
+  lines = str(report).splitlines()
+  header = next(line for line in lines if line.startswith("conv "))
+  assert all(column in header for column in ("pieces", "split", "+read%", "layer"))
+  row = next(line for line in lines if line.startswith("conv0"))
+  assert " 12.5 " in row and " tiles 2 " in row
+  # The footer says what +read% counts.
+  assert any(line.startswith("+read%: input read by all pieces beyond the input's size")
+             for line in lines), str(report)
+  wide = report.table(wide=True).splitlines()
+  header = next(line for line in wide if line.startswith("name "))
   assert all(column in header for column in ("+read%", "+MACs%", "pad%", "pieces/device"))
-  row = next(line for line in text.splitlines() if line.startswith("conv0"))
-  assert " 12.5 " in row and " 4.2 " in row
+  row = next(line for line in wide if line.startswith("conv0"))
+  assert " 12.5 " in row and " 4.2 " in row and f"{THIS_FILE}:" in row
+
+
+def _many_layers(x, ws):
+  """Six convs with long shapes, three of them in a deep named scope."""
+  for i, w in enumerate(ws):
+    with jax.named_scope(f"EncoderStage_{i}/ResidualBlock_{i}/DepthwiseSeparableConv_{i}" if i % 2
+                         else ""):
+      x = lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",
+                                   dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  return x
+
+
+def test_report_fits_100_columns_and_wide_shows_everything():
+  x = jax.ShapeDtypeStruct((16, 1024, 1024, 16, 128), jnp.bfloat16)
+  ws = [jax.ShapeDtypeStruct((3, 3, 3, 128, 128), jnp.bfloat16)] * 6
+  report = jaxtile.explain(_many_layers, max_bytes=2**26, devices=jax.devices()[:8])(x, ws)
+  text = str(report)
+  assert len(report.tiled) == 6
+  assert max(map(len, text.splitlines())) <= 100, text
+  assert " devices " in text and " 512 x8 " in text  # distributed: pieces per device
+  # The deep scopes are cut from the left, keeping what tells them apart.
+  layers = [line.rsplit("  ", 1)[1] for line in text.splitlines() if line.startswith("conv")][1:]
+  assert all(f"Conv_{i} {THIS_FILE}:" in layers[i] for i in (1, 3, 5)), layers
+  wide = report.table(wide=True)
+  assert max(map(len, wide.splitlines())) > 100
+  assert "EncoderStage_3/ResidualBlock_3/DepthwiseSeparableConv_3" in wide
+  assert "bf16[16,1024,1024,16,128]" in wide and "+MACs%" in wide
+
+
+@pytest.mark.parametrize("max_bytes, shown", [
+    (100, "max_bytes=100 (100 B)"), (2048, "max_bytes=2048 (2 KiB)"),
+    (3 * 2**10 // 2, "max_bytes=1536 (1.5 KiB)"), (2**26, "max_bytes=67108864 (64 MiB)"),
+    (2**31, "max_bytes=2147483648 (2 GiB)")])
+def test_budgets_print_in_their_own_unit(max_bytes, shown):
+  x, w = jax.ShapeDtypeStruct((1, 1, 64), jnp.float32), jax.ShapeDtypeStruct((1, 1, 3), jnp.float32)
+  header = str(jaxtile.explain(conv1d, max_bytes=max_bytes)(x, w)).splitlines()[0]
+  assert header.endswith(shown), header
+  assert "0.0 MiB" not in header and "0.1 MiB" not in header
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +295,7 @@ def _model_args():
 
 
 def test_check_a_model():
-  result = verify_lib.check(model, *_model_args(), max_bytes=2**12)
+  result = jaxtile.check(model, max_bytes=2**12)(*_model_args())
   names = [c.name for c in result.convs]
   assert names == ["jaxtile/conv0", "jaxtile/conv1", "jaxtile/conv2"]
   assert len(result.report.convs) == 3 and all(c.n_elemental > 1 for c in result.convs)
@@ -294,7 +342,7 @@ def test_check_on_reference_windows(monkeypatch):
     return [lax.conv_general_dilated(x, w, **case)
             for x, w, case in zip(args[::2], args[1::2], cases)]
 
-  result = verify_lib.check(f, *args, tile_shape=2, windows=3, seed=1)
+  result = jaxtile.check(f, tile_shape=2, windows=3, seed=1)(*args)
   assert len(result.convs) == len(cases)
   for c, name in zip(result.convs, WINDOW_CASES):
     assert c.ref_scope == "windows", name
@@ -304,8 +352,8 @@ def test_check_on_reference_windows(monkeypatch):
 
 def test_check_without_windows_skips_big_convs(monkeypatch):
   monkeypatch.setattr(verify_lib, "FULL_REFERENCE_ELEMENTS", 0)
-  (c,) = verify_lib.check(conv1d, jnp.ones((1, 1, 16)), jnp.ones((1, 1, 3)), tile_shape=(8,),
-                         windows=0).convs
+  (c,) = jaxtile.check(conv1d, tile_shape=(8,), windows=0)(jnp.ones((1, 1, 16)),
+                                                         jnp.ones((1, 1, 3))).convs
   assert c.ref_scope == "skipped" and c.ref_max_abs_error is None
   assert c.max_abs_error == 0.0 and "windows=0" in c.note
 
@@ -318,7 +366,7 @@ def test_check_finds_a_wrong_tiling(monkeypatch):
     return lambda lhs, rhs: tiled(lhs, rhs) * 1.01
   monkeypatch.setattr(lower_lib, "lower", off_by_a_bit)
   x, w = _normal(0, (1, 2, 16)), _normal(1, (2, 2, 3))
-  result = verify_lib.check(conv1d, x, w, tile_shape=(8,))
+  result = jaxtile.check(conv1d, tile_shape=(8,))(x, w)
   (c,) = result.convs
   assert c.rel_l2_error == pytest.approx(0.01, rel=1e-3)
   assert c.ref_rel_l2_error == pytest.approx(0.01, rel=1e-3)
@@ -334,12 +382,173 @@ def test_check_finds_a_wrong_tiling(monkeypatch):
 ])
 def test_check_rejects_bad_arguments(kwargs, error, match):
   with pytest.raises(error, match=match):
-    verify_lib.check(conv1d, jnp.ones((1, 1, 8)), jnp.ones((1, 1, 3)), **kwargs)
+    jaxtile.check(conv1d, **kwargs)
 
 
 def test_check_rejects_a_non_callable():
   with pytest.raises(TypeError, match="check: fun must be callable, but got fun=3"):
-    verify_lib.check(3)
+    jaxtile.check(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# explain, check and autotune: one call style, decorated functions, nothing tiled, layers
+# ---------------------------------------------------------------------------------------------
+
+
+def conv2d(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)  # CONV2D
+
+
+@jaxtile.tile_convs(max_bytes=2**14)
+def decorated(x, w):
+  return jax.nn.relu(conv2d(x, w))
+
+
+def _conv2d_args():
+  return _normal(0, (1, 32, 32, 4)), _normal(1, (3, 3, 4, 4), 0.3)
+
+
+@pytest.fixture
+def forget_tuning():
+  """Plans `autotune` remembers are forgotten after the test."""
+  table = plan_lib.tuned_blocks()
+  saved = dict(table)
+  yield
+  table.clear()
+  table.update(saved)
+
+
+@pytest.mark.parametrize("op, returns", [("explain", "Report"), ("check", "CheckResult"),
+                                         ("autotune", "TuneResult")])
+def test_one_call_style_and_a_forgotten_call_says_what_to_do(op, returns):
+  staged = getattr(jaxtile, op)(conv2d, max_bytes=2**14)
+  text = str(staged)  # what print(jaxtile.explain(f, max_bytes=...)) shows
+  assert text == repr(staged) and "<function" not in text
+  assert f"jaxtile.{op}(conv2d) with policy max_bytes=16384 given to {op}: not run yet" in text
+  assert f"Call it with conv2d's arguments to get the {returns}" in text
+  assert staged.__name__ == "conv2d"
+  # The old form, arguments passed to the op itself, says what to write instead.
+  x, w = _conv2d_args()
+  with pytest.raises(TypeError, match=re.escape(f"{op}: takes the function and policy keywords, "
+                                                f"then is called with the function's arguments, "
+                                                f"as jaxtile.{op}(fun, **policy)(*args)")):
+    getattr(jaxtile, op)(conv2d, x, w, max_bytes=2**14)
+
+
+def test_check_takes_keyword_arguments_like_the_function():
+  x, w = _conv2d_args()
+  result = jaxtile.check(conv2d, max_bytes=2**14)(x, w=w)
+  assert result.compared and result.convs[0].rel_l2_error < 1e-6
+
+
+def test_a_decorated_function_is_explained_checked_and_tuned_undecorated(forget_tuning):
+  x, w = _conv2d_args()
+  where = f"{THIS_FILE}:{_line_of('CONV2D')} (conv2d)"
+  report = jaxtile.explain(decorated)(x, w)
+  (c,) = report.convs  # the user's conv, not jaxtile's pieces
+  assert c.tiled and c.source.endswith(where) and report.max_bytes == 2**14
+  assert report.policy == "@tile_convs(max_bytes=16384) of decorated"
+  assert "policy: @tile_convs(max_bytes=16384) of decorated" in str(report)
+  # Keywords given to explain override the decorator's, and the report says so.
+  bigger = jaxtile.explain(decorated, max_bytes=2**20)(x, w)
+  assert bigger.max_bytes == 2**20 and not bigger.tiled
+  assert bigger.policy == ("@tile_convs(max_bytes=16384) of decorated, with max_bytes=1048576 "
+                           "given to explain")
+  result = jaxtile.check(decorated)(x, w)
+  assert result.compared and result.convs[0].source.endswith(where)
+  assert result.report.policy == "@tile_convs(max_bytes=16384) of decorated"
+  assert result.convs[0].rel_l2_error < 1e-6
+  tuned = jaxtile.autotune(decorated, repeats=1)(x, w)
+  assert len(tuned.convs) == 1 and tuned.convs[0].source.endswith(where)
+  assert "policy: @tile_convs(max_bytes=16384) of decorated" in str(tuned)
+
+
+def test_a_call_to_an_already_tiled_function_is_named_not_explained():
+  x, w = _conv2d_args()
+  report = jaxtile.explain(lambda x, w: conv2d(decorated(x, w), w), max_bytes=2**14)(x, w)
+  (c,) = report.convs  # the outer conv only; none of jaxtile's pieces
+  assert c.source.endswith(f"{THIS_FILE}:{_line_of('CONV2D')} (conv2d)")
+  assert report.already_tiled == ("tile_convs(decorated)",)
+  assert "not listed: tile_convs(decorated), already tiled" in str(report)
+  jitted = jaxtile.explain(jax.jit(decorated))(x, w)
+  assert jitted.convs == [] and jitted.already_tiled == ("tile_convs(decorated)",)
+
+
+def test_explain_and_check_say_plainly_when_nothing_is_tiled():
+  x, w = _conv2d_args()
+  report = jaxtile.explain(conv2d)(x, w)  # the default budget: 2 GiB on a CPU host
+  budget = report.max_bytes_to_tile()
+  text = str(report)
+  assert "nothing is tiled: every conv fits max_bytes=2147483648 (2 GiB)" in " ".join(text.split())
+  assert f"max_bytes={budget} ({plan_lib.format_bytes(budget)}) or less" in " ".join(text.split())
+  assert "+read%:" not in text
+  result = jaxtile.check(conv2d)(x, w)
+  text = " ".join(str(result).split())
+  assert not result.compared and result.convs == []
+  assert "NOTHING WAS COMPARED: nothing is tiled" in text and "max abs error" not in text
+  assert f"max_bytes={budget}" in text
+  # The budget named tiles it.
+  assert jaxtile.check(conv2d, max_bytes=budget)(x, w).compared
+  for tier in ("native", "reference"):
+    text = str(jaxtile.explain(conv2d, tier=tier, max_bytes=2**10)(x, w))
+    assert f"nothing is tiled: tier={tier!r} rewrites no conv into pieces" in text
+
+
+def test_over_budget_is_logged_once_and_names_the_rule(caplog, fixture_module):
+  """One warning per conv whichever way it is inspected, saying the budget forced the split."""
+  import logging
+
+  x, w = _conv2d_args()
+  runs = {"explain": lambda: jaxtile.explain(conv2d, max_bytes=16)(x, w),
+          "check": lambda: jaxtile.check(conv2d, max_bytes=16)(x, w),
+          "cli explain --jaxpr": lambda: cli.main(
+              ["explain", f"{fixture_module}:forward", *SMALL[:4], "--max-bytes", "16",
+               "--jaxpr"])}
+  for name, run in runs.items():
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      run()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, (name, warnings)
+    assert "finest split reachable leaves pieces of" in warnings[0], warnings
+    assert "above the budget max_bytes=16 (16 B)" in warnings[0], warnings
+
+
+def test_layers_built_by_one_helper_are_told_apart():
+  nn = pytest.importorskip("flax.linen", reason="the flax model needs flax")
+
+  def block(x, features, name):
+    """One helper builds every conv layer: the innermost user frame is the same for all."""
+    return nn.relu(nn.Conv(features, (3, 3), name=name)(x))  # HELPER
+
+  class Encoder(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return block(block(x, 4, "stem"), 4, "head")
+
+  model = Encoder()
+  x = jax.ShapeDtypeStruct((1, 32, 32, 4), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)
+  report = jaxtile.explain(model.apply, max_bytes=2**14)(params, x)
+  stem, head = report.convs
+  helper = f"{THIS_FILE}:{_line_of('HELPER')} (test_layers_built_by_one_helper_are_told_apart."
+  helper += "<locals>.block)"
+  assert stem.source.endswith(helper) and head.source.endswith(helper)  # the same frame
+  assert (stem.scope, head.scope) == ("Encoder/stem", "Encoder/head")
+  assert stem.layer != head.layer
+  rows = [line for line in str(report).splitlines() if line.startswith("conv")][1:]
+  assert "Encoder/stem" in rows[0] and "Encoder/head" in rows[1]
+  # Without module paths (a plain function), the call sites tell them apart.
+  def forward(x, w1, w2):
+    y = conv2d(x, w1)  # FIRST
+    return conv2d(y, w2)  # SECOND
+  args = _conv2d_args()
+  first, second = jaxtile.explain(forward, max_bytes=2**14)(*args, args[1]).convs
+  assert first.source == second.source and first.scope == second.scope == ""
+  assert first.call_site.endswith(f"{THIS_FILE}:{_line_of('FIRST')} (test_layers_built_by_one_"
+                                  "helper_are_told_apart.<locals>.forward)")
+  assert second.call_site.endswith(f":{_line_of('SECOND')} (test_layers_built_by_one_helper_are_"
+                                   "told_apart.<locals>.forward)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +584,18 @@ def test_cli_explain(fixture_module, capsys):
   out, err = capsys.readouterr()
   assert out.startswith("jaxtile report: 1 conv(s), 1 tiled")
   assert "inspect_fixture_model.py:7 (forward)" in out
-  assert "jaxtile_conv0" in out and "conv_general_dilated" in out  # the rewritten jaxpr
+  assert "name=jaxtile_conv0" in out  # the rewritten jaxpr: the tiled conv's program
   assert "Traceback" not in err
+
+
+def test_cli_wide_prints_every_column(fixture_module, capsys):
+  assert cli.main(["explain", f"{fixture_module}:forward", *SMALL]) == 0
+  narrow = capsys.readouterr().out
+  assert cli.main(["explain", f"{fixture_module}:forward", *SMALL, "--wide"]) == 0
+  wide = capsys.readouterr().out
+  assert "+MACs%" not in narrow and "+MACs%" in wide and "f32[3,3,3,8]" in wide
+  assert max(map(len, narrow.splitlines())) <= 100
+  assert f"{fixture_module}:7 (forward)" in wide  # the full path
 
 
 def test_cli_explain_plot(fixture_module, capsys, tmp_path):
@@ -389,10 +608,10 @@ def test_cli_explain_plot(fixture_module, capsys, tmp_path):
 def test_cli_explain_is_abstract(fixture_module, capsys):
   """A 4 GiB input is only traced: explain takes ShapeDtypeStructs, nothing is allocated."""
   argv = ["explain", f"{fixture_module}:forward", "--arg", "1x4096x4096x64:float32",
-          "--arg", "3x3x64x64:float32", "--max-bytes", "256MiB"]
+          "--arg", "3x3x64x64:float32", "--max-bytes", "256MiB", "--wide"]
   assert cli.main(argv) == 0
   out = capsys.readouterr().out
-  assert "f32[1,4096,4096,64]" in out and " yes " in out
+  assert "f32[1,4096,4096,64]" in out and "1 tiled" in out
 
 
 def test_cli_check(fixture_module, capsys):
@@ -401,6 +620,19 @@ def test_cli_check(fixture_module, capsys):
   assert out.startswith("jaxtile check: 1 tiled conv(s) of 1")
   row = next(line for line in out.splitlines() if line.startswith("conv0"))
   assert " full " in row
+
+
+def test_cli_check_that_tiles_nothing_says_so(fixture_module, capsys):
+  """At the default budget nothing is tiled: no error numbers, a plain statement, exit status 1,
+  and a --max-bytes that does tile it."""
+  argv = ["check", f"{fixture_module}:forward", *SMALL[:4]]
+  assert cli.main(argv) == 1
+  out, err = capsys.readouterr()
+  assert out.startswith("jaxtile check: 0 tiled conv(s) of 1")
+  assert "NOTHING WAS COMPARED: nothing is tiled" in out and "max abs error" not in out
+  budget = re.search(r"--max-bytes (\d+) tiles the largest conv", err).group(1)
+  assert cli.main(argv + ["--max-bytes", budget]) == 0
+  assert "jaxtile check: 1 tiled conv(s) of 1" in capsys.readouterr().out
 
 
 def test_python_dash_m_entry_point(fixture_module):
@@ -416,8 +648,8 @@ def test_python_dash_m_entry_point(fixture_module):
                        timeout=120)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert bad.stderr.strip().splitlines() == [
-      "jaxtile: error: cannot import module 'no_such_module' (from 'no_such_module:f'): "
-      "No module named 'no_such_module'"]
+      "jaxtile: error: cannot import module 'no_such_module'",
+      "  No module named 'no_such_module' (from 'no_such_module:f')"]
 
 
 BAD_COMMANDS = {
@@ -439,26 +671,53 @@ BAD_COMMANDS = {
     "bad tile-shape": (["explain", "{path}:forward", "--tile-shape", "4,x"],
                        "argument --tile-shape"),
     "tile-shape of the wrong rank": (["explain", "{path}:forward", *SMALL, "--tile-shape", "4,4,4"],
-                                     "tile_shape must have one extent per spatial dim"),
+                                     "--tile-shape must have one extent per spatial dim"),
     "budget unreachable": (["explain", "{path}:forward", *SMALL[:4], "--max-bytes", "16",
-                            "--strict"], "the finest split reachable"),
-    "wrong argument count": (["explain", "{path}:forward", *SMALL[:2]], "missing 1 required"),
+                            "--strict"], "a conv cannot be split within --max-bytes 16"),
+    "missing --arg": (["explain", "{path}:forward", *SMALL[:2]], "missing --arg for 'w'"),
+    "one --arg too many": (["check", "{path}:forward", *SMALL[:4], "--arg", "3:float32"],
+                           "1 --arg too many"),
     "shapes that do not convolve": (["check", "{path}:forward", "--arg", "1x8x8x3:float32",
                                      "--arg", "3x3x4x8:float32"], "feature dimension"),
     "negative windows": (["check", "{path}:forward", *SMALL, "--windows", "-1"],
-                         "windows must be >= 0"),
+                         "--windows must be >= 0"),
     "no command": ([], "required"),
 }
 
 
 @pytest.mark.parametrize("argv, message", BAD_COMMANDS.values(), ids=BAD_COMMANDS.keys())
-def test_cli_bad_arguments_get_one_line(fixture_module, capsys, argv, message):
+def test_cli_errors_are_a_short_line_then_the_detail(fixture_module, capsys, argv, message):
   argv = [a.format(path=fixture_module, dir=fixture_module.parent) for a in argv]
   assert cli.main(argv) == 2
   out, err = capsys.readouterr()
   assert "Traceback" not in err and out == ""
-  (line,) = err.strip().splitlines()
-  assert line.startswith("jaxtile: error: ") and message in line, line
+  first, *detail = err.rstrip("\n").splitlines()
+  assert first.startswith("jaxtile: error: ") and "error: jaxtile:" not in first, first
+  assert all(len(line) <= 100 for line in [first, *detail]), err
+  assert all(line.startswith("  ") for line in detail), err
+  assert message in " ".join(err.split()), err
+  assert "strict=False" not in err and "max_bytes=" not in err  # shell words, not Python's
+
+
+def test_cli_budget_error_gives_the_shell_remedies(fixture_module, capsys):
+  argv = ["explain", f"{fixture_module}:forward", *SMALL[:4], "--max-bytes", "16", "--strict"]
+  assert cli.main(argv) == 2
+  first, *detail = capsys.readouterr().err.rstrip("\n").splitlines()
+  assert first == "jaxtile: error: a conv cannot be split within --max-bytes 16 (16 B)"
+  detail = " ".join(" ".join(detail).split())
+  assert "finest split reachable leaves pieces of 84 bytes" in detail
+  assert "lhs=f32[1,32,32,3] rhs=f32[3,3,3,8]" in detail and "inspect_fixture_model.py:7" in detail
+  assert "to fix: drop --strict" in detail and "pass --max-bytes 84 or more" in detail
+  # The remedy works.
+  assert cli.main(argv[:-3] + ["--max-bytes", "84", "--strict"]) == 0
+
+
+def test_cli_missing_arg_names_it(fixture_module, capsys):
+  assert cli.main(["explain", f"{fixture_module}:forward", *SMALL[:2]]) == 2
+  err = capsys.readouterr().err
+  assert err.splitlines()[:2] == ["jaxtile: error: forward(x, w) needs 2 --arg, but got 1",
+                                  "  missing --arg for 'w'"]
+  assert "required positional argument" not in err
 
 
 def _two_convs(x, w):
