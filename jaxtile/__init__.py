@@ -1,5 +1,7 @@
 """jaxtile: tile oversized JAX convolutions into exact select-process-reassemble loops."""
 
+import importlib.metadata as _metadata
+
 from jaxtile import reference as reference
 from jaxtile.tune import TuneResult as TuneResult
 from jaxtile.tune import autotune as autotune
@@ -15,7 +17,10 @@ from jaxtile.plan import ConvPlan as ConvPlan
 from jaxtile.report import ConvReport as ConvReport
 from jaxtile.report import Report as Report
 
-__version__ = "0.1.0"
+try:  # pyproject.toml holds the one copy of the version
+  __version__ = _metadata.version("jaxtile")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+  __version__ = "0+unknown"
 
 __all__ = (
     "BudgetError",

@@ -385,3 +385,14 @@ def test_unhashable_static_argument_is_reported():
   f = tile_convs(lambda x, s: x * len(s))
   with pytest.raises(TypeError, match=r"hashable.*\{1, 2\}"):
     f(jnp.ones(3), {1, 2})
+
+
+def test_version_comes_from_the_package_metadata():
+  import importlib.metadata
+  import pathlib
+
+  assert jaxtile.__version__ == importlib.metadata.version("jaxtile")
+  # pyproject.toml holds the one copy of the version: no module of the package repeats it.
+  package = pathlib.Path(jaxtile.__file__).parent
+  copies = [p.name for p in package.glob("*.py") if f'"{jaxtile.__version__}"' in p.read_text()]
+  assert copies == []
