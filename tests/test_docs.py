@@ -11,6 +11,10 @@ numbers, so the traceback points into the page too.
 A block opts out of running only by being fenced as ```text, ```console or ```bash (shell
 commands, program output, diagrams); every fenced block must carry one of those labels or
 ```python, so Python code cannot skip the test by accident.
+
+The shell commands are held to what they show too: every `python -m jaxtile` command (in ```bash
+blocks and the command line's docstring) runs on a stand-in `my_model` and must tile a conv, and
+the README says what its two commands cost before it shows them.
 """
 
 from __future__ import annotations
@@ -123,3 +127,63 @@ def _failing_line(e: Exception, block: Block) -> int:
   lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
            if f.filename == str(block.path) and f.lineno]
   return lines[-1] if lines else block.line
+
+
+def test_readme_says_what_the_two_commands_cost_before_they_run():
+  """Memory for the main example and minutes for the tests, in the prose above the commands."""
+  section = (ROOT / "README.md").read_text().split("## Two commands", 1)[1]
+  before = section.split("```", 1)[0]
+  assert re.search(r"\d+ GiB of free memory", before), before
+  assert re.search(r"up to \d+ minutes", before), before
+
+
+# Every `python -m jaxtile ...` command in the docs, run on this model: a module with the
+# function the commands name. A command that claims to explain or check a split must tile.
+MY_MODEL = '''
+import jax
+
+
+def forward(x, w):
+  return jax.nn.relu(jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC")))
+'''
+
+
+def cli_commands() -> list[tuple[str, list[str]]]:
+  """(where, argv) of each `python -m jaxtile` command in a ```bash block or cli.py's docstring."""
+  import shlex
+
+  import jaxtile.cli
+
+  sources = [(b.where, b.source) for path in DOCS for b in fenced_blocks(path) if b.lang == "bash"]
+  sources.append(("jaxtile/cli.py", jaxtile.cli.__doc__))
+  commands = []
+  for where, text in sources:
+    for line in text.replace("\\\n", " ").splitlines():
+      line = line.strip()
+      if line.startswith("python -m jaxtile "):
+        commands.append((where, shlex.split(line)[3:]))
+  return commands
+
+
+CLI_COMMANDS = cli_commands()
+
+
+def test_the_docs_show_cli_commands():
+  assert {argv[0] for _, argv in CLI_COMMANDS} == {"explain", "check"}, CLI_COMMANDS
+
+
+@pytest.mark.parametrize("where, argv", CLI_COMMANDS,
+                         ids=[f"{w} {a[0]}" for w, a in CLI_COMMANDS])
+def test_cli_commands_in_the_docs_tile_what_they_show(where, argv, tmp_path, monkeypatch, capsys):
+  from jaxtile import cli
+
+  (tmp_path / "my_model.py").write_text(MY_MODEL)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert cli.main(argv) == 0, capsys.readouterr()
+  out = capsys.readouterr().out
+  counts = re.search(r"(\d+) conv\(s\), (\d+) tiled|(\d+) tiled conv\(s\) of (\d+)", out)
+  assert counts, out
+  tiled = int(counts.group(2) or counts.group(3))
+  assert tiled >= 1, f"{where}: `python -m jaxtile {' '.join(argv)}` tiles nothing:\n{out}"
