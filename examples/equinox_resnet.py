@@ -105,8 +105,7 @@ def main(argv=None):
 
   model = random_model(ResNet, 3, widths, strides=(1, 1, 2, 2), n_classes=5)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, size, size)), jnp.float32)
-  print(f"ResNet widths {widths} on a batch {x.shape}, max_bytes={max_bytes} "
-        f"({max_bytes / 2**20:g} MiB)\n")
+  print(f"ResNet widths {widths} on a batch {x.shape}\n")  # the report's header gives the budget
 
   report = jaxtile.explain(forward, max_bytes=max_bytes)(model, x)
   print(report)

@@ -408,7 +408,7 @@ class Report:
     return self.table()
 
 
-_LAYER_ROOM = 40  # columns the narrow table tries to keep for the layer
+_LAYER_ROOM = 36  # columns the narrow table tries to keep for the layer
 
 
 def short_name(c) -> str:
