@@ -1,4 +1,6 @@
-"""Public wrappers: `tile_convs` and `explain`, and validation of the policy they take."""
+"""Public wrappers: `tile_convs` and `explain`, what `explain`, `check` and `autotune` share (the
+function and policy they analyse, the walk that records layers, the uncalled result), and
+validation of the policy."""
 
 from __future__ import annotations
 
@@ -341,14 +343,13 @@ def _policy_text(policy_kwargs: dict[str, Any]) -> str:
   """`max_bytes=1048576, tile_shape=(16, None)`: the keywords that differ from the defaults."""
   parts = []
   for k, v in policy_kwargs.items():
-    if v is _POLICY_DEFAULTS.get(k) or (isinstance(v, (bool, str)) and v == _POLICY_DEFAULTS.get(k)):
+    if v is None or (isinstance(v, (bool, str)) and v == _POLICY_DEFAULTS.get(k)):
       continue
     if k == "devices" and not isinstance(v, Mesh):
       n = len(v) if isinstance(v, Sequence) else 1
-      v = f"<{n} device{'s' if n != 1 else ''}>"
-      parts.append(f"{k}={v}")
-      continue
-    parts.append(f"{k}={v!r}")
+      parts.append(f"devices=<{n} device{'s' if n != 1 else ''}>")
+    else:
+      parts.append(f"{k}={v!r}")
   return ", ".join(parts)
 
 

@@ -145,7 +145,7 @@ class ConvReport:
   padding_waste_percent: float
   pieces_per_device: tuple[int, ...]
   scope: str = ""  # module path from JAX's name stack ("UNet/ConvBlock_0/Conv_1"), "" if none
-  call_site: str = ""  # the first user frame outside helpers (see `Report`)
+  call_site: str = ""  # the innermost user frame that is not a helper (see "Which layer")
   plan: Optional[plan_lib.ConvPlan] = dataclasses.field(repr=False, compare=False, default=None)
 
   @property

@@ -63,7 +63,7 @@ class ConvCheck:
   calls: int = 0  # times the conv ran
   note: str = ""
   scope: str = ""  # as in `ConvReport`: the module path from JAX's name stack
-  call_site: str = ""  # as in `ConvReport`: the first user frame outside helpers
+  call_site: str = ""  # as in `ConvReport`: the innermost user frame that is not a helper
 
   @property
   def layer(self) -> str:
