@@ -12,6 +12,14 @@ import jaxtile
 from jaxtile import tune as tune_lib
 from jaxtile import plan as plan_lib
 
+
+def assert_same(actual, desired):
+  """Tiled equals monolithic to float32 rounding. Not always bit for bit: XLA:CPU's own conv
+  kernel can round the outputs of a padded window differently from the same outputs inside a
+  larger conv (seen on AMD EPYC with jax 0.10.2; plain XLA, no jaxtile, shows it too)."""
+  np.testing.assert_allclose(actual, desired, rtol=1e-6, atol=1e-5)
+
+
 DN = ("NHWC", "HWIO", "NHWC")
 X = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 64, 16)), jnp.float32)
 W = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 16, 16)), jnp.float32)
@@ -51,7 +59,7 @@ def test_remembered_plan_is_used_by_later_calls(fastest):
   after = jaxtile.explain(conv, **BUDGET)(X, W).convs[0].plan
   assert after.tile_shape != before.tile_shape
   assert after.spatial_tiles[0] == 1  # strips along the inner dim
-  np.testing.assert_array_equal(jaxtile.tile_convs(conv, **BUDGET)(X, W), jax.jit(conv)(X, W))
+  assert_same(jaxtile.tile_convs(conv, **BUDGET)(X, W), jax.jit(conv)(X, W))
   # Another budget is another signature: the rule applies there.
   assert jaxtile.explain(conv, max_bytes=2**18)(X, W).convs[0].plan.spatial_tiles[0] > 1
 
