@@ -7,6 +7,7 @@ Checked against jax 0.10.x and 0.11.x.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -90,6 +91,44 @@ def shard_map(fun: Callable, mesh, in_specs, out_specs) -> Callable:
   return jax.shard_map(fun, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-# Derivatives defined by jaxtile for the convs it binds (jaxtile.forms).
-linear_call = jax.custom_derivatives.linear_call
-SymbolicZero = jax.custom_derivatives.SymbolicZero
+# The primitive jaxtile binds its pieces as (jaxtile.forms), and the rules it borrows from JAX's
+# conv_general_dilated. `jax.interpreters.{ad,batching,mlir}` are JAX's long-standing homes of
+# these registries; `dispatch.apply_primitive` is the impl every lax primitive uses.
+from jax._src import dispatch as _dispatch  # noqa: E402
+from jax._src.lax import convolution as _convolution  # noqa: E402
+from jax.interpreters import ad as _ad, batching as _batching, mlir as _mlir  # noqa: E402
+
+Primitive = jex.core.Primitive
+conv_transpose_lhs = _convolution._conv_general_dilated_transpose_lhs
+conv_transpose_rhs = _convolution._conv_general_dilated_transpose_rhs
+
+
+def define_bilinear_primitive(prim, *, impl_lowering: Callable, abstract_eval: Callable,
+                              transpose_lhs: Callable, transpose_rhs: Callable,
+                              batch_rule: Callable) -> None:
+  """Registers a primitive bilinear in its two operands, as lax does for conv_general_dilated:
+  its impl and lowering are `impl_lowering` traced, its JVP follows from bilinearity."""
+  prim.def_impl(functools.partial(_dispatch.apply_primitive, prim))
+  prim.def_effectful_abstract_eval(abstract_eval)
+  _mlir.register_lowering(prim, _mlir.lower_fun(impl_lowering, multiple_results=False))
+  _ad.defbilinear(prim, transpose_lhs, transpose_rhs)
+  _batching.primitive_batchers[prim] = batch_rule
+
+
+def eval_jaxpr_rebinding(closed: ClosedJaxpr, rebind: dict, *args) -> list:
+  """Evaluates `closed` on `args`, binding each equation of a primitive in `rebind` with
+  `rebind[primitive](*inputs, **params)` instead."""
+  jaxpr = closed.jaxpr
+  env = dict(zip(jaxpr.constvars, closed.consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
+  for eqn in jaxpr.eqns:
+    inputs = [read(v) for v in eqn.invars]
+    if eqn.primitive in rebind:
+      outs = rebind[eqn.primitive](*inputs, **eqn.params)
+    else:
+      params = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before jax 0.10
+      subfuns, params = params if isinstance(params, tuple) else ((), params)
+      outs = eqn.primitive.bind(*subfuns, *inputs, **params)
+    env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+  return [read(v) for v in jaxpr.outvars]

@@ -58,7 +58,7 @@ def lower(plan: ConvPlan, name: str, mesh: Mesh, axis_name: str,
 
   def tiled(lhs, rhs):
     with jax.named_scope(name):
-      stack = spread(lhs, rhs)
+      stack = spread(lhs, pieces.loop_kernel(rhs))
       with jax.named_scope("reassemble"):
         starts = jnp.asarray(out_starts)
         out = jnp.zeros(plan.spec.out_shape, plan.spec.out_dtype)

@@ -9,17 +9,29 @@ XLA:CPU (jax 0.10; `python benchmarks/bench.py --only forms` measures both):
  - a channels-first conv is converted to channels-last only outside loops; inside one (where
    every piece runs) it takes a generic kernel 15-50x slower. Pieces are transposed to (N,
    spatial..., C) and (spatial..., I, O) around the conv: two copies of piece size.
-The convs JAX derives when it differentiates a piece (the transposes of a conv with respect to
-its lhs and rhs) would take the slow paths again, so `conv` defines its derivatives itself: a
-`custom_jvp` whose tangent is a `linear_call` of fast-form convs, whose transpose is JAX's own
-transpose rule, re-expressed in fast form. Other backends (cuDNN on GPU) get the plain binding.
+The convs JAX derives when it differentiates or batches a piece (the transposes of a conv with
+respect to its lhs and rhs, its vmap) would take the slow paths again, so a piece is bound as a
+primitive of its own, `jaxtile_conv`, whose rules are JAX's rules for conv_general_dilated with
+every conv they emit bound as a `jaxtile_conv` again (see `piece_conv_p`). Other backends (cuDNN
+on GPU) get the plain binding.
+
+Two XLA:CPU bugs are kept out of every conv bound here, derivatives included (JAX's transposes of
+a piece produce both shapes; `docs/design.md` has the reduced cases and the upstream reports):
+ - a conv with negative padding on the low side and positive on the high side reads out of
+   bounds (values up to 1e32 that change from call to call). Negative padding is cropped from
+   the operand instead (`_crop_negative_padding`): the same window, exactly;
+ - the algebraic simplifier's operand swap (tried when the window is larger than the input, as
+   in the kernel gradient of a transposed conv) leaves a spatial dim unswapped when it looks like
+   a "group" dim (no padding, lhs dilation k = window size, stride k - 1) and then fails its own
+   shape check: SIGABRT, the process dies. Such a dim gets one extra output over padding,
+   cropped after the conv, so it no longer matches (`_swap_hazard_dims`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +45,14 @@ from jaxtile import spec as spec_lib
 class Forms:
   pad_unpadded: bool = False
   channels_last: bool = False
+  xla_cpu_workarounds: bool = False
 
   @property
   def plain(self) -> bool:
-    return not (self.pad_unpadded or self.channels_last)
+    return not (self.pad_unpadded or self.channels_last or self.xla_cpu_workarounds)
 
 
-_BACKEND_FORMS = {"cpu": Forms(pad_unpadded=True, channels_last=True)}
+_BACKEND_FORMS = {"cpu": Forms(pad_unpadded=True, channels_last=True, xla_cpu_workarounds=True)}
 
 
 def for_backend(backend: Optional[str] = None) -> Forms:
@@ -48,50 +61,57 @@ def for_backend(backend: Optional[str] = None) -> Forms:
 
 def conv(lhs: jax.Array, rhs: jax.Array, params: dict[str, Any], forms: Forms) -> jax.Array:
   """`conv_general_dilated_p.bind(lhs, rhs, **params)`, bound in `forms`, and so are its
-  derivatives of every order."""
+  derivatives of every order and its batched forms."""
   if forms.plain:
     return _compat.conv_general_dilated_p.bind(lhs, rhs, **params)
-  return _differentiable(_Params(params), forms)(lhs, rhs)
+  return piece_conv_p.bind(lhs, rhs, forms=forms, **params)
 
 
-class _Params:
-  """Conv params as a hashable key (they are hashable values: tuples, dtypes, NamedTuples)."""
-
-  def __init__(self, params):
-    self.params = dict(params)
-    self._key = tuple(sorted(self.params.items()))
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Params) and self._key == other._key
+# A piece is bound as its own primitive, `jaxtile_conv`: a conv_general_dilated with the same
+# params and values, lowered through `_bind`. JAX's rules for conv_general_dilated (shape, JVP,
+# transposes, batching) are reused by tracing them and binding every conv they emit as a
+# `jaxtile_conv` again: derivatives of any order, in forward or reverse mode, and their vmaps,
+# stay in the fast form and clear of the XLA:CPU bugs above. (A custom_jvp with a linear_call
+# tangent did this for first derivatives only: linear_call has no batching rule and cannot be
+# differentiated with respect to its residual, so vmap of a gradient, or d/dx of a kernel
+# gradient, failed.)
+piece_conv_p = _compat.Primitive("jaxtile_conv")
 
 
-@functools.lru_cache(maxsize=256)
-def _differentiable(key: _Params, forms: Forms):
-  params = key.params
+def _piece_abstract_eval(lhs, rhs, *, forms, **params):
+  return _compat.conv_general_dilated_p.abstract_eval(lhs, rhs, **params)
 
-  @jax.custom_jvp
-  def f(lhs, rhs):
-    return _bind(lhs, rhs, params, forms)
 
-  def jvp(primals, tangents):
-    out = f(*primals)
-    parts = []
-    for argnum, d in enumerate(tangents):  # the conv is linear in each operand
-      if isinstance(d, _compat.SymbolicZero):
-        continue
-      other = primals[1 - argnum]
-      aval = jax.ShapeDtypeStruct(primals[argnum].shape, primals[argnum].dtype)
-      parts.append(_compat.linear_call(
-          lambda other, d, argnum=argnum: conv(*_ordered(argnum, d, other), params, forms),
-          functools.partial(_transpose, params, forms, argnum, aval), other, d))
-    tangent = functools.reduce(jnp.add, parts) if parts else jnp.zeros(out.shape, out.dtype)
-    return out, tangent
+def _in_forms(fn: Callable, forms: Forms, *args):
+  """`fn(*args)`, its convs bound as `jaxtile_conv` in `forms`."""
+  closed = jax.make_jaxpr(fn)(*args)
+  rebind = {_compat.conv_general_dilated_p: functools.partial(piece_conv_p.bind, forms=forms)}
+  return _compat.eval_jaxpr_rebinding(closed, rebind, *args)
 
-  f.defjvp(jvp, symbolic_zeros=True)
-  return f
+
+def _transpose_rule(jax_rule, argnum):
+  """The cotangent of operand `argnum`: JAX's conv transpose rule, in `forms`."""
+  def rule(ct, lhs, rhs, *, forms, **params):
+    other = (rhs, lhs)[argnum]
+    ordered = lambda ct, other: (ct, *_ordered(argnum, (lhs, rhs)[argnum], other))
+    (out,) = _in_forms(lambda ct, other: [jax_rule(*ordered(ct, other), **params)], forms, ct,
+                       other)
+    return out
+  return rule
+
+
+def _batch_rule(args, dims, *, forms, **params):
+  bound = functools.partial(_compat.conv_general_dilated_p.bind, **params)
+  (out,) = _in_forms(lambda l, r: [jax.vmap(bound, in_axes=dims)(l, r)], forms, *args)
+  return out, 0
+
+
+_compat.define_bilinear_primitive(
+    piece_conv_p, impl_lowering=lambda lhs, rhs, *, forms, **params: _bind(lhs, rhs, params, forms),
+    abstract_eval=_piece_abstract_eval,
+    transpose_lhs=_transpose_rule(_compat.conv_transpose_lhs, 0),
+    transpose_rhs=_transpose_rule(_compat.conv_transpose_rhs, 1),
+    batch_rule=_batch_rule)
 
 
 def _ordered(argnum: int, x, other):
@@ -99,30 +119,19 @@ def _ordered(argnum: int, x, other):
   return (x, other) if argnum == 0 else (other, x)
 
 
-def _transpose(params, forms: Forms, argnum: int, aval, other, ct):
-  """Cotangent of operand `argnum` of the conv, given the other operand: JAX's transpose rule
-  traced to a jaxpr, its convs re-bound in `forms`."""
-  def linear(x):
-    return _compat.conv_general_dilated_p.bind(*_ordered(argnum, x, other), **params)
-  transposed = jax.linear_transpose(linear, aval)
-  closed = jax.make_jaxpr(lambda ct: transposed(ct)[0])(ct)
-  eqns = [
-      _compat.traced_call_eqn(
-          functools.partial(lambda l, r, p: conv(l, r, p, forms), p=dict(e.params)),
-          [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in e.invars], e.invars,
-          e.outvars, e.source_info) if _compat.is_conv(e) else e
-      for e in closed.jaxpr.eqns]
-  fast = _compat.ClosedJaxpr(_compat.replace_jaxpr(closed.jaxpr, eqns=eqns), closed.consts)
-  (out,) = _compat.jaxpr_as_fun(fast)(ct)
-  return out
-
-
 def _bind(lhs, rhs, params, forms: Forms):
   """The conv in `forms` (see the module docstring); same shape and values as the plain bind."""
   dn = params["dimension_numbers"]
   k = len(dn.lhs_spec) - 2
+  if forms.xla_cpu_workarounds:
+    cropped, cropped_params = _crop_negative_padding(lhs, params)
+    if cropped is None:  # the window lies in padding only
+      out = jax.eval_shape(functools.partial(_compat.conv_general_dilated_p.bind, **params),
+                           lhs, rhs)
+      return jnp.zeros(out.shape, out.dtype)
+    lhs, params = cropped, cropped_params
   padding = list(params["padding"])
-  extra = None
+  extra = set()  # spatial dims computed with one extra output over padding, cropped below
   if forms.pad_unpadded and k and all(tuple(p) == (0, 0) for p in padding):
     extents = [spec_lib.out_extent(lhs.shape[dn.lhs_spec[2 + d]], rhs.shape[dn.rhs_spec[2 + d]],
                                    params["window_strides"][d], (0, 0), params["lhs_dilation"][d],
@@ -130,23 +139,70 @@ def _bind(lhs, rhs, params, forms: Forms):
     # The innermost spatial dim (contiguous rows in channels-last): XLA:CPU runs an extra column
     # at full speed, an extra row up to 1.7x slower (32 -> 128 channels, 130x130 window). Another
     # dim only when it is 4x longer, as the extra work is 1 / extent.
-    extra = k - 1
+    dim = k - 1
     longest = max(range(k), key=lambda d: extents[d])
-    if extents[longest] >= 4 * extents[extra]:
-      extra = longest
-    padding[extra] = (0, params["window_strides"][extra])
+    extra.add(longest if extents[longest] >= 4 * extents[dim] else dim)
+  if forms.xla_cpu_workarounds:
+    extra.update(_swap_hazard_dims(rhs.shape, params))
+  for d in extra:  # padding[d] is (0, 0) here: one stride more of padding, one output more
+    padding[d] = (0, params["window_strides"][d])
   params = dict(params, padding=tuple(padding))
   out_spec = tuple(dn.out_spec)
   if forms.channels_last:
     lhs, rhs, params = _channels_last(lhs, rhs, params)
   out = _compat.conv_general_dilated_p.bind(lhs, rhs, **params)
   roles = tuple(params["dimension_numbers"].out_spec)  # where N, C, spatial... now sit
-  if extra is not None:
-    axis = roles[2 + extra]
+  for d in extra:
+    axis = roles[2 + d]
     out = lax.slice_in_dim(out, 0, out.shape[axis] - 1, axis=axis)
   if roles != out_spec:  # back to the caller's layout: dim u holds role out_spec.index(u)
     out = lax.transpose(out, tuple(roles[out_spec.index(u)] for u in range(out.ndim)))
   return out
+
+
+# Negative padding crops the lhs-dilated input. Along one spatial dim, with n inputs and lhs
+# dilation ld, the dilated input D has (n - 1) * ld + 1 positions, inputs at multiples of ld and
+# zeros (holes) between them. Low padding lo < 0 drops the first c = -lo positions of D. Dropping
+# q = ceil(c / ld) inputs instead drops q * ld >= c positions, of which the last q * ld - c < ld
+# lie between two inputs: holes, zeros. So `lhs[q:]` with low padding q * ld - c >= 0 is the same
+# padded sequence, position for position, and the conv's output is unchanged. High padding is the
+# mirror image. If every input is dropped the window sees padding only and the output is zero.
+def _crop_negative_padding(lhs, params):
+  """`(lhs, params)` with every negative padding cropped from `lhs` instead: the same conv.
+
+  Returns `(None, params)` when nothing of `lhs` is left (the output is all zeros).
+  """
+  dn = params["dimension_numbers"]
+  padding = [tuple(p) for p in params["padding"]]
+  if all(lo >= 0 and hi >= 0 for lo, hi in padding):
+    return lhs, params
+  begin, end = [0] * lhs.ndim, list(lhs.shape)
+  for d, (lo, hi) in enumerate(padding):
+    axis, ld = dn.lhs_spec[2 + d], params["lhs_dilation"][d]
+    if lo < 0:
+      q = -(lo // ld)  # ceil(-lo / ld)
+      begin[axis], lo = q, q * ld + lo
+    if hi < 0:
+      q = -(hi // ld)
+      end[axis], hi = end[axis] - q, q * ld + hi
+    padding[d] = (lo, hi)
+  params = dict(params, padding=tuple(padding))
+  if any(b >= e for b, e in zip(begin, end)):
+    return None, params
+  return lax.slice(lhs, begin, end), params
+
+
+# XLA's conv operand swap (algebraic simplifier on XLA:CPU, jax 0.10) keeps a spatial dim as it
+# is, unswapped, when it has no padding, no window reversal or dilation, base (lhs) dilation equal
+# to the window size k and stride k - 1. After the swap that dim's window must fit the old lhs,
+# which fails XLA's shape check whenever the lhs extent is not k: a CHECK failure, SIGABRT.
+def _swap_hazard_dims(rhs_shape, params) -> list[int]:
+  """Spatial dims of the conv that XLA's operand swap would keep unswapped (see above)."""
+  dn = params["dimension_numbers"]
+  return [d for d, (lo, hi) in enumerate(params["padding"])
+          if (lo, hi) == (0, 0) and params["rhs_dilation"][d] == 1
+          and params["lhs_dilation"][d] == rhs_shape[dn.rhs_spec[2 + d]]
+          == params["window_strides"][d] + 1]
 
 
 def _channels_last(lhs, rhs, params):

@@ -35,7 +35,7 @@ def lower(plan: ConvPlan, name: str) -> Callable[[jax.Array, jax.Array], jax.Arr
 
   def tiled(lhs, rhs):
     with jax.named_scope(name):
-      return pieces.emit(lhs, rhs)
+      return pieces.emit(lhs, pieces.loop_kernel(rhs))
   return tiled
 
 
@@ -68,6 +68,19 @@ class Pieces:
         if span.dim[0] == "out":
           shape[span.dim[1]] = span.size
     return tuple(shape)
+
+  def loop_kernel(self, rhs: jax.Array) -> jax.Array:
+    """`rhs` as the loops over pieces take it: half precision widened to the accumulator dtype.
+
+    Differentiated, a loop sums every piece's kernel cotangent into one accumulator of the
+    dtype the loop reads the kernel in. In float32 that sum rounds once, as the monolithic kernel
+    gradient does; in bfloat16 it would round once per piece, an error that grows with the piece
+    count. Each piece casts its kernel slice back (`_conv`), so the forward values are unchanged.
+    """
+    acc = np.dtype(self.spec.acc_dtype)
+    if jnp.issubdtype(rhs.dtype, jnp.floating) and rhs.dtype.itemsize < acc.itemsize:
+      return rhs.astype(acc)
+    return rhs
 
   def emit(self, lhs: jax.Array, rhs: jax.Array, fixed: Mapping[int, Index] = {}) -> jax.Array:
     """Computes every output piece (those of block `fixed[i]` along the axes i in `fixed`)."""
@@ -157,7 +170,7 @@ class Pieces:
       params["preferred_element_type"] = spec.acc_dtype
     with jax.named_scope("select"):
       lhs_piece = _select(lhs, "lhs", starts, sizes)
-      rhs_piece = _select(rhs, "rhs", starts, sizes)
+      rhs_piece = _select(rhs, "rhs", starts, sizes).astype(spec.rhs_dtype)
     with jax.named_scope("process"):
       piece = forms.conv(lhs_piece, rhs_piece, params, self.forms)
     assert piece.shape == want, (piece.shape, want, spec)  # the halo arithmetic's invariant
