@@ -52,7 +52,8 @@ def lower(plan: ConvPlan, name: str, mesh: Mesh, axis_name: str,
     def block(j, stack):
       slab = pieces.emit(lhs, rhs, fixed={a: jnp.minimum(first + j, blocks - 1)})
       return lax.dynamic_update_index_in_dim(stack, slab, j, 0)
-    return block(0, stack) if m == 1 else lax.fori_loop(0, m, block, stack)
+    stack = block(0, stack)  # peeled, like the emitter's loops (lower.Pieces.emit)
+    return stack if m == 1 else lax.fori_loop(1, m, block, stack)
 
   spread = _compat.shard_map(per_device, mesh, in_specs=(P(), P()), out_specs=P(axis_name))
 
@@ -61,10 +62,9 @@ def lower(plan: ConvPlan, name: str, mesh: Mesh, axis_name: str,
       stack = spread(lhs, pieces.loop_kernel(rhs))
       with jax.named_scope("reassemble"):
         starts = jnp.asarray(out_starts)
-        out = jnp.zeros(plan.spec.out_shape, plan.spec.out_dtype)
-        out = lax.fori_loop(
-            0, blocks, lambda i, out: lax.dynamic_update_slice(out, stack[i], list(starts[i])),
-            out)
+        write = lambda i, out: lax.dynamic_update_slice(out, stack[i], list(starts[i]))
+        out = write(0, jnp.zeros(plan.spec.out_shape, plan.spec.out_dtype))
+        out = lax.fori_loop(1, blocks, write, out)
       if shard_output:
         spec = [None] * out.ndim
         spec[sharded_dim] = axis_name

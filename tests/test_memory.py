@@ -57,3 +57,21 @@ def test_gradient_temporaries_do_not_grow_with_pieces():
     assert got <= mono + 4 * max_bytes, (got, mono, max_bytes)
     assert got <= 3 * INPUT_BYTES
   assert many_bytes <= few_bytes + mono  # independent of the piece count
+
+
+def _chain(x, ws):
+  for w in ws:
+    x = jax.nn.relu(conv(x, w))
+  return x
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_chained_tiled_convs_hold_no_more_than_untiled(layers):
+  # Each tiled conv is its own loop. Their carries once started as zeros that XLA merged and then
+  # copied once per loop at program start: N layers held N activations (4 layers: 4x untiled).
+  x = jax.ShapeDtypeStruct((1, 256, 256, 32), jnp.float32)  # 8 MiB per activation
+  ws = [W] * layers
+  untiled = temp_bytes(_chain, x, ws)
+  tiled = temp_bytes(jaxtile.tile_convs(_chain, max_bytes=2**20), x, ws)
+  assert jaxtile.explain(_chain, max_bytes=2**20)(x, ws).convs[0].n_elemental > 1
+  assert tiled <= untiled + 2 * 2**20, (tiled, untiled)
