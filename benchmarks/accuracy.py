@@ -1,10 +1,15 @@
 """Error of each kind of split against the float64 NumPy reference, per dtype.
 
-    python benchmarks/accuracy.py
+    python benchmarks/accuracy.py          # forward splits
+    python benchmarks/accuracy.py --grad   # gradients in half precision vs the tile count
 
 Prints a Markdown table (docs/accuracy.md holds its last output): max abs error and relative L2
-error of the monolithic conv and of the tiled program, for a 1x64x64x64 -> 64 3x3 SAME conv.
+error of the monolithic conv and of the tiled program, for a 1x64x64x64 -> 64 3x3 SAME conv;
+with --grad, relative L2 error of d/dx and d/dw of a 1x128x128x16 -> 16 3x3 SAME conv in
+bfloat16 and float16 against the float32 gradient, untiled and at 4, 16 and 64 tiles.
 """
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -51,5 +56,30 @@ def main():
       print(f"| {jnp.dtype(dtype).name} | {name} | {pieces} | {abs_err:.2e} | {rel_l2:.2e} |")
 
 
+def gradients():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 128, 128, 16)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 16, 16)) / 12, jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((1, 128, 128, 16)), jnp.float32)
+
+  def grads(fn, x, w):
+    loss = lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32) * ct)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  want = grads(conv, x, w)
+  rel = lambda got, want: float(jnp.linalg.norm(got.astype(jnp.float32) - want)
+                                / jnp.linalg.norm(want))
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; d/dx and d/dw of "
+        f"sum(conv(x, w) * ct), conv f[1,128,128,16] * f[3,3,16,16] SAME, against float32\n")
+  print("| dtype | tiles | d/dx rel L2 | d/dw rel L2 |")
+  print("|---|---|---|---|")
+  for dtype in (jnp.bfloat16, jnp.float16):
+    for tile in (None, 64, 32, 16):
+      fn = conv if tile is None else jaxtile.tile_convs(conv, tile_shape=(tile, tile))
+      dx, dw = grads(fn, x.astype(dtype), w.astype(dtype))
+      tiles = "untiled" if tile is None else (128 // tile) ** 2
+      print(f"| {jnp.dtype(dtype).name} | {tiles} | {rel(dx, want[0]):.2e} | "
+            f"{rel(dw, want[1]):.2e} |")
+
+
 if __name__ == "__main__":
-  main()
+  gradients() if "--grad" in sys.argv[1:] else main()
