@@ -16,27 +16,96 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Callable, Mapping, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxtile import _compat
 from jaxtile import forms
-from jaxtile.plan import Axis, ConvPlan, DimKey, Run
+from jaxtile.plan import Axis, ConvPlan, DimKey, Policy, Run, decide
+from jaxtile.spec import ConvSpec
 
 Index = Union[int, jax.Array]  # a piece index: a Python int when static
 
 
-def lower(plan: ConvPlan, name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """Returns `tiled(lhs, rhs)`, equal to the conv of `plan.spec`, computed piece by piece."""
-  pieces = Pieces(plan)
+def lower(plan: ConvPlan, name: str, policy: Optional[Policy] = None
+          ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Returns `tiled(lhs, rhs)`, equal to the conv of `plan.spec`, computed piece by piece.
 
+  The loop is bound as one `jaxtile_tiled_conv` (see `tiled_conv_p`): its derivatives and batched
+  forms are the convs JAX derives, each planned under `policy` and tiled in turn (left whole
+  when `policy` is None).
+  """
   def tiled(lhs, rhs):
-    with jax.named_scope(name):
-      return pieces.emit(lhs, pieces.loop_kernel(rhs))
+    return tiled_conv_p.bind(lhs, rhs, plan=plan, name=name, policy=policy, **plan.spec.param_dict)
   return tiled
+
+
+def _emit(lhs, rhs, *, plan: ConvPlan, name: str, policy, **params):
+  pieces = Pieces(plan)
+  with jax.named_scope(name):
+    return pieces.emit(lhs, pieces.loop_kernel(rhs))
+
+
+# A tiled conv is bound as one primitive, `jaxtile_tiled_conv`, lowered to its loop (`_emit`).
+# JAX never differentiates the loop itself. Differentiating a `fori_loop` of pieces gave a
+# backward loop whose every iteration built, added and copied a full-size cotangent (the
+# transpose of a window slice inside `lax.switch`), and whose carries started as zeros that XLA
+# copied once per loop at program start: a tiled network's gradient held more than the untiled
+# one. Instead the conv's own rules apply: the conv is bilinear (JVP: the same tiled conv of
+# each tangent), and its transposes and its vmap are the convs JAX's rules emit, each planned
+# under the same policy as the user's convs (one decision point: `plan.decide`) and tiled as
+# loops of their own. `jax.grad(tile_convs(f))` thus runs what `tile_convs(jax.grad(f))` runs.
+tiled_conv_p = _compat.Primitive("jaxtile_tiled_conv")
+
+
+def _derived_conv(lhs, rhs, *, policy: Optional[Policy], name: str, **params):
+  """A conv a rule emitted: planned under `policy` like a user's conv, tiled or left whole."""
+  if policy is not None:
+    lhs_aval, rhs_aval = jax.typeof(lhs), jax.typeof(rhs)
+    out, _ = _compat.conv_general_dilated_p.abstract_eval(lhs_aval, rhs_aval, **params)
+    spec = ConvSpec.from_avals(lhs_aval, rhs_aval, out, params, source=name)
+    decision = decide(spec, policy, warn=False)
+    if decision.tiled and decision.plan.distributed_axis is None:
+      return lower(decision.plan, name, policy)(lhs, rhs)
+  return _compat.conv_general_dilated_p.bind(lhs, rhs, **params)
+
+
+def _with_derived_convs(fn: Callable, policy, name: str, *args):
+  """`fn(*args)`, each conv it binds bound by `_derived_conv`."""
+  closed = jax.make_jaxpr(fn)(*args)
+  rebind = {_compat.conv_general_dilated_p: functools.partial(_derived_conv, policy=policy,
+                                                              name=name)}
+  return _compat.eval_jaxpr_rebinding(closed, rebind, *args)
+
+
+def _transpose_rule(jax_rule, argnum: int):
+  def rule(ct, lhs, rhs, *, plan, name, policy, **params):
+    undefined = (lhs, rhs)[argnum]
+    operands = lambda other: (undefined, other) if argnum == 0 else (other, undefined)
+    (out,) = _with_derived_convs(lambda ct, other: [jax_rule(ct, *operands(other), **params)],
+                                 policy, f"{name}/transpose", ct, (rhs, lhs)[argnum])
+    return out
+  return rule
+
+
+def _batch_rule(args, dims, *, plan, name, policy, **params):
+  bound = functools.partial(_compat.conv_general_dilated_p.bind, **params)
+  (out,) = _with_derived_convs(lambda l, r: [jax.vmap(bound, in_axes=dims)(l, r)], policy,
+                               f"{name}/vmap", *args)
+  return out, 0
+
+
+_compat.define_bilinear_primitive(
+    tiled_conv_p, impl_lowering=_emit,
+    abstract_eval=lambda lhs, rhs, *, plan, name, policy, **params: (
+        _compat.conv_general_dilated_p.abstract_eval(lhs, rhs, **params)),
+    transpose_lhs=_transpose_rule(_compat.conv_transpose_lhs, 0),
+    transpose_rhs=_transpose_rule(_compat.conv_transpose_rhs, 1),
+    batch_rule=_batch_rule)
 
 
 class Pieces:

@@ -101,7 +101,7 @@ class Rewriter:
       fun = distribute.lower(plan, record.name, self.policy.mesh, self.policy.mesh_axis,
                              self.policy.shard_output)
     else:
-      fun = lower_lib.lower(plan, record.name)
+      fun = lower_lib.lower(plan, record.name, None if policy.mesh is not None else policy)
     return self._bind(eqn, fun, record.name)
 
   @staticmethod

@@ -48,7 +48,12 @@ class ConvSpec:
   def from_eqn(cls, eqn) -> ConvSpec:
     lhs, rhs = (v.aval for v in eqn.invars)
     (out,) = (v.aval for v in eqn.outvars)
-    p = eqn.params
+    return cls.from_avals(lhs, rhs, out, eqn.params,
+                          _compat.user_source_line(eqn.source_info))
+
+  @classmethod
+  def from_avals(cls, lhs, rhs, out, p, source: str = "<unknown>") -> ConvSpec:
+    """The spec of a conv with operands `lhs`, `rhs`, output `out` (shaped values) and params."""
     dn = p["dimension_numbers"]
     return cls(
         lhs_shape=tuple(lhs.shape), rhs_shape=tuple(rhs.shape), out_shape=tuple(out.shape),
@@ -61,7 +66,7 @@ class ConvSpec:
         feature_group_count=int(p["feature_group_count"]),
         batch_group_count=int(p["batch_group_count"]),
         params=tuple(sorted(p.items())),
-        source=_compat.user_source_line(eqn.source_info),
+        source=source,
     )
 
   # Roles. The lhs batch holds `batch_group_count` groups of `batch` rows each; features hold

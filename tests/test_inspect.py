@@ -361,8 +361,8 @@ def test_check_without_windows_skips_big_convs(monkeypatch):
 def test_check_finds_a_wrong_tiling(monkeypatch):
   real_lower = lower_lib.lower
 
-  def off_by_a_bit(plan, name):
-    tiled = real_lower(plan, name)
+  def off_by_a_bit(plan, name, policy=None):
+    tiled = real_lower(plan, name, policy)
     return lambda lhs, rhs: tiled(lhs, rhs) * 1.01
   monkeypatch.setattr(lower_lib, "lower", off_by_a_bit)
   x, w = _normal(0, (1, 2, 16)), _normal(1, (2, 2, 3))
