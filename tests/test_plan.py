@@ -82,6 +82,37 @@ def test_refine_splits_channels_when_the_kernel_dominates():
   assert plan.tile_bytes() <= spec.working_bytes() // 4
 
 
+def test_small_3d_conv_at_a_small_budget_gets_fewer_larger_pieces():
+  """The planner weighs per-piece cost: fewer pieces than halving alone, still within budget."""
+  dn = ("NDHWC", "DHWIO", "NDHWC")
+  spec = _spec((1, 8, 14, 14, 64), (3, 3, 3, 64, 96), window_strides=(1, 1, 1), padding="SAME",
+               dimension_numbers=dn)
+  budget = 96 * 2**10
+  halving_only = plan_lib.refine(plan_lib.monolithic_plan(spec), budget)
+  decision = plan_lib.decide(spec, plan_lib.Policy(max_bytes=budget), warn=False)
+  assert decision.tiled and not decision.over_budget
+  assert decision.plan.tile_bytes() <= budget
+  assert decision.plan.n_elemental < halving_only.n_elemental  # 192 pieces instead of 256
+  assert (plan_lib.modelled_seconds(decision.plan)
+          < plan_lib.modelled_seconds(halving_only))
+  # Which convs are tiled does not change: the conv fits whole at its working set.
+  assert not plan_lib.decide(spec, plan_lib.Policy(max_bytes=spec.working_bytes())).tiled
+
+
+def test_fewer_larger_pieces_compute_the_same_conv():
+  """Blocks that are not powers of two (ragged reductions, overlapping last tiles) stay exact."""
+  dn = ("NDHWC", "DHWIO", "NDHWC")
+  f = lambda x, w: lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=dn)
+  x = jax.random.normal(jax.random.key(0), (1, 4, 14, 14, 32))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 32, 48))
+  budget = 24 * 2**10
+  spec = _spec(x.shape, w.shape, window_strides=(1, 1, 1), padding="SAME", dimension_numbers=dn)
+  plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=budget), warn=False).plan
+  assert plan.n_elemental < plan_lib.refine(plan_lib.monolithic_plan(spec), budget).n_elemental
+  got = jax.jit(jaxtile.tile_convs(f, max_bytes=budget))(x, w)
+  np.testing.assert_allclose(got, f(x, w), rtol=2e-5, atol=2e-4)
+
+
 def test_plan_never_exceeds_int32_elements():
   spec = _spec((1, 4, 32768, 32768), (4, 4, 1, 1), window_strides=(1, 1), padding="VALID")
   decision = plan_lib.decide(spec, plan_lib.Policy(max_bytes=2**62))
