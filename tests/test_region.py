@@ -1,0 +1,357 @@
+"""Region tiling: chains of spatially local ops run as one loop over output tiles.
+
+`tile_convs(f, fuse=True)` groups a chain of convs and the elementwise ops between them into one
+loop, so intermediates live one tile at a time; `fuse=False` tiles each conv on its own. Every
+result is checked against the untiled program, `jax.jit(f)`, never against a hand derivation.
+
+XLA:CPU misreads a float conv whose padding is negative on the low side and positive on the high
+side (openxla/xla#48713, see docs/guide.md). A conv left monolithic is XLA's, so the untiled
+program itself would be wrong there: the chains below draw negative padding only in the other
+combinations ((-1, -1), (-1, 0), (hi >= 0, -1)), and the untiled program stays a valid oracle.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+from jax import lax
+
+import jaxtile
+
+RTOL = ATOL = 1e-5  # float32: tiled vs untiled differ only by summation order
+GRAD_TOL = 1e-4
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "tanh": jnp.tanh,
+    "silu": jax.nn.silu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "identity": lambda y: y,
+}
+
+#: (lhs, rhs, out) specs per (spatial rank, channels last).
+LAYOUTS = {
+    (1, True): ("NWC", "WIO", "NWC"),
+    (1, False): ("NCW", "OIW", "NCW"),
+    (2, True): ("NHWC", "HWIO", "NHWC"),
+    (2, False): ("NCHW", "OIHW", "NCHW"),
+}
+
+CHANNELS = 4
+
+Padding = Union[str, tuple[tuple[int, int], ...]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chain networks: conv -> optional bias -> activation, repeated; channels stay CHANNELS.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  kernel: tuple[int, ...]
+  strides: tuple[int, ...]
+  rhs_dilation: tuple[int, ...]
+  padding: Padding
+  groups: int = 1
+  bias: bool = True
+  activation: str = "relu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+  channels_last: bool
+  batch: int
+  spatial: tuple[int, ...]
+  layers: tuple[Layer, ...]
+  seed: int = 0
+
+  @property
+  def rank(self) -> int:
+    return len(self.spatial)
+
+  @property
+  def layout(self) -> tuple[str, str, str]:
+    return LAYOUTS[self.rank, self.channels_last]
+
+  def lhs_shape(self, batch: Optional[int] = None) -> tuple[int, ...]:
+    n = self.batch if batch is None else batch
+    if self.channels_last:
+      return (n, *self.spatial, CHANNELS)
+    return (n, CHANNELS, *self.spatial)
+
+  def rhs_shape(self, layer: Layer) -> tuple[int, ...]:
+    if self.channels_last:  # "WIO" / "HWIO"
+      return (*layer.kernel, CHANNELS // layer.groups, CHANNELS)
+    return (CHANNELS, CHANNELS // layer.groups, *layer.kernel)  # "OIW" / "OIHW"
+
+  def bias_shape(self) -> tuple[int, ...]:
+    if self.channels_last:
+      return (1,) * (self.rank + 1) + (CHANNELS,)
+    return (1, CHANNELS) + (1,) * self.rank
+
+  def fn(self) -> Callable:
+    """`f(x, *params)`: params are each layer's kernel, then its bias if it has one."""
+    layout, bias_shape = self.layout, self.bias_shape()
+
+    def f(x, *params):
+      params = iter(params)
+      for layer in self.layers:
+        x = lax.conv_general_dilated(
+            x, next(params), window_strides=layer.strides, padding=layer.padding,
+            rhs_dilation=layer.rhs_dilation, dimension_numbers=layout,
+            feature_group_count=layer.groups)
+        if layer.bias:
+          x = x + next(params).reshape(bias_shape)
+        x = ACTIVATIONS[layer.activation](x)
+      return x
+
+    return f
+
+  def param_shapes(self) -> list[tuple[int, ...]]:
+    shapes = []
+    for layer in self.layers:
+      shapes.append(self.rhs_shape(layer))
+      if layer.bias:
+        shapes.append((CHANNELS,))
+    return shapes
+
+  def operands(self, batch: Optional[int] = None):
+    """Input and params; kernels scaled by 1/sqrt(fan-in) so activations stay about 1."""
+    rng = np.random.default_rng(self.seed)
+    x = rng.standard_normal(self.lhs_shape(batch)).astype(np.float32)
+    params = []
+    for shape in self.param_shapes():
+      if len(shape) == 1:  # bias
+        params.append((0.5 * rng.standard_normal(shape)).astype(np.float32))
+      else:
+        fan_in = math.prod(shape) // CHANNELS
+        params.append((rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32))
+    return jnp.asarray(x), [jnp.asarray(p) for p in params]
+
+  def activation_shapes(self) -> Optional[list[tuple[int, ...]]]:
+    """The input's shape and every layer's output shape; None if some layer has no output."""
+    shapes = [self.lhs_shape()]
+    for layer in self.layers:
+      spatial = shapes[-1][1:-1] if self.channels_last else shapes[-1][2:]
+      single = dataclasses.replace(self, spatial=spatial, layers=(layer,))
+      args = [jax.ShapeDtypeStruct(s, jnp.float32)
+              for s in [single.lhs_shape(), *single.param_shapes()]]
+      try:
+        out = jax.eval_shape(single.fn(), *args).shape
+      except (TypeError, ValueError):  # padded input smaller than the dilated kernel
+        return None
+      if min(out) < 1:
+        return None
+      shapes.append(tuple(out))
+    return shapes
+
+  def budget(self) -> int:
+    """A quarter of the largest activation's bytes: every conv touching it must be tiled."""
+    largest = max(math.prod(s) for s in self.activation_shapes()) * 4  # float32
+    return largest // 4
+
+
+def pad_pairs(rank: int):
+  # Not lo < 0 < hi: XLA:CPU misreads those in the untiled program (see the module docstring).
+  pair = st.tuples(st.integers(-1, 3), st.integers(-1, 3)).filter(lambda p: not p[0] < 0 < p[1])
+  return st.tuples(*[pair] * rank)
+
+
+@st.composite
+def layers(draw, rank: int) -> Layer:
+  per_dim = lambda values: st.tuples(*[st.sampled_from(values)] * rank)
+  return Layer(
+      kernel=draw(per_dim([1, 2, 3, 4])),
+      strides=draw(per_dim([1, 2])),
+      rhs_dilation=draw(per_dim([1, 2])),
+      padding=draw(st.one_of(st.sampled_from(["SAME", "VALID"]), pad_pairs(rank))),
+      groups=draw(st.sampled_from([1, 2])),
+      bias=draw(st.booleans()),
+      activation=draw(st.sampled_from(sorted(ACTIVATIONS))))
+
+
+@st.composite
+def chains(draw) -> Chain:
+  rank = draw(st.sampled_from([1, 2]))
+  chain = Chain(
+      channels_last=draw(st.booleans()),
+      batch=draw(st.integers(1, 2)),
+      spatial=draw(st.tuples(*[st.integers(16, 40)] * rank)),
+      layers=tuple(draw(st.lists(layers(rank), min_size=2, max_size=5))),
+      seed=draw(st.integers(0, 2**16)))
+  assume(chain.activation_shapes() is not None)
+  return chain
+
+
+def assert_matches_untiled(chain: Chain, max_bytes: int, fuse, x=None, params=None):
+  f = chain.fn()
+  if x is None:
+    x, params = chain.operands()
+  want = jax.jit(f)(x, *params)
+  got = jax.jit(jaxtile.tile_convs(f, max_bytes=max_bytes, fuse=fuse))(x, *params)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=f"fuse={fuse!r} {chain}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Random chains, fused and per conv, against the untiled program.
+# ---------------------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(chains())
+def test_random_chains_match_untiled(chain):
+  f, max_bytes = chain.fn(), chain.budget()
+  x, params = chain.operands()
+  report = jaxtile.explain(f, max_bytes=max_bytes)(x, *params)
+  assert any(c.tiled for c in report.convs), str(report)
+  for fuse in (True, False):
+    assert_matches_untiled(chain, max_bytes, fuse, x, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Derivatives through a fused chain.
+# ---------------------------------------------------------------------------------------------
+# Chain(channels_last, batch, spatial, layers), Layer(kernel, strides, rhs_dilation, padding, ...).
+GRAD_CHAINS = {
+    "strided": Chain(True, 1, (24, 20), (
+        Layer((3, 3), (2, 2), (1, 1), "SAME", activation="relu"),
+        Layer((3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), activation="tanh"),
+        Layer((4, 3), (2, 1), (1, 1), ((1, 2), (2, 1)), activation="silu"),
+    ), seed=1),
+    "dilated_negative_padding": Chain(False, 1, (26, 22), (
+        Layer((3, 3), (1, 1), (2, 2), ((2, 2), (2, 2)), activation="relu"),
+        Layer((3, 3), (1, 1), (2, 1), ((-1, -1), (1, -1)), activation="leaky_relu"),
+        Layer((2, 3), (1, 1), (1, 2), ((-1, 0), (3, -1)), activation="tanh"),
+    ), seed=2),
+    "groups_gelu": Chain(False, 2, (48,), (
+        Layer((3,), (1,), (1,), "SAME", groups=2, activation="gelu"),
+        Layer((1,), (1,), (1,), "VALID", groups=1, bias=False, activation="gelu"),
+        Layer((4,), (2,), (1,), ((2, 1),), groups=2, activation="gelu"),
+    ), seed=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CHAINS))
+def test_gradients_through_a_fused_chain_match_untiled(name):
+  chain = GRAD_CHAINS[name]
+  f, max_bytes = chain.fn(), chain.budget()
+  x, params = chain.operands()
+  assert any(c.tiled for c in jaxtile.explain(f, max_bytes=max_bytes)(x, *params).convs)
+  ct = jnp.asarray(np.random.default_rng(7).standard_normal(
+      jax.eval_shape(f, x, *params).shape).astype(np.float32))
+  argnums = tuple(range(1 + len(params)))
+
+  def grad(fun):
+    return jax.jit(jax.grad(lambda *args: jnp.sum(fun(*args) * ct), argnums=argnums))
+
+  want = grad(f)(x, *params)
+  got = grad(jaxtile.tile_convs(f, max_bytes=max_bytes, fuse=True))(x, *params)
+  assert len(got) == len(want) == 1 + len(params)
+  for i, (g, w) in enumerate(zip(got, want)):
+    np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL,
+                               err_msg=f"{name}: gradient w.r.t. argument {i}")
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CHAINS))
+def test_vmap_of_a_fused_chain_matches_untiled(name):
+  chain = GRAD_CHAINS[name]
+  f, max_bytes = chain.fn(), chain.budget()
+  x, params = chain.operands()
+  xs = jnp.stack([x, -0.5 * x, x[::-1]])  # a leading batch of 3 inputs
+  in_axes = (0,) + (None,) * len(params)
+  want = jax.jit(jax.vmap(f, in_axes))(xs, *params)
+  got = jax.jit(jax.vmap(jaxtile.tile_convs(f, max_bytes=max_bytes, fuse=True), in_axes))(
+      xs, *params)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Borders: an intermediate outside the image is the next conv's zero padding, not
+#    relu(bias + ...) computed there.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("fuse", [True, False, "auto"])
+def test_same_padding_chain_is_exact_at_image_borders(fuse, channels_last):
+  same = Layer((3, 3), (1, 1), (1, 1), "SAME", activation="relu")
+  chain = Chain(channels_last, 1, (37, 29), (same,) * 3, seed=4)
+  x, params = chain.operands()
+  params = [jnp.full_like(p, 5.0) if p.ndim == 1 else p for p in params]  # large biases
+  max_bytes = 4096  # an activation is 17168 bytes: several tiles per conv
+  report = jaxtile.explain(chain.fn(), max_bytes=max_bytes)(x, *params)
+  assert any(c.tiled and c.n_elemental > 1 for c in report.convs), str(report)
+  assert_matches_untiled(chain, max_bytes, fuse, x, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Memory, from XLA's buffer assignment (deterministic; nothing is allocated).
+# ---------------------------------------------------------------------------------------------
+def temp_bytes(fn, *args) -> int:
+  stats = jax.jit(fn).lower(*args).compile().memory_analysis()
+  if stats is None:
+    pytest.skip("this backend reports no memory analysis")
+  return stats.temp_size_in_bytes
+
+
+MiB = 2**20
+
+
+def _deep_chain(x, ws):
+  for w in ws:
+    x = jax.nn.relu(lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  return x
+
+
+_DEEP_ARGS = (jax.ShapeDtypeStruct((1, 512, 512, 32), jnp.float32),  # 32 MiB per activation
+              [jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32)] * 8)
+
+
+@pytest.fixture(scope="module")
+def deep_chain_untiled_bytes():
+  return temp_bytes(_deep_chain, *_DEEP_ARGS)
+
+
+def test_fused_chain_holds_tiles_not_activations(deep_chain_untiled_bytes):
+  untiled = deep_chain_untiled_bytes
+  assert untiled >= 32 * MiB, untiled
+  tiled = temp_bytes(jaxtile.tile_convs(_deep_chain, max_bytes=MiB, fuse=True), *_DEEP_ARGS)
+  assert tiled <= 8 * MiB, (tiled, untiled)
+  assert tiled <= untiled // 4, (tiled, untiled)
+
+
+def test_per_conv_tiling_holds_no_more_than_untiled(deep_chain_untiled_bytes):
+  untiled = deep_chain_untiled_bytes
+  tiled = temp_bytes(jaxtile.tile_convs(_deep_chain, max_bytes=MiB, fuse=False), *_DEEP_ARGS)
+  assert tiled <= untiled + 2 * MiB, (tiled, untiled)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Validation of `fuse`.
+# ---------------------------------------------------------------------------------------------
+def _conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME")
+
+
+@pytest.mark.parametrize("fuse", [True, False, "auto"])
+def test_fuse_accepts_true_false_and_auto(fuse):
+  assert callable(jaxtile.tile_convs(_conv, fuse=fuse))
+
+
+def test_bad_fuse_value_raises_value_error_naming_it():
+  for call in (lambda: jaxtile.tile_convs(_conv, fuse="yes"),
+               lambda: jaxtile.tile_convs(fuse="yes")):
+    with pytest.raises(ValueError, match="fuse") as info:
+      call()
+    assert "yes" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("fuse", [1, 0])
+def test_non_bool_fuse_raises_naming_it(fuse):
+  # 1 == True and 0 == False, but an int is not a bool: as for strict= and shard_output=.
+  with pytest.raises((TypeError, ValueError), match="fuse"):
+    jaxtile.tile_convs(_conv, fuse=fuse)
