@@ -115,6 +115,21 @@ def define_bilinear_primitive(prim, *, impl_lowering: Callable, abstract_eval: C
   _batching.primitive_batchers[prim] = batch_rule
 
 
+def define_primitive(prim, *, impl_lowering: Callable, abstract_eval: Callable, jvp: Callable,
+                     batch_rule: Callable) -> None:
+  """Registers a primitive with its impl and lowering (`impl_lowering` traced), JVP and
+  batching rules."""
+  prim.def_impl(functools.partial(_dispatch.apply_primitive, prim))
+  prim.def_effectful_abstract_eval(abstract_eval)
+  _mlir.register_lowering(prim, _mlir.lower_fun(impl_lowering, multiple_results=False))
+  _ad.primitive_jvps[prim] = jvp
+  _batching.primitive_batchers[prim] = batch_rule
+
+
+Literal = jex.core.Literal
+Zero = _ad.Zero
+
+
 def eval_jaxpr_rebinding(closed: ClosedJaxpr, rebind: dict, *args) -> list:
   """Evaluates `closed` on `args`, binding each equation of a primitive in `rebind` with
   `rebind[primitive](*inputs, **params)` instead."""

@@ -117,7 +117,7 @@ MESH_AXIS = "jaxtile"
 
 def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block=None,
                 tier="auto", strict=False, devices=None, mesh_axis=None,
-                shard_output=False) -> Callable[[], plan_lib.Policy]:
+                shard_output=False, fuse="auto") -> Callable[[], plan_lib.Policy]:
   """Validates the policy arguments now; returns a thunk giving the `Policy` at trace time.
 
   `max_bytes=None` resolves on the device at trace time, so the default follows the device.
@@ -135,6 +135,8 @@ def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block
   if not isinstance(shard_output, bool):
     raise TypeError(f"tile_convs: shard_output must be a bool, but got "
                     f"shard_output={shard_output!r}.")
+  if not (isinstance(fuse, bool) or fuse == "auto"):
+    raise ValueError(f"tile_convs: fuse must be True, False or 'auto', but got fuse={fuse!r}.")
   mesh, mesh_axis = _mesh(devices, mesh_axis)
   if shard_output and mesh is None:
     raise ValueError("tile_convs: shard_output=True needs devices=, but got devices=None.")
@@ -142,7 +144,7 @@ def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block
   def resolve() -> plan_lib.Policy:
     return plan_lib.Policy(max_bytes or default_max_bytes(), tile_shape, channel_block,
                            batch_block, tier, strict, mesh, mesh_axis, shard_output,
-                           jax.devices()[0].device_kind)
+                           jax.devices()[0].device_kind, fuse)
   return resolve
 
 
@@ -265,9 +267,14 @@ class Recorder(rewrite_lib.Rewriter):
     self.note_layer(eqn)
     return super().conv(eqn)
 
+  def region(self, plan) -> _compat.JaxprEqn:
+    for e in plan.convs:
+      self.note_layer(e)
+    return super().region(plan)
+
   def report(self, described: str) -> report_lib.Report:
     return report_lib.Report.from_records(self.records, self.policy, self.layers, described,
-                                          tuple(self.already_tiled))
+                                          tuple(self.already_tiled), self.regions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +404,7 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
                batch_block: Optional[int] = None, tier: str = "auto", strict: bool = False,
                devices: Union[Sequence[jax.Device], Mesh, None] = None,
                mesh_axis: Optional[str] = None, shard_output: bool = False,
+               fuse: Union[bool, str] = "auto",
                static_argnums: Union[int, Sequence[int]] = (),
                static_argnames: Union[str, Sequence[str]] = ()) -> Callable:
   """Rewrites every oversized convolution in `fun` into tiles that fit `max_bytes`.
@@ -432,6 +440,11 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
     mesh_axis: the axis of a multi-axis Mesh `devices` to divide pieces along.
     shard_output: leave each distributed conv's output sharded over the devices along the
       dimension its pieces were divided on (for the next layer), instead of unconstrained.
+    fuse: tile chains of spatially local ops (a conv, then convs and elementwise ops such as
+      bias and activations) as one loop over output tiles, so their intermediates live one tile
+      at a time (`jaxtile.region`). "auto" (default) fuses regions that hold an oversized conv,
+      True every region of two or more convs, cutting where recomputed halos would more than
+      double a region's multiply-adds; False tiles every conv on its own.
     static_argnums, static_argnames: arguments treated as static whole, as in `jax.jit`.
 
   Returns:
@@ -447,13 +460,13 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
     (1, 8, 64, 64)
   """
   policy = make_policy(max_bytes, tile_shape, channel_block, batch_block, tier, strict, devices,
-                       mesh_axis, shard_output)
+                       mesh_axis, shard_output, fuse)
   static_argnums, static_argnames = _static_args(static_argnums, static_argnames)
   if fun is None:
     return functools.partial(
         tile_convs, max_bytes=max_bytes, tile_shape=tile_shape, channel_block=channel_block,
         batch_block=batch_block, tier=tier, strict=strict, devices=devices,
-        mesh_axis=mesh_axis, shard_output=shard_output, static_argnums=static_argnums,
+        mesh_axis=mesh_axis, shard_output=shard_output, fuse=fuse, static_argnums=static_argnums,
         static_argnames=static_argnames)
   if not callable(fun):
     raise TypeError(f"tile_convs: fun must be callable, but got {fun!r}.")
@@ -476,7 +489,7 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
   wrapper.__jaxtile_tiled__ = _Tiled(
       wrapper, fun, dict(max_bytes=max_bytes, tile_shape=tile_shape, channel_block=channel_block,
                          batch_block=batch_block, tier=tier, strict=strict, devices=devices,
-                         mesh_axis=mesh_axis, shard_output=shard_output),
+                         mesh_axis=mesh_axis, shard_output=shard_output, fuse=fuse),
       static_argnums, static_argnames)
   return wrapper
 

@@ -62,7 +62,7 @@ def _emit(lhs, rhs, *, plan: ConvPlan, name: str, policy, **params):
 tiled_conv_p = _compat.Primitive("jaxtile_tiled_conv")
 
 
-def _derived_conv(lhs, rhs, *, policy: Optional[Policy], name: str, **params):
+def derived_conv(lhs, rhs, *, policy: Optional[Policy], name: str, **params):
   """A conv a rule emitted: planned under `policy` like a user's conv, tiled or left whole."""
   if policy is not None:
     lhs_aval, rhs_aval = jax.typeof(lhs), jax.typeof(rhs)
@@ -75,9 +75,9 @@ def _derived_conv(lhs, rhs, *, policy: Optional[Policy], name: str, **params):
 
 
 def _with_derived_convs(fn: Callable, policy, name: str, *args):
-  """`fn(*args)`, each conv it binds bound by `_derived_conv`."""
+  """`fn(*args)`, each conv it binds bound by `derived_conv`."""
   closed = jax.make_jaxpr(fn)(*args)
-  rebind = {_compat.conv_general_dilated_p: functools.partial(_derived_conv, policy=policy,
+  rebind = {_compat.conv_general_dilated_p: functools.partial(derived_conv, policy=policy,
                                                               name=name)}
   return _compat.eval_jaxpr_rebinding(closed, rebind, *args)
 

@@ -832,6 +832,7 @@ class Policy:
   mesh_axis: Optional[str] = None  # this axis of it
   shard_output: bool = False  # leave each distributed conv's output sharded along its split dim
   device_kind: str = ""  # where plans are tuned for (`jaxtile.autotune`)
+  fuse: Any = "auto"  # tile chains of local ops as regions (`jaxtile.region`): True/False/"auto"
 
   @property
   def n_devices(self) -> int:

@@ -147,6 +147,7 @@ class ConvReport:
   scope: str = ""  # module path from JAX's name stack ("UNet/ConvBlock_0/Conv_1"), "" if none
   call_site: str = ""  # the innermost user frame that is not a helper (see "Which layer")
   plan: Optional[plan_lib.ConvPlan] = dataclasses.field(repr=False, compare=False, default=None)
+  region: Optional[str] = None  # the region whose fused loop computes this conv (see `regions`)
 
   @property
   def layer(self) -> str:
@@ -171,7 +172,44 @@ class ConvReport:
         extra_flops_percent=costs.extra_flops_percent,
         padding_waste_percent=costs.padding_waste_percent,
         pieces_per_device=tuple(plan.pieces_per_device),
-        scope=layer.scope if layer else "", call_site=call_site or spec.source, plan=plan)
+        scope=layer.scope if layer else "", call_site=call_site or spec.source, plan=plan,
+        region=record.region)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionReport:
+  """A chain of local ops tiled as one loop (`jaxtile.region`): its convs and equations, its
+  output tiles, and what the recomputed halos cost.
+
+  `halo` is, per spatial dim, how much wider the region input's window is than the tile's own
+  footprint on it (the receptive field of a tile, grown layer by layer); `extra_macs_percent` the
+  multiply-adds spent recomputing overlapping windows, relative to the untiled convs.
+  """
+  name: str
+  convs: tuple[str, ...]
+  n_eqns: int
+  tiles: tuple[int, ...]  # output tiles per spatial dim
+  tile_shape: tuple[int, ...]
+  halo: tuple[int, ...]
+  tile_bytes: int
+  extra_macs_percent: float
+
+  @classmethod
+  def of(cls, plan, conv_names) -> RegionReport:
+    x, out = plan.input, plan.output
+    return cls(
+        name=plan.name, convs=tuple(conv_names), n_eqns=len(plan.eqns),
+        tiles=tuple(-(-n // t) for n, t in zip(plan.extent[out], plan.tile)),
+        tile_shape=plan.tile,
+        halo=tuple(w - t * s for w, t, s in zip(plan.width[x], plan.tile, plan.scale[x])),
+        tile_bytes=plan.tile_bytes, extra_macs_percent=plan.extra_macs_percent)
+
+  def describe(self) -> str:
+    return (f"{short_name(self)}: {', '.join(c.removeprefix('jaxtile/') for c in self.convs)} "
+            f"and {self.n_eqns - len(self.convs)} elementwise ops fused, "
+            f"{'x'.join(map(str, self.tiles))} tiles of {'x'.join(map(str, self.tile_shape))}, "
+            f"halo {'x'.join(map(str, self.halo))}, {plan_lib.format_bytes(self.tile_bytes)} "
+            f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,15 +283,20 @@ class Report:
   tier: str
   policy: str = ""
   already_tiled: tuple[str, ...] = ()
+  regions: tuple[RegionReport, ...] = ()
 
   @classmethod
   def from_records(cls, records, policy: plan_lib.Policy,
                    layers: Optional[list[Optional[Layer]]] = None, described: str = "",
-                   already_tiled: tuple[str, ...] = ()) -> Report:
+                   already_tiled: tuple[str, ...] = (), regions=()) -> Report:
     layers = layers or [None] * len(records)
     convs = [ConvReport.from_record(r, layer, site)
              for r, layer, site in zip(records, layers, call_sites(layers))]
-    return cls(convs, policy.max_bytes, policy.tier, described, tuple(already_tiled))
+    region_reports = tuple(
+        RegionReport.of(plan, [r.name for r in records if r.region == plan.name])
+        for plan in regions)
+    return cls(convs, policy.max_bytes, policy.tier, described, tuple(already_tiled),
+               region_reports)
 
   @property
   def tiled(self) -> list[ConvReport]:
@@ -379,10 +422,11 @@ class Report:
           "conv": [short_name(c) for c in self.convs],
           "out": [spec_lib.short_aval(c.out_shape, c.dtype) for c in self.convs],
           "size": [plan_lib.format_bytes(c.working_bytes) for c in self.convs],
-          "pieces": [str(c.n_elemental) for c in self.convs],
+          "pieces": [str(c.n_elemental) if not c.region else "-" for c in self.convs],
           "split": [_split(c) for c in self.convs],
-          "piece": [_piece(c) for c in self.convs],
-          "+read%": [f"{c.extra_input_percent:.1f}" if c.tiled else "-" for c in self.convs]}
+          "piece": [_piece(c) if not c.region else "-" for c in self.convs],
+          "+read%": [f"{c.extra_input_percent:.1f}" if c.tiled and not c.region else "-"
+                     for c in self.convs]}
       if distributed:
         columns["devices"] = [_per_device(c.pieces_per_device) if c.tiled else "-"
                               for c in self.convs]
@@ -399,6 +443,8 @@ class Report:
           "neighbouring tiles, the input read again per output-channel block)"
           + ("; +MACs%: extra multiply-adds (overlapping last tiles); pad%: multiply-adds on "
              "zero padding" if wide else "") + ".", width)
+    for region in self.regions:
+      lines += textwrap.wrap(region.describe(), width, subsequent_indent="  ")
     if any(c.over_budget for c in self.convs):
       lines += textwrap.wrap("over: even the finest split reachable is above max_bytes (or the "
                              "2**31-1 element limit); the conv's reason says which.", width)
@@ -412,7 +458,11 @@ _LAYER_ROOM = 36  # columns the narrow table tries to keep for the layer
 
 
 def short_name(c) -> str:
-  return c.name.removeprefix("jaxtile/")
+  return short_name_of(c.name)
+
+
+def short_name_of(name: str) -> str:
+  return name.removeprefix("jaxtile/")
 
 
 def _piece(c: ConvReport) -> str:
@@ -421,6 +471,8 @@ def _piece(c: ConvReport) -> str:
 
 def _split(c: ConvReport) -> str:
   """`whole`, or the split in brief: `tiles 8x1 in/2 out/4 batch/2 kernel 2x1`."""
+  if c.region:
+    return short_name_of(c.region)
   if not c.tiled:
     return "whole"
   parts = []

@@ -9,7 +9,7 @@ equations stay valid as they are.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -20,6 +20,7 @@ from jaxtile import distribute
 from jaxtile import lower as lower_lib
 from jaxtile import plan as plan_lib
 from jaxtile import reference
+from jaxtile import region as region_lib
 from jaxtile.spec import ConvSpec
 
 
@@ -29,6 +30,7 @@ class ConvRecord:
   index: int
   spec: ConvSpec
   decision: plan_lib.Decision
+  region: Optional[str] = None  # the region whose loop computes this conv, if any
 
   @property
   def name(self) -> str:
@@ -41,6 +43,7 @@ class Rewriter:
   def __init__(self, policy: plan_lib.Policy):
     self.policy = policy
     self.records: list[ConvRecord] = []
+    self.regions: list[region_lib.RegionPlan] = []
     self._spmd_depth = 0  # > 0 inside the user's own pmap/shard_map: convs are per-device there
 
   def closed_jaxpr(self, closed: _compat.ClosedJaxpr) -> _compat.ClosedJaxpr:
@@ -48,10 +51,50 @@ class Rewriter:
     return closed if jaxpr is closed.jaxpr else _compat.ClosedJaxpr(jaxpr, closed.consts)
 
   def jaxpr(self, jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
-    eqns = [self.conv(e) if _compat.is_conv(e) else self.nested(e) for e in jaxpr.eqns]
-    if all(a is b for a, b in zip(eqns, jaxpr.eqns)):
+    regions = {id(r.eqns[-1]): r for r in self._regions(jaxpr)}
+    fused = {id(e) for r in regions.values() for e in r.eqns}
+    eqns = []
+    for e in jaxpr.eqns:
+      if id(e) in regions:  # a region's loop stands where its last equation stood
+        eqns.append(self.region(regions[id(e)]))
+      elif id(e) not in fused:
+        eqns.append(self.conv(e) if _compat.is_conv(e) else self.nested(e))
+    if len(eqns) == len(jaxpr.eqns) and all(a is b for a, b in zip(eqns, jaxpr.eqns)):
       return jaxpr
     return _compat.replace_jaxpr(jaxpr, eqns=eqns)
+
+  def _regions(self, jaxpr: _compat.Jaxpr) -> list[region_lib.RegionPlan]:
+    """The regions this policy tiles in `jaxpr`: chains with an oversized conv ("auto")."""
+    policy = self.policy
+    if policy.fuse is False or policy.tier in ("native", "reference") or policy.mesh is not None:
+      return []
+    regions = []
+    for members in region_lib.find_regions(jaxpr):
+      convs = [jaxpr.eqns[i] for i in members if _compat.is_conv(jaxpr.eqns[i])]
+      if policy.tier == "auto" and policy.fuse == "auto" and all(
+          not plan_lib.decide(ConvSpec.from_eqn(e), policy, warn=False).tiled for e in convs):
+        continue
+      regions += region_lib.split_chain(jaxpr, members, policy,
+                                        len(self.regions) + len(regions))
+    return regions
+
+  def region(self, plan: region_lib.RegionPlan) -> _compat.JaxprEqn:
+    """One loop over the region's output tiles, bound in place of its equations."""
+    self.regions.append(plan)
+    for e in plan.convs:
+      spec = ConvSpec.from_eqn(e)
+      self.records.append(ConvRecord(len(self.records), spec,
+                                     plan_lib.decide(spec, self.policy, warn=False),
+                                     region=plan.name))
+    logging.info("jaxtile: %s: %d equations (%d convs) in %d tiles of %s, %.1f%% extra MACs",
+                 plan.name, len(plan.eqns), len(plan.convs), plan.n_tiles, plan.tile,
+                 plan.extra_macs_percent)
+    fun = lambda x, *smalls: region_lib.bind(plan, x, *smalls)
+    fun.__name__ = plan.name.replace("/", "_")
+    invars = [plan.input, *plan.smalls]
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in invars]
+    return _compat.traced_call_eqn(fun, avals, invars, [plan.output],
+                                   plan.eqns[-1].source_info)
 
   def nested(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
     spmd = _compat.is_spmd(eqn)

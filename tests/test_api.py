@@ -273,8 +273,12 @@ def test_tier_tiled_plans_every_conv():
   # Planned against max_bytes: a budget below each conv's working set tiles both.
   small = jaxtile.explain(_two_convs, tier="tiled", max_bytes=2**13)(*args)
   assert all(c.tiled and c.n_elemental > 1 and c.tile_bytes <= 2**13 for c in small.convs)
-  tiled = tile_convs(_two_convs, tier="tiled", max_bytes=2**13)
+  tiled = tile_convs(_two_convs, tier="tiled", max_bytes=2**13, fuse=False)
   assert _tiled_calls(tiled, *args) == ["jaxtile_conv0", "jaxtile_conv1"]
+  # By default the two convs and the tanh between them are one region: one loop over tiles.
+  fused = jaxtile.explain(_two_convs, tier="tiled", max_bytes=2**13)(*args)
+  assert [r.convs for r in fused.regions] == [("jaxtile/conv0", "jaxtile/conv1")]
+  assert_same(tile_convs(_two_convs, tier="tiled", max_bytes=2**13)(*args), _two_convs(*args))
   np.testing.assert_allclose(tiled(*args), _two_convs(*args), rtol=1e-5, atol=1e-5)
 
 

@@ -93,7 +93,7 @@ def _tiled_calls(fun, *args, **kwargs):
   """
   closed = jax.make_jaxpr(fun)(*args, **kwargs)
   return sorted({str(e.params["name"]) for e in _walk_eqns(closed)
-                 if str(e.params.get("name", "")).startswith("jaxtile_conv")})
+                 if str(e.params.get("name", "")).startswith(("jaxtile_conv", "jaxtile_region"))})
 
 
 ONE = ["jaxtile_conv0"]
@@ -448,8 +448,13 @@ def test_flax_linen_model():
   assert all(c.tile_bytes <= budget for c in report.convs), str(report)
   # The source is the user's model, not flax's Conv layer.
   assert all(__file__.rsplit("/", 1)[-1] in c.source for c in report.convs), str(report)
+  # conv -> bias -> relu -> conv -> bias: one region, one loop over tiles; or a loop per conv.
+  assert [r.convs for r in report.regions] == [("jaxtile/conv0", "jaxtile/conv1")]
+  per_conv = jax.jit(tile_convs(model.apply, max_bytes=budget, fuse=False))
+  assert _tiled_calls(per_conv, params, x) == ["jaxtile_conv0", "jaxtile_conv1"]
+  np.testing.assert_allclose(per_conv(params, x), model.apply(params, x), **TOL)
   tiled = jax.jit(tile_convs(model.apply, max_bytes=budget))
-  assert _tiled_calls(tiled, params, x) == ["jaxtile_conv0", "jaxtile_conv1"]
+  assert _tiled_calls(tiled, params, x) == ["jaxtile_region0"]
   out = tiled(params, x)
   want = model.apply(params, x)
   if any(c.in_channel_blocks > 1 for c in report.convs):

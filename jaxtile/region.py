@@ -1,0 +1,551 @@
+"""Regions: spatially local ops tiled as one loop, so intermediates live a tile at a time.
+
+A region is a set of equations of one jaxpr that starts at a conv and grows through the convs and
+elementwise ops (bias, activations, casts, residual adds) that read its values, as long as every
+value it makes is read inside it, except its one output. Their other operands are small:
+kernels, and values of size 1 along every spatial dim (biases, scales, scalars). The region's loop
+runs over tiles of its output; for each tile it reads the input window the tile needs (the
+receptive field walked back through every op, the union where a value feeds several), computes
+every equation on windows, and writes the tile. Only the region's input and output exist at full
+size.
+
+Transposed (lhs-dilated) convs, pooling, concatenation and everything else end a region; those
+convs are tiled one by one as before. Under differentiation and vmap a region is computed as its
+equations with each conv tiled on its own (`lower.tiled_conv_p`): exact, without the fused loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxtile import _compat
+from jaxtile import forms
+from jaxtile import lower as lower_lib
+from jaxtile import plan as plan_lib
+from jaxtile.spec import ConvSpec
+
+# Primitives that act on each element alone (with operands broadcast along size-1 dims).
+ELEMENTWISE = frozenset({
+    "abs", "add", "atan2", "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p",
+    "cos", "cosh", "div", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "integer_pow",
+    "is_finite", "log", "log1p", "logistic", "max", "min", "mul", "ne", "neg", "nextafter", "not",
+    "pow", "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt",
+    "square", "sub", "tan", "tanh", "eq", "ge", "gt", "le", "lt", "and", "or", "xor",
+    "stop_gradient",
+})
+# Call-like primitives whose body may be elementwise (jax.nn.relu is a custom_jvp, gelu a jit).
+_CALLS = {"custom_jvp_call": "call_jaxpr", "pjit": "jaxpr", "jit": "jaxpr"}
+
+# Recomputed halos may cost at most this fraction of extra multiply-adds (at most twice the work);
+# a region that would cost more is cut before the conv that pushes it over. A cut costs a
+# full-size activation, the memory a region exists to save, so only tight budgets (small tiles
+# with deep halos) reach this; larger budgets give large tiles and small overheads
+# (`python benchmarks/bench.py --only regions` prints the curve).
+MAX_EXTRA_MACS = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Axes of batch, feature and each spatial dim of the region's full-size values."""
+  batch: int
+  feature: int
+  spatial: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RegionPlan:
+  """A chain of equations and its tiling: what the loop (`emit`) needs, all static.
+
+  Along spatial dim d, the window of value v for the output tile at offset o is
+  `[o * scale[v][d] + shift[v][d], ... + width[v][d])` (see `_windows`).
+  """
+  eqns: tuple[Any, ...]
+  input: Any  # the chain's full-size input var
+  smalls: tuple[Any, ...]  # its other input vars, in order
+  output: Any  # the chain's output var
+  layout: Layout
+  tile: tuple[int, ...]  # output tile extent per spatial dim
+  scale: dict  # var -> per-dim multiplier of the tile offset
+  shift: dict  # var -> per-dim constant
+  width: dict  # var -> per-dim window extent
+  extent: dict  # var -> per-dim full extent
+  policy: plan_lib.Policy
+  name: str
+  tile_bytes: int
+  extra_macs_percent: float
+
+  @property
+  def convs(self) -> list:
+    return [e for e in self.eqns if _compat.is_conv(e)]
+
+  @property
+  def n_tiles(self) -> int:
+    return math.prod(_tile_count(n, t) for n, t in zip(self.extent[self.output], self.tile))
+
+
+def _tile_count(n: int, t: int) -> int:
+  return -(-n // t)
+
+
+def _aval_bytes(shape, dtype) -> int:
+  return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding chains
+# ---------------------------------------------------------------------------------------------
+def _is_small(aval, layout: Layout, rank: int) -> bool:
+  shape = getattr(aval, "shape", ())
+  if len(shape) == 0:
+    return True
+  return len(shape) == rank and all(shape[a] == 1 for a in layout.spatial) and (
+      shape[layout.batch] == 1)
+
+
+def _elementwise_body(eqn) -> Optional[Any]:
+  """The jaxpr of a call equation whose body is elementwise throughout, else None."""
+  key = _CALLS.get(eqn.primitive.name)
+  if key is None or key not in eqn.params:
+    return None
+  closed = eqn.params[key]
+  jaxpr = getattr(closed, "jaxpr", closed)
+  for e in jaxpr.eqns:
+    if e.primitive.name not in ELEMENTWISE and _elementwise_body(e) is None:
+      return None
+  return closed
+
+
+def _is_local(eqn, values, layout: Layout) -> bool:
+  """An elementwise equation whose full-size operands are all in `values`, its others small."""
+  if eqn.primitive.name not in ELEMENTWISE and _elementwise_body(eqn) is None:
+    return False
+  if len(eqn.outvars) != 1:
+    return False
+  shape = eqn.outvars[0].aval.shape
+  rank = len(shape)
+  full = [v for v in eqn.invars if not isinstance(v, _compat.Literal)
+          and not _is_small(v.aval, layout, rank)]
+  return bool(full) and all(v in values and v.aval.shape == shape for v in full)
+
+
+def _conv_layout(eqn) -> tuple[Layout, Layout]:
+  dn = eqn.params["dimension_numbers"]
+  return (Layout(dn.lhs_spec[0], dn.lhs_spec[1], tuple(dn.lhs_spec[2:])),
+          Layout(dn.out_spec[0], dn.out_spec[1], tuple(dn.out_spec[2:])))
+
+
+def _region_conv(eqn, values, layout: Optional[Layout]) -> Optional[Layout]:
+  """The output layout if conv `eqn` can join a region making `values` (or start one, when
+  `values` is None), else None."""
+  if not _compat.is_conv(eqn) or any(d != 1 for d in eqn.params["lhs_dilation"]):
+    return None
+  if eqn.params["batch_group_count"] != 1:
+    return None
+  lhs_layout, out_layout = _conv_layout(eqn)
+  if values is not None and (eqn.invars[0] not in values or lhs_layout != layout):
+    return None
+  if lhs_layout != out_layout:
+    return None
+  return out_layout
+
+
+def _uses(jaxpr) -> dict:
+  """Var -> indices of the equations reading it (len(eqns) stands for the jaxpr's outputs)."""
+  uses: dict = {}
+  for i, e in enumerate(jaxpr.eqns):
+    for v in e.invars:
+      if not isinstance(v, _compat.Literal):
+        uses.setdefault(v, []).append(i)
+  for v in jaxpr.outvars:
+    if not isinstance(v, _compat.Literal):
+      uses.setdefault(v, []).append(len(jaxpr.eqns))
+  return uses
+
+
+def find_regions(jaxpr) -> list[list[int]]:
+  """Indices of the equations of every region of `jaxpr` (see the module docstring) with at
+  least two convs and one output."""
+  uses = _uses(jaxpr)
+  regions, taken = [], set()
+  for start, eqn in enumerate(jaxpr.eqns):
+    if start in taken:
+      continue
+    layout = _region_conv(eqn, None, None)
+    if layout is None:
+      continue
+    members, values = [start], {eqn.outvars[0]}
+    for i in range(start + 1, len(jaxpr.eqns)):
+      e = jaxpr.eqns[i]
+      if i in taken or not any(v in values for v in e.invars if not isinstance(
+          v, _compat.Literal)):
+        continue
+      if _region_conv(e, values, layout) is not None or _is_local(e, values, layout):
+        members.append(i)
+        values.add(e.outvars[0])
+      else:
+        break  # a value of the region is read by what the region cannot hold
+    # The longest prefix whose values are read outside it by one value alone, the last.
+    while members:
+      inside = set(members)
+      made = [jaxpr.eqns[i].outvars[0] for i in members]
+      outside = [v for v in made if any(u not in inside for u in uses.get(v, []))]
+      if outside == [made[-1]]:
+        break
+      members.pop()
+    if sum(_compat.is_conv(jaxpr.eqns[i]) for i in members) >= 2:
+      regions.append(members)
+      taken.update(members)
+  return regions
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows and the plan
+# ---------------------------------------------------------------------------------------------
+# The receptive field, walked back from the output tile. Along one spatial dim, let output
+# positions [a, a + w) of a conv with stride s, low padding p, kernel k and rhs dilation r be
+# needed. Output j reads input positions j * s - p + t * r for taps t = 0..k-1 (no lhs dilation in
+# a region), so the window is [a * s - p, (a + w - 1) * s - p + (k - 1) * r + 1): with
+# a = o * scale + shift it starts at o * (scale * s) + (shift * s - p) and is
+# (w - 1) * s + (k - 1) * r + 1 wide. Elementwise ops keep the window. Positions of a window
+# outside [0, extent) are the conv's zero padding: the loop reads the region input as zeros there
+# and sets an intermediate to zeros there before a conv reads it, never computing them from
+# values beyond the image.
+def _windows(eqns, output, tile: Sequence[int], layout: Layout):
+  """Per full-size value: (scale, shift, width) per spatial dim, the union of what its readers
+  need (a value read by a conv and, past it, by a residual add needs both windows)."""
+  k = len(tile)
+  scale, shift, width = {output: (1,) * k}, {output: (0,) * k}, {output: tuple(tile)}
+
+  def need(v, sc, sh, w):
+    if v not in scale:
+      scale[v], shift[v], width[v] = sc, sh, w
+      return
+    assert scale[v] == sc, (scale[v], sc)  # one grid per value
+    lo = tuple(min(a, b) for a, b in zip(shift[v], sh))
+    hi = tuple(max(a + x, b + y) for a, x, b, y in zip(shift[v], width[v], sh, w))
+    shift[v], width[v] = lo, tuple(h - l for h, l in zip(hi, lo))
+
+  for e in reversed(eqns):
+    out = e.outvars[0]
+    if _compat.is_conv(e):
+      p = e.params
+      rhs = e.invars[1].aval.shape
+      rhs_spatial = [rhs[a] for a in p["dimension_numbers"].rhs_spec[2:]]
+      s, r, pad = p["window_strides"], p["rhs_dilation"], p["padding"]
+      need(e.invars[0], tuple(scale[out][d] * s[d] for d in range(k)),
+           tuple(shift[out][d] * s[d] - pad[d][0] for d in range(k)),
+           tuple((width[out][d] - 1) * s[d] + (rhs_spatial[d] - 1) * r[d] + 1
+                 for d in range(k)))
+    else:
+      for v in e.invars:
+        if not isinstance(v, _compat.Literal) and v.aval.shape == out.aval.shape:
+          need(v, scale[out], shift[out], width[out])
+  return scale, shift, width
+
+
+def _required(e, v, scale, shift, width, k: int):
+  """The window equation `e` reads of its operand `v`: (shift, width) per dim."""
+  out = e.outvars[0]
+  if _compat.is_conv(e):
+    p = e.params
+    rhs = e.invars[1].aval.shape
+    rhs_spatial = [rhs[a] for a in p["dimension_numbers"].rhs_spec[2:]]
+    s, r, pad = p["window_strides"], p["rhs_dilation"], p["padding"]
+    return (tuple(shift[out][d] * s[d] - pad[d][0] for d in range(k)),
+            tuple((width[out][d] - 1) * s[d] + (rhs_spatial[d] - 1) * r[d] + 1
+                  for d in range(k)))
+  return shift[out], width[out]
+
+
+def _offsets(n: int, t: int) -> np.ndarray:
+  """Output tile offsets along one dim: every t, the last shifted back to end at n."""
+  return np.minimum(np.arange(_tile_count(n, t)) * t, n - t)
+
+
+def _tile_bytes(eqns, scale, width, layout: Layout, smalls_bytes: int) -> int:
+  """Bytes live at once in one tile: the largest input window + output window of one equation,
+  plus the small operands (kernels)."""
+  def window_bytes(v):
+    shape = list(v.aval.shape)
+    for d, a in enumerate(layout.spatial):
+      shape[a] = width[v][d]
+    return _aval_bytes(shape, v.aval.dtype)
+  largest = 0
+  for e in eqns:
+    full = [v for v in e.invars if not isinstance(v, _compat.Literal) and v in width]
+    largest = max(largest, sum(map(window_bytes, full)) + window_bytes(e.outvars[0]))
+  return largest + smalls_bytes
+
+
+def _macs(eqn, widths=None) -> int:
+  out = eqn.outvars[0].aval
+  rhs = eqn.invars[1].aval
+  spec = ConvSpec.from_avals(eqn.invars[0].aval, rhs, out, eqn.params)
+  out_elems = math.prod(out.shape)
+  if widths is not None:
+    out_elems = out_elems // math.prod(spec.out_spatial) * math.prod(widths)
+  return out_elems * spec.in_per_group * math.prod(spec.kernel_spatial)
+
+
+def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: str
+                ) -> Optional[RegionPlan]:
+  """Tiles for the chain `members` of `jaxpr` within `policy.max_bytes`, or None when a tile of
+  one output row (per dim) does not fit or the halos cost more than `MAX_EXTRA_MACS`."""
+  eqns = tuple(jaxpr.eqns[i] for i in members)
+  first = eqns[0]
+  layout = _conv_layout(first)[0]
+  x, output = first.invars[0], eqns[-1].outvars[0]
+  internal = {e.outvars[0] for e in eqns}
+  # One output, and no full-size input but x: a part of a region cut where a residual crosses
+  # the cut is not a region.
+  inside = set(members)
+  uses = _uses(jaxpr)
+  if [v for v in internal if any(u not in inside for u in uses.get(v, []))] != [output]:
+    return None
+  rank = len(x.aval.shape)
+  smalls, seen = [], {x}
+  for e in eqns:
+    for n, v in enumerate(e.invars):
+      if isinstance(v, _compat.Literal) or v in internal or v in seen:
+        continue
+      if not (_compat.is_conv(e) and n == 1) and not _is_small(v.aval, layout, rank):
+        return None
+      seen.add(v)
+      smalls.append(v)
+  smalls_bytes = sum(_aval_bytes(v.aval.shape, v.aval.dtype) for v in smalls)
+  out_extent = tuple(output.aval.shape[a] for a in layout.spatial)
+  mono_macs = sum(_macs(e) for e in eqns if _compat.is_conv(e))
+
+  tile = list(out_extent)
+  while True:
+    scale, shift, width = _windows(eqns, output, tile, layout)
+    fits = _tile_bytes(eqns, scale, width, layout, smalls_bytes) <= policy.max_bytes
+    if fits:
+      break
+    d = max(range(len(tile)), key=lambda d: tile[d])
+    if tile[d] == 1:
+      return None
+    tile[d] = -(-tile[d] // 2)
+  n_tiles = math.prod(_tile_count(n, t) for n, t in zip(out_extent, tile))
+  if n_tiles == 1:
+    return None  # it fits whole: nothing to tile
+  tiled_macs = n_tiles * sum(
+      _macs(e, [width[e.outvars[0]][d] for d in range(len(tile))])
+      for e in eqns if _compat.is_conv(e))
+  extra = tiled_macs / max(mono_macs, 1) - 1
+  if extra > MAX_EXTRA_MACS:
+    return None
+  extent = {}
+  for e in eqns:
+    for v in [*e.invars, *e.outvars]:
+      if not isinstance(v, _compat.Literal) and v in width:
+        extent[v] = tuple(v.aval.shape[a] for a in layout.spatial)
+  return RegionPlan(
+      eqns=eqns, input=x, smalls=tuple(smalls), output=output, layout=layout, tile=tuple(tile),
+      scale=scale, shift=shift, width=width, extent=extent, policy=policy, name=name,
+      tile_bytes=_tile_bytes(eqns, scale, width, layout, smalls_bytes),
+      extra_macs_percent=100 * extra)
+
+
+def split_chain(jaxpr, members: Sequence[int], policy: plan_lib.Policy, first_index: int
+                ) -> list[RegionPlan]:
+  """Regions covering as much of the chain as can be tiled within the halo cost: the longest
+  prefix from each conv that plans, greedily. They are named `jaxtile/region<i>` from
+  `first_index` on."""
+  conv_at = [i for i, m in enumerate(members) if _compat.is_conv(jaxpr.eqns[m])]
+  regions, start = [], 0
+  while start < len(conv_at) - 1:
+    best = None
+    for end in range(start + 1, len(conv_at)):
+      stop = conv_at[end + 1] if end + 1 < len(conv_at) else len(members)
+      plan = plan_region(jaxpr, members[conv_at[start]:stop], policy,
+                         f"jaxtile/region{first_index + len(regions)}")
+      if plan is None:
+        break
+      best = (end, plan)
+    if best is None:
+      start += 1
+      continue
+    regions.append(best[1])
+    start = best[0] + 1
+  return regions
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def _read_window(x, starts, widths, layout: Layout, low_pad, high_pad):
+  """`x` over `[start, start + width)` per spatial dim, zeros outside `x`. Starts are traced;
+  `low_pad`/`high_pad` bound how far any window reaches outside `x` (static)."""
+  begin = [0] * x.ndim
+  size = list(x.shape)
+  clamped = []
+  for d, a in enumerate(layout.spatial):
+    n = x.shape[a]
+    size[a] = min(widths[d], n)
+    c = jnp.clip(starts[d], 0, n - size[a])
+    begin[a] = c
+    clamped.append(c)
+  piece = lax.dynamic_slice(x, begin, size)
+  config = [(0, 0, 0)] * x.ndim
+  for d, a in enumerate(layout.spatial):
+    config[a] = (low_pad[d], high_pad[d] + widths[d] - size[a], 0)
+  padded = lax.pad(piece, jnp.zeros((), x.dtype), config)
+  begin = [0] * x.ndim
+  out_size = list(x.shape)
+  for d, a in enumerate(layout.spatial):
+    begin[a] = starts[d] - clamped[d] + low_pad[d]
+    out_size[a] = widths[d]
+  return lax.dynamic_slice(padded, begin, out_size)
+
+
+def _mask_outside(v, starts, widths, extent, layout: Layout):
+  """`v` (a window at `starts`) with positions outside `[0, extent)` set to zero."""
+  valid = None
+  for d, a in enumerate(layout.spatial):
+    pos = starts[d] + lax.broadcasted_iota(jnp.int32, v.shape, a)
+    ok = (pos >= 0) & (pos < extent[d])
+    valid = ok if valid is None else valid & ok
+  return jnp.where(valid, v, jnp.zeros((), v.dtype))
+
+
+def _eval_elementwise(eqn, args):
+  body = _elementwise_body(eqn)
+  if body is None:
+    return eqn.primitive.bind(*args, **eqn.params)
+  (out,) = _eval_eqns(getattr(body, "jaxpr", body), getattr(body, "consts", ()), args)
+  return out
+
+
+def _eval_eqns(jaxpr, consts, args):
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
+  for e in jaxpr.eqns:
+    env[e.outvars[0]] = _eval_elementwise(e, [read(v) for v in e.invars])
+  return [read(v) for v in jaxpr.outvars]
+
+
+def emit(plan: RegionPlan, x, *smalls):
+  """The region's output, computed tile by tile in one loop (piece 0 peeled, as in `lower`)."""
+  layout, k = plan.layout, len(plan.tile)
+  out_extent = plan.extent[plan.output]
+  offsets = [_offsets(n, t) for n, t in zip(out_extent, plan.tile)]
+  counts = [len(o) for o in offsets]
+  fast = forms.for_backend()
+
+  def reach(v, shift, width):
+    """How far, over all tiles, a window of v reaches below 0 and beyond v's extent."""
+    lo, hi = [], []
+    for d in range(k):
+      starts = offsets[d] * plan.scale[v][d] + shift[d]
+      lo.append(max(0, -int(starts.min())))
+      hi.append(max(0, int(starts.max()) + width[d] - plan.extent[v][d]))
+    return lo, hi
+
+  x_low, x_high = reach(plan.input, plan.shift[plan.input], plan.width[plan.input])
+  tables = [jnp.asarray(o, jnp.int32) for o in offsets]
+  full = set(plan.width)
+
+  def operand(e, v, env, o):
+    """`v` as `e` reads it: its window cut to what `e` needs, zeros outside the image for a
+    conv (its padding)."""
+    val = env[v]
+    shift, width = _required(e, v, plan.scale, plan.shift, plan.width, k)
+    if (shift, width) != (plan.shift[v], plan.width[v]):
+      begin = [0] * val.ndim
+      end = list(val.shape)
+      for d, a in enumerate(layout.spatial):
+        begin[a] = shift[d] - plan.shift[v][d]
+        end[a] = begin[a] + width[d]
+      val = lax.slice(val, begin, end)
+    if _compat.is_conv(e) and v is not plan.input and any(sum(reach(v, shift, width), [])):
+      starts = [o[d] * plan.scale[v][d] + shift[d] for d in range(k)]
+      val = _mask_outside(val, starts, width, plan.extent[v], layout)
+    return val
+
+  def tile_at(flat):
+    index, rest = [], flat
+    for n in reversed(counts):
+      index.append(rest % n)
+      rest = rest // n
+    o = [tables[d][i] for d, i in enumerate(reversed(index))]
+    x_start = [o[d] * plan.scale[plan.input][d] + plan.shift[plan.input][d] for d in range(k)]
+    with jax.named_scope("select"):
+      env = {plan.input: _read_window(x, x_start, plan.width[plan.input], layout, x_low,
+                                      x_high)}
+    env.update(zip(plan.smalls, smalls))
+    with jax.named_scope("process"):
+      for e in plan.eqns:
+        args = [v.val if isinstance(v, _compat.Literal) else
+                operand(e, v, env, o) if v in full else env[v] for v in e.invars]
+        if _compat.is_conv(e):
+          params = dict(e.params, padding=((0, 0),) * k)
+          env[e.outvars[0]] = forms.conv(args[0], args[1], params, fast)
+        else:
+          env[e.outvars[0]] = _eval_elementwise(e, args)
+    begin = [0] * x.ndim
+    for d, a in enumerate(layout.spatial):
+      begin[a] = o[d]
+    return env[plan.output], begin
+
+  def body(i, out):
+    tile, begin = tile_at(i)
+    with jax.named_scope("reassemble"):
+      return lax.dynamic_update_slice(out, tile, begin)
+
+  out = jnp.zeros(plan.output.aval.shape, plan.output.aval.dtype)
+  with jax.named_scope(plan.name):
+    out = body(0, out)
+    n = math.prod(counts)
+    return out if n == 1 else lax.fori_loop(1, n, body, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The primitive: fused forward, per-conv derivatives
+# ---------------------------------------------------------------------------------------------
+region_p = _compat.Primitive("jaxtile_region")
+
+
+def unfused(plan: RegionPlan, x, *smalls):
+  """The region's equations at full size, each conv tiled on its own: what derivatives and
+  vmap see (see `lower.tiled_conv_p`)."""
+  env = {plan.input: x}
+  env.update(zip(plan.smalls, smalls))
+  read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
+  for e in plan.eqns:
+    args = [read(v) for v in e.invars]
+    if _compat.is_conv(e):
+      env[e.outvars[0]] = lower_lib.derived_conv(*args, policy=plan.policy, name=plan.name,
+                                                 **e.params)
+    else:
+      env[e.outvars[0]] = _eval_elementwise(e, args)
+  return env[plan.output]
+
+
+def _region_jvp(primals, tangents, *, plan):
+  tangents = [jnp.zeros(p.shape, p.dtype) if type(t) is _compat.Zero else t
+              for p, t in zip(primals, tangents)]
+  return jax.jvp(functools.partial(unfused, plan), tuple(primals), tuple(tangents))
+
+
+def _region_batch(args, dims, *, plan):
+  return jax.vmap(functools.partial(unfused, plan), in_axes=dims)(*args), 0
+
+
+_compat.define_primitive(
+    region_p, impl_lowering=lambda x, *smalls, plan: emit(plan, x, *smalls),
+    abstract_eval=lambda *args, plan: (plan.output.aval, set()), jvp=_region_jvp,
+    batch_rule=_region_batch)
+
+
+def bind(plan: RegionPlan, x, *smalls):
+  return region_p.bind(x, *smalls, plan=plan)
