@@ -1,15 +1,15 @@
 """Regions: spatially local ops tiled as one loop, so intermediates live a tile at a time.
 
-A region is a set of equations of one jaxpr that starts at a conv and grows through the convs and
-elementwise ops (bias, activations, casts, residual adds) that read its values, as long as every
-value it makes is read inside it, except its one output. Their other operands are small:
+A region is a set of equations of one jaxpr that starts at a conv and grows through the convs,
+pools and elementwise ops (bias, activations, casts, residual adds) that read its values, as long
+as every value it makes is read inside it, except its one output. Their other operands are small:
 kernels, and values of size 1 along every spatial dim (biases, scales, scalars). The region's loop
 runs over tiles of its output; for each tile it reads the input window the tile needs (the
 receptive field walked back through every op, the union where a value feeds several), computes
 every equation on windows, and writes the tile. Only the region's input and output exist at full
 size.
 
-Transposed (lhs-dilated) convs, pooling, concatenation and everything else end a region; those
+Transposed (lhs-dilated) convs, concatenation and everything else end a region; those
 convs are tiled one by one as before. Under differentiation and vmap a region is computed as its
 equations with each conv tiled on its own (`lower.tiled_conv_p`): exact, without the fused loop.
 """
@@ -136,6 +136,43 @@ def _is_local(eqn, values, layout: Layout) -> bool:
   return bool(full) and all(v in values and v.aval.shape == shape for v in full)
 
 
+# Pooling, with the value its padding stands for (the reduction's identity).
+_POOLS = {"reduce_window_max": -np.inf, "reduce_window_min": np.inf, "reduce_window_sum": 0}
+
+
+def _is_pool(eqn) -> bool:
+  return eqn.primitive.name in _POOLS
+
+
+def _window_op(eqn):
+  """(strides, low paddings, window extents, window dilations) per spatial dim of a conv, or
+  of a pool given the region's layout through its operand's layout, else None."""
+  p = eqn.params
+  if _compat.is_conv(eqn):
+    rhs = eqn.invars[1].aval.shape
+    spatial = p["dimension_numbers"].rhs_spec[2:]
+    return (tuple(p["window_strides"]), tuple(lo for lo, _ in p["padding"]),
+            tuple(rhs[a] for a in spatial), tuple(p["rhs_dilation"]))
+  return None
+
+
+def _pool_window(eqn, layout: Layout):
+  p = eqn.params
+  a = layout.spatial
+  return (tuple(p["window_strides"][i] for i in a), tuple(p["padding"][i][0] for i in a),
+          tuple(p["window_dimensions"][i] for i in a), tuple(p["window_dilation"][i] for i in a))
+
+
+def _pool_ok(eqn, layout: Layout) -> bool:
+  """A pool that acts on spatial dims alone, without base dilation."""
+  p = eqn.params
+  other = (layout.batch, layout.feature)
+  return (all(d == 1 for d in p["base_dilation"])
+          and all(p["window_dimensions"][i] == 1 and p["window_strides"][i] == 1
+                  and tuple(p["padding"][i]) == (0, 0) and p["window_dilation"][i] == 1
+                  for i in other))
+
+
 def _conv_layout(eqn) -> tuple[Layout, Layout]:
   dn = eqn.params["dimension_numbers"]
   return (Layout(dn.lhs_spec[0], dn.lhs_spec[1], tuple(dn.lhs_spec[2:])),
@@ -150,7 +187,8 @@ def _region_conv(eqn, values, layout: Optional[Layout]) -> Optional[Layout]:
   if eqn.params["batch_group_count"] != 1:
     return None
   lhs_layout, out_layout = _conv_layout(eqn)
-  if values is not None and (eqn.invars[0] not in values or lhs_layout != layout):
+  if values is not None and (eqn.invars[0] not in values or eqn.invars[1] in values
+                             or lhs_layout != layout):
     return None
   if lhs_layout != out_layout:
     return None
@@ -181,13 +219,16 @@ def find_regions(jaxpr) -> list[list[int]]:
     layout = _region_conv(eqn, None, None)
     if layout is None:
       continue
-    members, values = [start], {eqn.outvars[0]}
+    # The input is a value of the region too: a residual add of it is local (its window is
+    # then the union of the conv's and the add's).
+    members, values = [start], {eqn.outvars[0], eqn.invars[0]}
     for i in range(start + 1, len(jaxpr.eqns)):
       e = jaxpr.eqns[i]
       if i in taken or not any(v in values for v in e.invars if not isinstance(
           v, _compat.Literal)):
         continue
-      if _region_conv(e, values, layout) is not None or _is_local(e, values, layout):
+      pool = _is_pool(e) and e.invars[0] in values and _pool_ok(e, layout)
+      if pool or _region_conv(e, values, layout) is not None or _is_local(e, values, layout):
         members.append(i)
         values.add(e.outvars[0])
       else:
@@ -235,15 +276,10 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
 
   for e in reversed(eqns):
     out = e.outvars[0]
-    if _compat.is_conv(e):
-      p = e.params
-      rhs = e.invars[1].aval.shape
-      rhs_spatial = [rhs[a] for a in p["dimension_numbers"].rhs_spec[2:]]
-      s, r, pad = p["window_strides"], p["rhs_dilation"], p["padding"]
-      need(e.invars[0], tuple(scale[out][d] * s[d] for d in range(k)),
-           tuple(shift[out][d] * s[d] - pad[d][0] for d in range(k)),
-           tuple((width[out][d] - 1) * s[d] + (rhs_spatial[d] - 1) * r[d] + 1
-                 for d in range(k)))
+    op = _window_op(e) if _compat.is_conv(e) else (
+        _pool_window(e, layout) if _is_pool(e) else None)
+    if op is not None:
+      need(e.invars[0], *_window_through(op, scale[out], shift[out], width[out]))
     else:
       for v in e.invars:
         if not isinstance(v, _compat.Literal) and v.aval.shape == out.aval.shape:
@@ -251,17 +287,24 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
   return scale, shift, width
 
 
-def _required(e, v, scale, shift, width, k: int):
+def _window_through(op, scale, shift, width):
+  """The (scale, shift, width) of the operand window a conv or pool reads for an output window
+  (the block comment above `_windows`)."""
+  s, lo, size, dil = op
+  k = len(s)
+  return (tuple(scale[d] * s[d] for d in range(k)),
+          tuple(shift[d] * s[d] - lo[d] for d in range(k)),
+          tuple((width[d] - 1) * s[d] + (size[d] - 1) * dil[d] + 1 for d in range(k)))
+
+
+def _required(e, v, scale, shift, width, layout: Layout):
   """The window equation `e` reads of its operand `v`: (shift, width) per dim."""
   out = e.outvars[0]
-  if _compat.is_conv(e):
-    p = e.params
-    rhs = e.invars[1].aval.shape
-    rhs_spatial = [rhs[a] for a in p["dimension_numbers"].rhs_spec[2:]]
-    s, r, pad = p["window_strides"], p["rhs_dilation"], p["padding"]
-    return (tuple(shift[out][d] * s[d] - pad[d][0] for d in range(k)),
-            tuple((width[out][d] - 1) * s[d] + (rhs_spatial[d] - 1) * r[d] + 1
-                  for d in range(k)))
+  op = _window_op(e) if _compat.is_conv(e) else (
+      _pool_window(e, layout) if _is_pool(e) else None)
+  if op is not None:
+    _, sh, w = _window_through(op, scale[out], shift[out], width[out])
+    return sh, w
   return shift[out], width[out]
 
 
@@ -407,14 +450,18 @@ def _read_window(x, starts, widths, layout: Layout, low_pad, high_pad):
   return lax.dynamic_slice(padded, begin, out_size)
 
 
-def _mask_outside(v, starts, widths, extent, layout: Layout):
-  """`v` (a window at `starts`) with positions outside `[0, extent)` set to zero."""
+def _mask_outside(v, starts, widths, extent, layout: Layout, fill=0):
+  """`v` (a window at `starts`) with positions outside `[0, extent)` set to `fill` (the padding
+  value of the op reading it: zero for a conv, the identity of a pool's reduction)."""
   valid = None
   for d, a in enumerate(layout.spatial):
     pos = starts[d] + lax.broadcasted_iota(jnp.int32, v.shape, a)
     ok = (pos >= 0) & (pos < extent[d])
     valid = ok if valid is None else valid & ok
-  return jnp.where(valid, v, jnp.zeros((), v.dtype))
+  if np.isinf(fill) and not jnp.issubdtype(v.dtype, jnp.floating):
+    info = jnp.iinfo(v.dtype)
+    fill = info.min if fill < 0 else info.max
+  return jnp.where(valid, v, jnp.asarray(fill, v.dtype))
 
 
 def _eval_elementwise(eqn, args):
@@ -459,7 +506,7 @@ def emit(plan: RegionPlan, x, *smalls):
     """`v` as `e` reads it: its window cut to what `e` needs, zeros outside the image for a
     conv (its padding)."""
     val = env[v]
-    shift, width = _required(e, v, plan.scale, plan.shift, plan.width, k)
+    shift, width = _required(e, v, plan.scale, plan.shift, plan.width, layout)
     if (shift, width) != (plan.shift[v], plan.width[v]):
       begin = [0] * val.ndim
       end = list(val.shape)
@@ -467,9 +514,11 @@ def emit(plan: RegionPlan, x, *smalls):
         begin[a] = shift[d] - plan.shift[v][d]
         end[a] = begin[a] + width[d]
       val = lax.slice(val, begin, end)
-    if _compat.is_conv(e) and v is not plan.input and any(sum(reach(v, shift, width), [])):
+    padded_by = 0 if _compat.is_conv(e) else _POOLS.get(e.primitive.name)
+    if (padded_by is not None and (v is not plan.input or padded_by != 0)
+        and any(sum(reach(v, shift, width), []))):
       starts = [o[d] * plan.scale[v][d] + shift[d] for d in range(k)]
-      val = _mask_outside(val, starts, width, plan.extent[v], layout)
+      val = _mask_outside(val, starts, width, plan.extent[v], layout, padded_by)
     return val
 
   def tile_at(flat):
@@ -490,6 +539,9 @@ def emit(plan: RegionPlan, x, *smalls):
         if _compat.is_conv(e):
           params = dict(e.params, padding=((0, 0),) * k)
           env[e.outvars[0]] = forms.conv(args[0], args[1], params, fast)
+        elif _is_pool(e):
+          params = dict(e.params, padding=((0, 0),) * len(e.params["padding"]))
+          env[e.outvars[0]] = e.primitive.bind(*args, **params)
         else:
           env[e.outvars[0]] = _eval_elementwise(e, args)
     begin = [0] * x.ndim

@@ -355,3 +355,45 @@ def test_non_bool_fuse_raises_naming_it(fuse):
   # 1 == True and 0 == False, but an int is not a bool: as for strict= and shard_output=.
   with pytest.raises((TypeError, ValueError), match="fuse"):
     jaxtile.tile_convs(_conv, fuse=fuse)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Residual adds and pools inside a region.
+# ---------------------------------------------------------------------------------------------
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _c(x, w, stride=1, padding="SAME"):
+  return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_DN)
+
+
+def _residual_net(x, w1, w2, w3):
+  y = _c(jax.nn.relu(_c(x, w1)), w2)
+  x = jax.nn.relu(x + y)  # the region's input, read by a conv and, past two convs, by this add
+  return jax.nn.relu(_c(x, w3, 2, ((1, 0), (0, 1))))
+
+
+def _pool_net(x, w1, w2):
+  y = lax.reduce_window(_c(x, w1) - 3.0, 0.0, lax.add, (1, 3, 3, 1), (1, 1, 1, 1),
+                        ((0, 0), (1, 1), (1, 1), (0, 0))) / 9.0
+  y = lax.reduce_window(y - 5.0, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 1, 1, 1),
+                        ((0, 0), (1, 0), (0, 1), (0, 0)))
+  return _c(y, w2)
+
+
+@pytest.mark.parametrize("net, n_weights, max_bytes", [
+    (_residual_net, 3, 20000), (_residual_net, 3, 40000), (_pool_net, 2, 30000)])
+def test_residual_adds_and_pools_fuse_exactly(net, n_weights, max_bytes):
+  # Pool windows outside the image are the reduction's identity (-inf for max), not zero: the
+  # shifted max pool and the negative values before it catch a loop that pads with zeros.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(1, 41, 37, 8)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=(3, 3, 8, 8)) / 8, jnp.float32) for _ in range(n_weights)]
+  report = jaxtile.explain(net, max_bytes=max_bytes)(x, *ws)
+  assert len(report.regions) == 1 and len(report.regions[0].convs) == n_weights, str(report)
+  np.testing.assert_allclose(jax.jit(jaxtile.tile_convs(net, max_bytes=max_bytes))(x, *ws),
+                             jax.jit(net)(x, *ws), rtol=1e-5, atol=1e-5)
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1))(x, *ws)
+  for got, want in zip(grads(jaxtile.tile_convs(net, max_bytes=max_bytes)), grads(net)):
+    # Kernel gradients sum over pieces in another order: float32 rounding of the largest terms.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
