@@ -60,6 +60,10 @@ class Layer:
   groups: int = 1
   bias: bool = True
   activation: str = "relu"
+  lhs_dilation: int = 1  # 2: a transposed conv, which ends a region (tiled on its own)
+  pool: Optional[str] = None  # "max" or "avg" after the activation, window 2 or 3
+  pool_stride: int = 1
+  residual: bool = False  # add the layer's input when the shapes agree (a skip in a region)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,16 +102,36 @@ class Chain:
     """`f(x, *params)`: params are each layer's kernel, then its bias if it has one."""
     layout, bias_shape = self.layout, self.bias_shape()
 
+    spatial_axes = tuple(range(1, self.rank + 1)) if self.channels_last else tuple(
+        range(2, self.rank + 2))
+
+    def pool(x, layer):
+      window = [1] * x.ndim
+      strides = [1] * x.ndim
+      padding = [(0, 0)] * x.ndim
+      for a in spatial_axes:
+        window[a], strides[a], padding[a] = 3 if layer.pool == "avg" else 2, layer.pool_stride, (
+            (1, 1) if layer.pool == "avg" else (0, 1))
+      if layer.pool == "max":
+        return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
+      return lax.reduce_window(x, 0.0, lax.add, window, strides, padding) / math.prod(window)
+
     def f(x, *params):
       params = iter(params)
       for layer in self.layers:
+        skip = x
         x = lax.conv_general_dilated(
             x, next(params), window_strides=layer.strides, padding=layer.padding,
+            lhs_dilation=(layer.lhs_dilation,) * self.rank,
             rhs_dilation=layer.rhs_dilation, dimension_numbers=layout,
             feature_group_count=layer.groups)
         if layer.bias:
           x = x + next(params).reshape(bias_shape)
         x = ACTIVATIONS[layer.activation](x)
+        if layer.residual and x.shape == skip.shape:
+          x = x + skip
+        if layer.pool:
+          x = pool(x, layer)
       return x
 
     return f
@@ -172,7 +196,11 @@ def layers(draw, rank: int) -> Layer:
       padding=draw(st.one_of(st.sampled_from(["SAME", "VALID"]), pad_pairs(rank))),
       groups=draw(st.sampled_from([1, 2])),
       bias=draw(st.booleans()),
-      activation=draw(st.sampled_from(sorted(ACTIVATIONS))))
+      activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
+      lhs_dilation=draw(st.sampled_from([1, 1, 1, 2])),
+      pool=draw(st.sampled_from([None, None, "max", "avg"])),
+      pool_stride=draw(st.sampled_from([1, 2])),
+      residual=draw(st.booleans()))
 
 
 @st.composite
