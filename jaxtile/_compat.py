@@ -78,6 +78,24 @@ def user_source_line(source_info) -> str:
   return jex.source_info_util.summarize(source_info)
 
 
+def user_frames(source_info) -> tuple[str, ...]:
+  """`file:line (function)` of every user frame (outside JAX and libraries), innermost first."""
+  traceback = getattr(source_info, "traceback", None)
+  return tuple(f"{f.file_name}:{f.line_num} ({f.function_name})"
+               for f in (traceback.frames if traceback is not None else ())
+               if not _is_library_file(f.file_name))
+
+
+def name_stack(eqn: JaxprEqn) -> str:
+  """The equation's name stack as JAX prints it (`UNet/ConvBlock_0/Conv_1`, `jvp(f)`), or ""."""
+  return str(getattr(eqn.source_info, "name_stack", "") or "")
+
+
+def call_name(eqn: JaxprEqn):
+  """The `name` param of a call equation (`jit`), or None."""
+  return eqn.params.get("name")
+
+
 # Primitives inside which the program is already per-device (the user's own SPMD code).
 _SPMD_PRIMITIVES = frozenset({"xla_pmap", "shard_map"})
 

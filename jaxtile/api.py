@@ -254,7 +254,7 @@ class Recorder(rewrite_lib.Rewriter):
     if tiled is not None:
       self.already_tiled.append(tiled)
       return eqn
-    self._scopes.append(report_lib.name_stack(eqn))
+    self._scopes.append(_compat.name_stack(eqn))
     try:
       return super().nested(eqn)
     finally:

@@ -232,25 +232,16 @@ class Layer:
   frames: tuple[str, ...]
 
 
-def name_stack(eqn) -> str:
-  """The equation's name stack as JAX prints it (`UNet/ConvBlock_0/Conv_1`, `jvp(f)`), or ""."""
-  return str(getattr(eqn.source_info, "name_stack", "") or "")
-
-
 def tiled_call(eqn) -> Optional[str]:
   """`tile_convs(f)` when the equation calls a function already decorated by `tile_convs`."""
-  name = eqn.params.get("name")
+  name = _compat.call_name(eqn)
   return name if isinstance(name, str) and name.startswith("tile_convs(") else None
 
 
 def layer_of(eqn, enclosing: tuple[str, ...] = ()) -> Layer:
   """The `Layer` of a conv equation met under the name stacks `enclosing` (outermost first)."""
-  traceback = getattr(eqn.source_info, "traceback", None)
-  frames = tuple(
-      f"{f.file_name}:{f.line_num} ({f.function_name})"
-      for f in (traceback.frames if traceback is not None else ())
-      if not _compat._is_library_file(f.file_name))
-  return Layer("/".join(filter(None, (*enclosing, name_stack(eqn)))), frames)
+  return Layer("/".join(filter(None, (*enclosing, _compat.name_stack(eqn)))),
+               _compat.user_frames(eqn.source_info))
 
 
 def call_sites(layers: list[Optional[Layer]]) -> list[Optional[str]]:
