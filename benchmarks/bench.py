@@ -5,6 +5,7 @@
     python benchmarks/bench.py --paper              # adds 1x1024x1024x1024, 4096 pieces (~16 GiB)
     python benchmarks/bench.py --scaling --host-devices 8   # pieces spread over devices
     python benchmarks/bench.py --only time,memory   # some tables only
+    python benchmarks/bench.py --only regions       # a chain of 8 convs tiled as one region (~3 min)
 
 Prints Markdown tables (docs/benchmarks.md records them, with the command line printed first).
 Times are medians over repeats that alternate the programs compared (monolithic, tiled,
@@ -18,23 +19,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import math
 import os
 import re
+import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 import jaxtile
 
 MiB = 2**20
-TABLES = ("time", "memory", "compile", "forms", "grad", "paper", "scaling", "large")
+TABLES = ("time", "memory", "compile", "forms", "grad", "paper", "scaling", "large", "regions")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +94,45 @@ class Conv:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConvChain:
+  """`depth` x (3x3 SAME conv `channels` -> `channels` + relu), float32, NHWC/HWIO, batch 1: the
+  whole-network case of region tiling (`jaxtile.region`)."""
+  size: int
+  depth: int = 8
+  channels: int = 32
+
+  @property
+  def label(self) -> str:
+    return (f"{self.depth} x (3x3 conv {self.channels}->{self.channels} + relu) on "
+            f"1x{self.size}x{self.size}x{self.channels}")
+
+  @property
+  def input_bytes(self) -> int:
+    return self.size**2 * self.channels * 4
+
+  @staticmethod
+  def fn(x: jax.Array, ws: Sequence[jax.Array]) -> jax.Array:
+    for w in ws:
+      x = jax.nn.relu(lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                               dimension_numbers=DIMENSION_NUMBERS["NHWC"]))
+    return x
+
+  def inputs(self, seed: int = 0) -> tuple[jax.Array, list[jax.Array]]:
+    keys = jax.random.split(jax.random.key(seed), self.depth + 1)
+    c = self.channels
+    ws = [jax.random.normal(k, (3, 3, c, c), jnp.float32) / math.sqrt(9 * c) for k in keys[1:]]
+    return jax.random.normal(keys[0], (1, self.size, self.size, c), jnp.float32), ws
+
+  def host_inputs(self, seed: int = 0) -> tuple[jax.Array, list[jax.Array]]:
+    """As `inputs`, the image drawn by NumPy and handed to the device without a copy on a CPU:
+    `jax.random` holds several input-sized temporaries, which would set the process's peak RSS."""
+    x = np.random.default_rng(seed).standard_normal((1, self.size, self.size, self.channels),
+                                                    dtype=np.float32)
+    return jax.device_put(x), ConvChain(size=1, depth=self.depth, channels=self.channels).inputs(
+        seed)[1]
+
+
+@dataclasses.dataclass(frozen=True)
 class Sizes:
   """The convs each table runs: `--quick` shrinks them, the table kinds stay."""
   time: Conv          # time, memory and scaling tables
@@ -106,6 +150,12 @@ PAPER = Conv(1, 1024, 1024, 1024)
 PAPER_POLICY = dict(tile_shape=(128, 128), channel_block=(128, 128))
 # Above 2**31 elements (1x2048x2048x640 = 2.7e9): 10 GiB of input, for GPUs only.
 LARGE = Conv(1, 2048, 640, 64)
+# Region tiling (issue 9): the budget curve and gradient at 512, peak RSS and a memory cap at 1024.
+REGION_CHAIN = ConvChain(size=512)
+REGION_BUDGETS_MIB = (32, 8, 2, 1)
+REGION_GRAD_BUDGET_MIB = 1
+REGION_RSS_CHAIN = ConvChain(size=1024)
+REGION_RSS_BUDGET_MIB = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,6 +547,162 @@ def large_table(conv: Conv, repeats: int) -> None:
               ("program", "pieces", "plan", "time ms", "note"), rows)
 
 
+def regions_table(repeats: int) -> None:
+  """Issue 9: a chain of convs and relus tiled as one region, against per-conv tiling and none.
+
+  Four tables: temporaries and time against the budget; the gradient; peak process RSS of the
+  untiled and tiled forward at 1024x1024, each in its own process; and both run again under a
+  data-segment cap set halfway between those two peaks.
+  """
+  chain = REGION_CHAIN
+  f, args = chain.fn, chain.inputs()
+  rows = []
+  for budget in REGION_BUDGETS_MIB:
+    policy = dict(max_bytes=budget * MiB)
+    fused, per_conv = jaxtile.tile_convs(f, **policy), jaxtile.tile_convs(f, fuse=False, **policy)
+    report = jaxtile.explain(f, **policy)(*args)
+    temps = [temp_bytes(fn, args) for fn in (f, fused, per_conv)]
+    (t_none, t_fused, t_per_conv), outs = timeit_alternating([f, fused, per_conv], args, repeats)
+    err = max(float(jnp.max(jnp.abs(o - outs[0]))) for o in outs[1:])
+    regions = report.regions
+    rows.append((mib(budget * MiB), *(mib(t and t["temp"]) for t in temps), ms(t_none),
+                 ratio(t_fused, t_none), ratio(t_per_conv, t_none),
+                 " + ".join(f"{r.extra_macs_percent:.1f}" for r in regions) or "-", len(regions),
+                 "; ".join(f"{'x'.join(map(str, r.tiles))} tiles of "
+                           f"{'x'.join(map(str, r.tile_shape))}, halo "
+                           f"{'x'.join(map(str, r.halo))}" for r in regions) or "-",
+                 f"{err:.1e}"))
+  print_table(f"Regions: {chain.label}, float32, median of {repeats} alternating runs",
+              ("max_bytes MiB", "untiled temp MiB", "fused temp MiB", "per-conv temp MiB",
+               "untiled ms", "fused / untiled", "per-conv / untiled", "extra MACs %", "regions",
+               "fused tiles", "max abs diff"), rows,
+              [f"Input {mib(chain.input_bytes)} MiB. temp = compiled "
+               "`memory_analysis().temp_size_in_bytes`; fused = `tile_convs(f, max_bytes=...)` "
+               "(fuse='auto'), per-conv = `fuse=False`; extra MACs % per region (recomputed "
+               "halos); max abs diff = largest of fused and per-conv against untiled."])
+
+  # The gradient of sum(chain) with respect to the input and every kernel.
+  budget = REGION_GRAD_BUDGET_MIB * MiB
+  grad = lambda fn: jax.grad(lambda x, ws: jnp.sum(fn(x, ws)), argnums=(0, 1))
+  programs = [("untiled: jax.grad(f)", grad(f)),
+              ("jax.grad(tile_convs(f))", grad(jaxtile.tile_convs(f, max_bytes=budget))),
+              ("tile_convs(jax.grad(f))", jaxtile.tile_convs(grad(f), max_bytes=budget))]
+  temps = [temp_bytes(fn, args) for _, fn in programs]
+  times, outs = timeit_alternating([fn for _, fn in programs], args, repeats)
+  flat = [jax.tree.leaves(o) for o in outs]
+  def err(got):
+    return max(float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r)) for g, r in zip(got, flat[0]))
+  print_table(f"Regions, gradient: {chain.label}, max_bytes {mib(budget)} MiB, median of "
+              f"{repeats} alternating runs",
+              ("program", "temp MiB", "ms", "/ untiled", "rel L2 vs untiled"),
+              [(name, mib(t and t["temp"]), ms(s), ratio(s, times[0]),
+                "-" if i == 0 else f"{err(flat[i]):.1e}")
+               for i, ((name, _), t, s) in enumerate(zip(programs, temps, times))])
+
+  # Peak RSS, each program alone in a fresh process; then both again under a cap between them.
+  chain, budget_mib = REGION_RSS_CHAIN, REGION_RSS_BUDGET_MIB
+  runs = {"untiled": [], "tiled": []}
+  for _ in range(2):  # alternating, as for times
+    for program in runs:
+      runs[program].append(rss_child_run(program, chain.size, budget_mib))
+  rows, peaks = [], {}
+  for program, results in runs.items():
+    ok = [r for r in results if r.get("ok")]
+    if not ok:
+      rows.append((program, "-", "-", "-", "-", results[-1].get("error", "?")))
+      continue
+    peaks[program] = statistics.median(r["peak"] - r["base"] for r in ok)
+    rows.append((program, mib(int(statistics.median(r["base"] for r in ok))),
+                 mib(int(statistics.median(r["compiled"] - r["base"] for r in ok))),
+                 mib(int(peaks[program])),
+                 ", ".join(mib(r["peak"] - r["base"]) for r in ok), "runs"))
+  print_table(f"Regions, peak RSS: {chain.label}, max_bytes {budget_mib} MiB, each in its own "
+              "process", ("program", "RSS after inputs MiB", "compiled: RSS - that MiB",
+                          "peak RSS - that MiB", "each run MiB", "note"), rows,
+              [f"Input and output {mib(chain.input_bytes)} MiB each. peak = VmHWM "
+               "(/proc/self/status) after compiling and one call; 'RSS after inputs' is the "
+               "process's resident set once the inputs exist; median of "
+               f"{len(runs['tiled'])} processes each. ru_maxrss in the same children: "
+               + ", ".join(f"{p} {mib(int(statistics.median(r['maxrss'] for r in rs)))} MiB"
+                           for p, rs in runs.items() if rs and all(r.get("ok") for r in rs))
+               + " (inherited from this parent process, which is larger)."])
+  if len(peaks) < 2:
+    print("\nmemory cap: skipped, a peak above was not measured")
+    return
+  cap = int((peaks["untiled"] + peaks["tiled"]) / 2)
+  rows = []
+  for program in ("untiled", "tiled"):
+    r = rss_child_run(program, chain.size, budget_mib, cap=cap)
+    if r.get("ok"):
+      rows.append((program, "runs", f"{r['shape']}, finite: {r['finite']}",
+                   f"{abs(r['sum'] - runs['untiled'][0].get('sum', math.nan)) / abs(r['sum']):.1e}"))
+    else:
+      rows.append((program, "fails", r.get("error", "?"), "-"))
+  print_table(f"Regions under a memory cap: {chain.label}, max_bytes {budget_mib} MiB, "
+              f"RLIMIT_DATA = data segment after compiling + {mib(cap)} MiB",
+              ("program", "outcome", "output / error", "rel. diff of sum vs uncapped untiled"),
+              rows, [f"Cap headroom {mib(cap)} MiB: halfway between the two peaks above "
+                     "(untiled and tiled, each over its RSS after inputs)."])
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+  """A `/proc/self/status` size (VmRSS, VmData, ...) in bytes; None off Linux."""
+  try:
+    with open("/proc/self/status") as status:
+      for line in status:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def rss_child_run(program: str, size: int, budget_mib: int, cap: Optional[int] = None) -> dict:
+  """Runs `rss_child` in a fresh Python process and returns what it reports."""
+  command = [sys.executable, os.path.abspath(__file__), "--rss-child", program,
+             "--rss-size", str(size), "--rss-max-bytes-mib", str(budget_mib)]
+  if cap is not None:
+    command += ["--rss-cap-bytes", str(cap)]
+  done = subprocess.run(command, capture_output=True, text=True)
+  for line in reversed(done.stdout.splitlines()):
+    if line.startswith("{"):
+      return json.loads(line)
+  lines = [l.strip() for l in done.stderr.splitlines() if l.strip()]
+  return dict(ok=False, error=f"exit {done.returncode}: {lines[-1] if lines else ''}"[:160])
+
+
+def rss_child(program: str, size: int, budget_mib: int, cap: Optional[int]) -> None:
+  """One forward call of the chain, untiled or tiled, in this process; prints a JSON line.
+
+  With `cap`, RLIMIT_DATA is set, once compiled, to the data segment in use plus `cap` bytes.
+  (RLIMIT_AS over the address space in use works alike here; as an absolute cap either would
+  have to allow for the ~1.6 GiB of address space a CPU JAX process has reserved by then.)
+  """
+  chain = ConvChain(size=size)
+  x, ws = jax.block_until_ready(chain.host_inputs())
+  base = _proc_status_bytes("VmRSS")
+  fn = chain.fn if program == "untiled" else jaxtile.tile_convs(chain.fn,
+                                                                max_bytes=budget_mib * MiB)
+  compiled = jax.jit(fn).lower(x, ws).compile()
+  after_compile = _proc_status_bytes("VmRSS")
+  if cap is not None:
+    limit = _proc_status_bytes("VmData") + cap
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+  try:
+    out = jax.block_until_ready(compiled(x, ws))
+  except Exception as e:  # the failure is the point: report it, whatever its type
+    print(json.dumps(dict(ok=False, error=first_line(e))), flush=True)
+    sys.exit(1)
+  # Not ru_maxrss: Linux carries it over from the parent across fork and exec, so a child of this
+  # benchmark reports the parent's (larger) peak. VmHWM belongs to this process's own memory.
+  peak = _proc_status_bytes("VmHWM")
+  maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+  print(json.dumps(dict(ok=True, base=base, compiled=after_compile, peak=peak, maxrss=maxrss,
+                        shape="x".join(map(str, out.shape)),
+                        finite=bool(jnp.all(jnp.isfinite(out))), sum=float(jnp.sum(out)))),
+        flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -514,6 +720,12 @@ def parse_args(argv):
                       default=None, help=f"comma-separated tables among {','.join(TABLES)}")
   parser.add_argument("--host-devices", type=int, default=None,
                       help="on a CPU, split the host into this many devices (for --scaling)")
+  # The regions table runs itself in child processes to measure each one's peak RSS.
+  parser.add_argument("--rss-child", choices=("untiled", "tiled"), help=argparse.SUPPRESS)
+  parser.add_argument("--rss-size", type=int, default=REGION_RSS_CHAIN.size, help=argparse.SUPPRESS)
+  parser.add_argument("--rss-max-bytes-mib", type=int, default=REGION_RSS_BUDGET_MIB,
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--rss-cap-bytes", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   for table in args.only or ():
     if table not in TABLES:
@@ -523,6 +735,9 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.rss_child:
+    rss_child(args.rss_child, args.rss_size, args.rss_max_bytes_mib, args.rss_cap_bytes)
+    return
   if args.host_devices:
     jax.config.update("jax_num_cpu_devices", args.host_devices)  # before the backend starts
   sizes = QUICK if args.quick else FULL
@@ -536,6 +751,7 @@ def main(argv=None):
   if os.environ.get("XLA_FLAGS"):
     print(f"XLA_FLAGS: {os.environ['XLA_FLAGS']}")
 
+  # Not "regions": about 3 minutes on a 2-core CPU, so only with --only regions.
   tables = set(args.only or ("time", "memory", "compile", "forms", "grad")
                + (("large",) if on_gpu else ()))
   tables |= {"paper"} if args.paper else set()
@@ -551,6 +767,8 @@ def main(argv=None):
     forms_table(repeats)
   if "grad" in tables:
     grad_table(sizes, repeats)
+  if "regions" in tables:
+    regions_table(repeats)
   if "scaling" in tables:
     scaling_table(sizes, repeats)
   if "large" in tables:
