@@ -96,7 +96,7 @@ class Conv:
 @dataclasses.dataclass(frozen=True)
 class ConvChain:
   """`depth` x (3x3 SAME conv `channels` -> `channels` + relu), float32, NHWC/HWIO, batch 1: the
-  whole-network case of region tiling (`jaxtile.region`)."""
+  whole-network case of region tiling (`jaxtile._src.region`)."""
   size: int
   depth: int = 8
   channels: int = 32

@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # pylint: disable=g-import-not-at-top
 
 import jaxtile
-from jaxtile import lower as lower_lib
-from jaxtile import plan as plan_lib
+from jaxtile._src import lower as lower_lib
+from jaxtile._src import plan as plan_lib
 
 KiB = 2**10
 DIMENSION_NUMBERS = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
@@ -52,8 +52,8 @@ def _inputs(lhs_shape, rhs_shape):
   return jax.random.normal(kx, lhs_shape), jax.random.normal(kw, rhs_shape)
 
 
-def _spec(fn, args) -> jaxtile.spec.ConvSpec:
-  return jaxtile.spec.ConvSpec.from_eqn(jax.make_jaxpr(fn)(*args).jaxpr.eqns[0])
+def _spec(fn, args) -> jaxtile._src.spec.ConvSpec:
+  return jaxtile._src.spec.ConvSpec.from_eqn(jax.make_jaxpr(fn)(*args).jaxpr.eqns[0])
 
 
 def before_after(repeats: int) -> None:

@@ -3,19 +3,20 @@
 import importlib.metadata as _metadata
 
 from jaxtile import reference as reference
-from jaxtile.tune import TuneResult as TuneResult
-from jaxtile.tune import autotune as autotune
-from jaxtile.tune import load_tuning as load_tuning
-from jaxtile.api import default_max_bytes as default_max_bytes
-from jaxtile.api import explain as explain
-from jaxtile.api import tile_convs as tile_convs
-from jaxtile.verify import CheckResult as CheckResult
-from jaxtile.verify import ConvCheck as ConvCheck
-from jaxtile.verify import check as check
-from jaxtile.plan import BudgetError as BudgetError
-from jaxtile.plan import ConvPlan as ConvPlan
-from jaxtile.report import ConvReport as ConvReport
-from jaxtile.report import Report as Report
+from jaxtile._src.tune import TuneResult as TuneResult
+from jaxtile._src.tune import autotune as autotune
+from jaxtile._src.tune import load_tuning as load_tuning
+from jaxtile._src.api import default_max_bytes as default_max_bytes
+from jaxtile._src.api import explain as explain
+from jaxtile._src.api import tile_convs as tile_convs
+from jaxtile._src.verify import CheckResult as CheckResult
+from jaxtile._src.verify import ConvCheck as ConvCheck
+from jaxtile._src.verify import check as check
+from jaxtile._src.plan import BudgetError as BudgetError
+from jaxtile._src.plan import ConvPlan as ConvPlan
+from jaxtile._src.report import ConvReport as ConvReport
+from jaxtile._src.report import RegionReport as RegionReport
+from jaxtile._src.report import Report as Report
 
 try:  # pyproject.toml holds the one copy of the version
   __version__ = _metadata.version("jaxtile")
@@ -28,6 +29,7 @@ __all__ = (
     "ConvCheck",
     "ConvPlan",
     "ConvReport",
+    "RegionReport",
     "Report",
     "TuneResult",
     "autotune",

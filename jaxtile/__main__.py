@@ -1,8 +1,8 @@
-"""`python -m jaxtile explain|check MODULE:FUNCTION --arg SHAPE:DTYPE ...` (see `jaxtile.cli`)."""
+"""`python -m jaxtile explain|check MODULE:FUNCTION --arg SHAPE:DTYPE ...` (see `jaxtile._src.cli`)."""
 
 import sys
 
-from jaxtile.cli import main
+from jaxtile._src.cli import main
 
 if __name__ == "__main__":
   sys.exit(main())

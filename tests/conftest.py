@@ -12,5 +12,5 @@ import pytest  # noqa: E402
 def _forget_tuned_plans():
   """Plans remembered by `jaxtile.autotune` are process-global: no test sees another's."""
   yield
-  from jaxtile import plan
+  from jaxtile._src import plan
   plan.tuned_blocks().clear()

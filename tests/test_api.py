@@ -408,3 +408,10 @@ def test_version_comes_from_the_package_metadata():
   package = pathlib.Path(jaxtile.__file__).parent
   copies = [p.name for p in package.glob("*.py") if f'"{jaxtile.__version__}"' in p.read_text()]
   assert copies == []
+
+
+def test_public_surface_is_all():
+  # Implementation modules are private (jaxtile._src); users see what __all__ promises.
+  public = {n for n in dir(jaxtile) if not n.startswith("_")}
+  assert public == set(jaxtile.__all__), public ^ set(jaxtile.__all__)
+  assert "RegionReport" in jaxtile.__all__ and "tile_convs" in jaxtile.__all__

@@ -9,8 +9,8 @@ import pytest
 from jax import lax
 
 import jaxtile
-from jaxtile import tune as tune_lib
-from jaxtile import plan as plan_lib
+from jaxtile._src import tune as tune_lib
+from jaxtile._src import plan as plan_lib
 
 
 def assert_same(actual, desired):
@@ -35,14 +35,14 @@ def fastest(monkeypatch):
   """Makes the timing deterministic: the named rule's plan is the fastest."""
   def pick(rule):
     def fake_time(plan, operands, repeats):
-      chosen = plan_lib.candidate_plans(plan.spec, jaxtile.api.make_policy(**BUDGET)())[rule]
+      chosen = plan_lib.candidate_plans(plan.spec, jaxtile._src.api.make_policy(**BUDGET)())[rule]
       return 1.0 if plan == chosen else 2.0
     monkeypatch.setattr(tune_lib, "_time", fake_time)
   return pick
 
 
 def test_candidates_are_distinct_and_fit():
-  policy = jaxtile.api.make_policy(**BUDGET)()
+  policy = jaxtile._src.api.make_policy(**BUDGET)()
   spec = jaxtile.explain(conv, **BUDGET)(X, W).convs[0].plan.spec
   plans = plan_lib.candidate_plans(spec, policy)
   assert len(plans) >= 2 and "default" in plans

@@ -26,7 +26,7 @@ import traceback
 
 import pytest
 
-import jaxtile.plan
+import jaxtile._src.plan
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
@@ -95,7 +95,7 @@ def test_every_block_is_labelled(path: pathlib.Path):
 def isolated_tuning(monkeypatch):
   """Plans a page's `autotune` remembers are forgotten after it, so no other test sees them."""
   monkeypatch.delenv("JAXTILE_AUTOTUNE_CACHE", raising=False)
-  table = jaxtile.plan.tuned_blocks()
+  table = jaxtile._src.plan.tuned_blocks()
   saved = dict(table)
   yield
   table.clear()
@@ -153,10 +153,10 @@ def cli_commands() -> list[tuple[str, list[str]]]:
   """(where, argv) of each `python -m jaxtile` command in a ```bash block or cli.py's docstring."""
   import shlex
 
-  import jaxtile.cli
+  import jaxtile._src.cli
 
   sources = [(b.where, b.source) for path in DOCS for b in fenced_blocks(path) if b.lang == "bash"]
-  sources.append(("jaxtile/cli.py", jaxtile.cli.__doc__))
+  sources.append(("jaxtile/_src/cli.py", jaxtile._src.cli.__doc__))
   commands = []
   for where, text in sources:
     for line in text.replace("\\\n", " ").splitlines():
@@ -176,7 +176,7 @@ def test_the_docs_show_cli_commands():
 @pytest.mark.parametrize("where, argv", CLI_COMMANDS,
                          ids=[f"{w} {a[0]}" for w, a in CLI_COMMANDS])
 def test_cli_commands_in_the_docs_tile_what_they_show(where, argv, tmp_path, monkeypatch, capsys):
-  from jaxtile import cli
+  from jaxtile._src import cli
 
   (tmp_path / "my_model.py").write_text(MY_MODEL)
   monkeypatch.chdir(tmp_path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxtile import forms
+from jaxtile._src import forms
 from jaxtile import reference
 
 FAST = forms.Forms(pad_unpadded=True, channels_last=True, xla_cpu_workarounds=True)

@@ -17,10 +17,10 @@ import pytest
 from jax import lax
 
 import jaxtile
-from jaxtile import verify as verify_lib
-from jaxtile import cli
-from jaxtile import lower as lower_lib
-from jaxtile import plan as plan_lib
+from jaxtile._src import verify as verify_lib
+from jaxtile._src import cli
+from jaxtile._src import lower as lower_lib
+from jaxtile._src import plan as plan_lib
 from jaxtile import reference
 
 THIS_FILE = os.path.basename(__file__)

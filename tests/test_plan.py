@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings, strategies as st
 from jax import lax
 
 import jaxtile
-from jaxtile import plan as plan_lib
+from jaxtile._src import plan as plan_lib
 from jaxtile import reference
 
 
@@ -55,7 +55,7 @@ def _spec(lhs_shape, rhs_shape, **kw):
   f = lambda x, w: lax.conv_general_dilated(x, w, **kw)
   closed = jax.make_jaxpr(f)(jax.ShapeDtypeStruct(lhs_shape, jnp.float32),
                              jax.ShapeDtypeStruct(rhs_shape, jnp.float32))
-  return jaxtile.spec.ConvSpec.from_eqn(closed.jaxpr.eqns[0])
+  return jaxtile._src.spec.ConvSpec.from_eqn(closed.jaxpr.eqns[0])
 
 
 def test_refine_fits_budget_and_prefers_full_width_strips():

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxtile import _compat
-from jaxtile import plan as plan_lib
-from jaxtile import report as report_lib
-from jaxtile import rewrite as rewrite_lib
+from jaxtile._src import _compat
+from jaxtile._src import plan as plan_lib
+from jaxtile._src import report as report_lib
+from jaxtile._src import rewrite as rewrite_lib
 
 #: Fraction of a device's memory one elemental conv may use by default (see `default_max_bytes`).
 DEVICE_MEMORY_FRACTION = 8
@@ -442,7 +442,7 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
       dimension its pieces were divided on (for the next layer), instead of unconstrained.
     fuse: tile chains of spatially local ops (a conv, then convs and elementwise ops such as
       bias and activations) as one loop over output tiles, so their intermediates live one tile
-      at a time (`jaxtile.region`). "auto" (default) fuses regions that hold an oversized conv,
+      at a time (`jaxtile._src.region`). "auto" (default) fuses regions that hold an oversized conv,
       True every region of two or more convs, cutting where recomputed halos would more than
       double a region's multiply-adds; False tiles every conv on its own.
     static_argnums, static_argnames: arguments treated as static whole, as in `jax.jit`.

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtile import _compat
+from jaxtile._src import _compat
 
 INT32_MAX = 2**31 - 1
 

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxtile import _compat
-from jaxtile import forms
-from jaxtile import lower as lower_lib
-from jaxtile import plan as plan_lib
-from jaxtile.spec import ConvSpec
+from jaxtile._src import _compat
+from jaxtile._src import forms
+from jaxtile._src import lower as lower_lib
+from jaxtile._src import plan as plan_lib
+from jaxtile._src.spec import ConvSpec
 
 # Primitives that act on each element alone (with operands broadcast along size-1 dims).
 ELEMENTWISE = frozenset({

@@ -20,10 +20,10 @@ from typing import Callable, Optional
 
 import jax
 
-from jaxtile import api
-from jaxtile import lower as lower_lib
-from jaxtile import plan as plan_lib
-from jaxtile import report as report_lib
+from jaxtile._src import api
+from jaxtile._src import lower as lower_lib
+from jaxtile._src import plan as plan_lib
+from jaxtile._src import report as report_lib
 
 
 @dataclasses.dataclass(frozen=True)

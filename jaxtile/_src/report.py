@@ -14,9 +14,9 @@ from typing import Optional, Union
 
 import numpy as np
 
-from jaxtile import _compat
-from jaxtile import plan as plan_lib
-from jaxtile import spec as spec_lib
+from jaxtile._src import _compat
+from jaxtile._src import plan as plan_lib
+from jaxtile._src import spec as spec_lib
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ class ConvReport:
 
 @dataclasses.dataclass(frozen=True)
 class RegionReport:
-  """A chain of local ops tiled as one loop (`jaxtile.region`): its convs and equations, its
+  """A chain of local ops tiled as one loop (`jaxtile._src.region`): its convs and equations, its
   output tiles, and what the recomputed halos cost.
 
   `halo` is, per spatial dim, how much wider the region input's window is than the tile's own

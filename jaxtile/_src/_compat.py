@@ -51,7 +51,7 @@ def traced_call_eqn(fun: Callable, avals, invars, outvars, source_info) -> Jaxpr
 # Frames from these places are library code; the user's line is the innermost frame outside them.
 _LIBRARY_DIRS = tuple(
     os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (jax, lax, jex))
-_JAXTILE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_JAXTILE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # jaxtile/
 _LIBRARY_PACKAGES = frozenset(
     {"jax", "jaxlib", "flax", "equinox", "haiku", "optax", "numpy", "absl", "pytest", "_pytest"})
 
@@ -109,7 +109,7 @@ def shard_map(fun: Callable, mesh, in_specs, out_specs) -> Callable:
   return jax.shard_map(fun, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-# The primitive jaxtile binds its pieces as (jaxtile.forms), and the rules it borrows from JAX's
+# The primitive jaxtile binds its pieces as (jaxtile._src.forms), and the rules it borrows from JAX's
 # conv_general_dilated. `jax.interpreters.{ad,batching,mlir}` are JAX's long-standing homes of
 # these registries; `dispatch.apply_primitive` is the impl every lax primitive uses.
 from jax._src import dispatch as _dispatch  # noqa: E402

@@ -19,15 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtile import _compat
-from jaxtile import api
-from jaxtile import lower as lower_lib
-from jaxtile import plan as plan_lib
+from jaxtile._src import _compat
+from jaxtile._src import api
+from jaxtile._src import lower as lower_lib
+from jaxtile._src import plan as plan_lib
 from jaxtile import reference
-from jaxtile import report as report_lib
-from jaxtile import rewrite as rewrite_lib
-from jaxtile import spec as spec_lib
-from jaxtile.spec import ConvSpec
+from jaxtile._src import report as report_lib
+from jaxtile._src import rewrite as rewrite_lib
+from jaxtile._src import spec as spec_lib
+from jaxtile._src.spec import ConvSpec
 
 #: Convs whose output has fewer elements than this, and at most `FULL_REFERENCE_MACS`
 #: multiply-adds, are compared with the reference in full; bigger ones on output windows.

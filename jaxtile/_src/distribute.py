@@ -23,9 +23,9 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxtile import _compat
-from jaxtile import lower as lower_lib
-from jaxtile.plan import ConvPlan
+from jaxtile._src import _compat
+from jaxtile._src import lower as lower_lib
+from jaxtile._src.plan import ConvPlan
 
 
 def lower(plan: ConvPlan, name: str, mesh: Mesh, axis_name: str,

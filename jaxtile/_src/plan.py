@@ -17,8 +17,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 from absl import logging
 
-from jaxtile import spec as spec_lib
-from jaxtile.spec import ConvSpec
+from jaxtile._src import spec as spec_lib
+from jaxtile._src.spec import ConvSpec
 
 # An array dimension of one operand: ("lhs" | "rhs" | "out", axis index in the user's layout).
 DimKey = tuple[str, int]
@@ -832,7 +832,7 @@ class Policy:
   mesh_axis: Optional[str] = None  # this axis of it
   shard_output: bool = False  # leave each distributed conv's output sharded along its split dim
   device_kind: str = ""  # where plans are tuned for (`jaxtile.autotune`)
-  fuse: Any = "auto"  # tile chains of local ops as regions (`jaxtile.region`): True/False/"auto"
+  fuse: Any = "auto"  # tile chains of local ops as regions (`jaxtile._src.region`): True/False/"auto"
 
   @property
   def n_devices(self) -> int:

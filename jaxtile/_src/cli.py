@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtile import api
-from jaxtile import verify as verify_lib
-from jaxtile import plan as plan_lib
+from jaxtile._src import api
+from jaxtile._src import verify as verify_lib
+from jaxtile._src import plan as plan_lib
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30,
           "gib": 2**30, "t": 2**40, "tib": 2**40}

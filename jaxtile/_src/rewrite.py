@@ -15,13 +15,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxtile import _compat
-from jaxtile import distribute
-from jaxtile import lower as lower_lib
-from jaxtile import plan as plan_lib
+from jaxtile._src import _compat
+from jaxtile._src import distribute
+from jaxtile._src import lower as lower_lib
+from jaxtile._src import plan as plan_lib
 from jaxtile import reference
-from jaxtile import region as region_lib
-from jaxtile.spec import ConvSpec
+from jaxtile._src import region as region_lib
+from jaxtile._src.spec import ConvSpec
 
 
 @dataclasses.dataclass(frozen=True)

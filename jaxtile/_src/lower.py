@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxtile import _compat
-from jaxtile import forms
-from jaxtile.plan import Axis, ConvPlan, DimKey, Policy, Run, decide
-from jaxtile.spec import ConvSpec
+from jaxtile._src import _compat
+from jaxtile._src import forms
+from jaxtile._src.plan import Axis, ConvPlan, DimKey, Policy, Run, decide
+from jaxtile._src.spec import ConvSpec
 
 Index = Union[int, jax.Array]  # a piece index: a Python int when static
 

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxtile import _compat
-from jaxtile import spec as spec_lib
+from jaxtile._src import _compat
+from jaxtile._src import spec as spec_lib
 
 
 @dataclasses.dataclass(frozen=True)

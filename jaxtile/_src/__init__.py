@@ -1,0 +1,1 @@
+"""jaxtile's implementation. Private: the public surface is `jaxtile`'s `__all__`."""
