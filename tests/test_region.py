@@ -425,3 +425,29 @@ def test_residual_adds_and_pools_fuse_exactly(net, n_weights, max_bytes):
   for got, want in zip(grads(jaxtile.tile_convs(net, max_bytes=max_bytes)), grads(net)):
     # Kernel gradients sum over pieces in another order: float32 rounding of the largest terms.
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_skip_concatenation_joins_the_decoder_region():
+  # A UNet decoder level: transposed conv + bias, concatenated with the skip, then two convs.
+  # The concatenation and the bias add are in the region; the skip and the transposed conv's
+  # output are its two inputs, each read a window at a time.
+  rng = np.random.default_rng(1)
+  skip = jnp.asarray(rng.normal(size=(1, 38, 34, 4)), jnp.float32)
+  low = jnp.asarray(rng.normal(size=(1, 19, 17, 8)), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=(2, 2, 8, 4)) / 4, jnp.float32)
+  w1 = jnp.asarray(rng.normal(size=(3, 3, 8, 4)) / 6, jnp.float32)
+  w2 = jnp.asarray(rng.normal(size=(3, 3, 4, 4)) / 6, jnp.float32)
+  b = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+
+  def level(low, skip, wt, w1, w2, b):
+    up = lax.conv_transpose(low, wt, (2, 2), "SAME", dimension_numbers=_DN) + b
+    y = jax.nn.relu(_c(jnp.concatenate([up, skip], axis=-1), w1))
+    return jax.nn.relu(_c(y, w2) - 0.5)
+
+  args = (low, skip, wt, w1, w2, b)
+  report = jaxtile.explain(level, max_bytes=12000)(*args)
+  (region,) = report.regions
+  # bias add, concatenate, conv, relu, conv, sub, relu
+  assert len(region.convs) == 2 and region.n_eqns == 7, region
+  np.testing.assert_allclose(jax.jit(jaxtile.tile_convs(level, max_bytes=12000))(*args),
+                             jax.jit(level)(*args), rtol=1e-5, atol=1e-5)

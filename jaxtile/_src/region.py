@@ -68,7 +68,7 @@ class RegionPlan:
   `[o * scale[v][d] + shift[v][d], ... + width[v][d])` (see `_windows`).
   """
   eqns: tuple[Any, ...]
-  input: Any  # the chain's full-size input var
+  inputs: tuple[Any, ...]  # the region's full-size input vars (the first conv's lhs first)
   smalls: tuple[Any, ...]  # its other input vars, in order
   output: Any  # the chain's output var
   layout: Layout
@@ -123,8 +123,35 @@ def _elementwise_body(eqn) -> Optional[Any]:
   return closed
 
 
+def _is_concat(eqn, layout: Layout) -> bool:
+  """A concatenation along the feature axis (a skip connection joining two branches)."""
+  return (eqn.primitive.name == "concatenate"
+          and eqn.params["dimension"] == layout.feature)
+
+
+def _makes_input(eqn, layout: Layout) -> bool:
+  """A feature concatenation, or an elementwise equation whose full-size operands all have its
+  output's shape: one that may stand before a region's first conv."""
+  if _is_concat(eqn, layout):
+    return _is_local(eqn, set(eqn.invars), layout)
+  if eqn.primitive.name not in ELEMENTWISE and _elementwise_body(eqn) is None:
+    return False
+  out = eqn.outvars[0]
+  return len(eqn.outvars) == 1 and all(
+      isinstance(v, _compat.Literal) or v.aval.shape == out.aval.shape
+      or _is_small(v.aval, layout, len(out.aval.shape)) for v in eqn.invars)
+
+
 def _is_local(eqn, values, layout: Layout) -> bool:
-  """An elementwise equation whose full-size operands are all in `values`, its others small."""
+  """An elementwise equation whose full-size operands are all in `values`, its others small; or
+  a feature concatenation reading at least one of `values` (its others become inputs)."""
+  if _is_concat(eqn, layout):
+    spatial = lambda v: tuple(v.aval.shape[a] for a in layout.spatial)
+    out = eqn.outvars[0]
+    return (any(v in values for v in eqn.invars)
+            and all(not isinstance(v, _compat.Literal) and spatial(v) == spatial(out)
+                    and v.aval.shape[layout.batch] == out.aval.shape[layout.batch]
+                    for v in eqn.invars))
   if eqn.primitive.name not in ELEMENTWISE and _elementwise_body(eqn) is None:
     return False
   if len(eqn.outvars) != 1:
@@ -222,6 +249,25 @@ def find_regions(jaxpr) -> list[list[int]]:
     # The input is a value of the region too: a residual add of it is local (its window is
     # then the union of the conv's and the add's).
     members, values = [start], {eqn.outvars[0], eqn.invars[0]}
+    # The feature concatenations and elementwise ops making the first conv's input, read by the
+    # region alone, join it too; their full-size operands become the region's inputs (a decoder
+    # level: the upsampled path with its bias, and the skip).
+    making = {e.outvars[0]: j for j, e in enumerate(jaxpr.eqns[:start])}
+    frontier = [eqn.invars[0]]
+    while frontier:
+      v = frontier.pop()
+      j = making.get(v)
+      if j is None or j in taken or j in members or len(uses.get(v, [])) != 1:
+        continue
+      e = jaxpr.eqns[j]
+      if not _makes_input(e, layout):
+        continue
+      members.insert(0, j)
+      full = [u for u in e.invars if not isinstance(u, _compat.Literal)
+              and not _is_small(u.aval, layout, len(u.aval.shape))]
+      values.update(full)
+      frontier += full
+    members.sort()
     for i in range(start + 1, len(jaxpr.eqns)):
       e = jaxpr.eqns[i]
       if i in taken or not any(v in values for v in e.invars if not isinstance(
@@ -280,9 +326,11 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
         _pool_window(e, layout) if _is_pool(e) else None)
     if op is not None:
       need(e.invars[0], *_window_through(op, scale[out], shift[out], width[out]))
-    else:
+    else:  # elementwise or a feature concatenation: every full-size operand, the same window
+      spatial = lambda v: tuple(v.aval.shape[a] for a in layout.spatial)
       for v in e.invars:
-        if not isinstance(v, _compat.Literal) and v.aval.shape == out.aval.shape:
+        if (not isinstance(v, _compat.Literal) and spatial(v) == spatial(out)
+            and not _is_small(v.aval, layout, len(out.aval.shape))):
           need(v, scale[out], shift[out], width[out])
   return scale, shift, width
 
@@ -343,9 +391,11 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
   """Tiles for the chain `members` of `jaxpr` within `policy.max_bytes`, or None when a tile of
   one output row (per dim) does not fit or the halos cost more than `MAX_EXTRA_MACS`."""
   eqns = tuple(jaxpr.eqns[i] for i in members)
-  first = eqns[0]
+  first = next(e for e in eqns if _compat.is_conv(e))
   layout = _conv_layout(first)[0]
   x, output = first.invars[0], eqns[-1].outvars[0]
+  if not _compat.is_conv(eqns[0]):  # concatenations or elementwise ops make the conv's input
+    x = None
   internal = {e.outvars[0] for e in eqns}
   # One output, and no full-size input but x: a part of a region cut where a residual crosses
   # the cut is not a region.
@@ -353,16 +403,20 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
   uses = _uses(jaxpr)
   if [v for v in internal if any(u not in inside for u in uses.get(v, []))] != [output]:
     return None
-  rank = len(x.aval.shape)
-  smalls, seen = [], {x}
+  rank = len(first.invars[0].aval.shape)
+  inputs = [x] if x is not None else []
+  smalls, seen = [], set(inputs)
   for e in eqns:
     for n, v in enumerate(e.invars):
       if isinstance(v, _compat.Literal) or v in internal or v in seen:
         continue
-      if not (_compat.is_conv(e) and n == 1) and not _is_small(v.aval, layout, rank):
-        return None
       seen.add(v)
-      smalls.append(v)
+      if (_compat.is_conv(e) and n == 1) or _is_small(v.aval, layout, rank):
+        smalls.append(v)
+      elif not _compat.is_conv(e) and not _is_pool(e) or v is x:
+        inputs.append(v)  # read, like x, a window at a time
+      else:
+        return None
   smalls_bytes = sum(_aval_bytes(v.aval.shape, v.aval.dtype) for v in smalls)
   out_extent = tuple(output.aval.shape[a] for a in layout.spatial)
   mono_macs = sum(_macs(e) for e in eqns if _compat.is_conv(e))
@@ -392,7 +446,8 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
       if not isinstance(v, _compat.Literal) and v in width:
         extent[v] = tuple(v.aval.shape[a] for a in layout.spatial)
   return RegionPlan(
-      eqns=eqns, input=x, smalls=tuple(smalls), output=output, layout=layout, tile=tuple(tile),
+      eqns=eqns, inputs=tuple(inputs), smalls=tuple(smalls), output=output, layout=layout,
+      tile=tuple(tile),
       scale=scale, shift=shift, width=width, extent=extent, policy=policy, name=name,
       tile_bytes=_tile_bytes(eqns, scale, width, layout, smalls_bytes),
       extra_macs_percent=100 * extra)
@@ -409,7 +464,8 @@ def split_chain(jaxpr, members: Sequence[int], policy: plan_lib.Policy, first_in
     best = None
     for end in range(start + 1, len(conv_at)):
       stop = conv_at[end + 1] if end + 1 < len(conv_at) else len(members)
-      plan = plan_region(jaxpr, members[conv_at[start]:stop], policy,
+      begin = 0 if start == 0 else conv_at[start]  # a leading concatenation stays in
+      plan = plan_region(jaxpr, members[begin:stop], policy,
                          f"jaxtile/region{first_index + len(regions)}")
       if plan is None:
         break
@@ -481,8 +537,9 @@ def _eval_eqns(jaxpr, consts, args):
   return [read(v) for v in jaxpr.outvars]
 
 
-def emit(plan: RegionPlan, x, *smalls):
+def emit(plan: RegionPlan, *operands):
   """The region's output, computed tile by tile in one loop (piece 0 peeled, as in `lower`)."""
+  xs, smalls = operands[:len(plan.inputs)], operands[len(plan.inputs):]
   layout, k = plan.layout, len(plan.tile)
   out_extent = plan.extent[plan.output]
   offsets = [_offsets(n, t) for n, t in zip(out_extent, plan.tile)]
@@ -498,7 +555,7 @@ def emit(plan: RegionPlan, x, *smalls):
       hi.append(max(0, int(starts.max()) + width[d] - plan.extent[v][d]))
     return lo, hi
 
-  x_low, x_high = reach(plan.input, plan.shift[plan.input], plan.width[plan.input])
+  reaches = [reach(v, plan.shift[v], plan.width[v]) for v in plan.inputs]
   tables = [jnp.asarray(o, jnp.int32) for o in offsets]
   full = set(plan.width)
 
@@ -515,7 +572,7 @@ def emit(plan: RegionPlan, x, *smalls):
         end[a] = begin[a] + width[d]
       val = lax.slice(val, begin, end)
     padded_by = 0 if _compat.is_conv(e) else _POOLS.get(e.primitive.name)
-    if (padded_by is not None and (v is not plan.input or padded_by != 0)
+    if (padded_by is not None and (v not in plan.inputs or padded_by != 0)
         and any(sum(reach(v, shift, width), []))):
       starts = [o[d] * plan.scale[v][d] + shift[d] for d in range(k)]
       val = _mask_outside(val, starts, width, plan.extent[v], layout, padded_by)
@@ -527,10 +584,11 @@ def emit(plan: RegionPlan, x, *smalls):
       index.append(rest % n)
       rest = rest // n
     o = [tables[d][i] for d, i in enumerate(reversed(index))]
-    x_start = [o[d] * plan.scale[plan.input][d] + plan.shift[plan.input][d] for d in range(k)]
+    env = {}
     with jax.named_scope("select"):
-      env = {plan.input: _read_window(x, x_start, plan.width[plan.input], layout, x_low,
-                                      x_high)}
+      for v, x, (low, high) in zip(plan.inputs, xs, reaches):
+        start = [o[d] * plan.scale[v][d] + plan.shift[v][d] for d in range(k)]
+        env[v] = _read_window(x, start, plan.width[v], layout, low, high)
     env.update(zip(plan.smalls, smalls))
     with jax.named_scope("process"):
       for e in plan.eqns:
@@ -544,7 +602,7 @@ def emit(plan: RegionPlan, x, *smalls):
           env[e.outvars[0]] = e.primitive.bind(*args, **params)
         else:
           env[e.outvars[0]] = _eval_elementwise(e, args)
-    begin = [0] * x.ndim
+    begin = [0] * plan.output.aval.ndim
     for d, a in enumerate(layout.spatial):
       begin[a] = o[d]
     return env[plan.output], begin
@@ -567,11 +625,10 @@ def emit(plan: RegionPlan, x, *smalls):
 region_p = _compat.Primitive("jaxtile_region")
 
 
-def unfused(plan: RegionPlan, x, *smalls):
+def unfused(plan: RegionPlan, *operands):
   """The region's equations at full size, each conv tiled on its own: what derivatives and
   vmap see (see `lower.tiled_conv_p`)."""
-  env = {plan.input: x}
-  env.update(zip(plan.smalls, smalls))
+  env = dict(zip((*plan.inputs, *plan.smalls), operands))
   read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
   for e in plan.eqns:
     args = [read(v) for v in e.invars]
@@ -594,10 +651,11 @@ def _region_batch(args, dims, *, plan):
 
 
 _compat.define_primitive(
-    region_p, impl_lowering=lambda x, *smalls, plan: emit(plan, x, *smalls),
+    region_p, impl_lowering=lambda *operands, plan: emit(plan, *operands),
     abstract_eval=lambda *args, plan: (plan.output.aval, set()), jvp=_region_jvp,
     batch_rule=_region_batch)
 
 
-def bind(plan: RegionPlan, x, *smalls):
-  return region_p.bind(x, *smalls, plan=plan)
+def bind(plan: RegionPlan, *operands):
+  """The region's output from its inputs and then its small operands, in plan order."""
+  return region_p.bind(*operands, plan=plan)
