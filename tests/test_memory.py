@@ -142,9 +142,10 @@ def test_examples_hold_no_more_than_untiled():
 
 def test_unet_at_full_size_holds_far_less_than_untiled():
   # examples/flax_unet.py's model at 2048x2048 (512 MiB per full-resolution activation). Each
-  # level's conv block is a region; a decoder level's region also takes in the transposed conv's
-  # bias add and the skip concatenation, so the 1 GiB concatenated input never exists.
-  # Before: 4800 MiB tiled vs 2048 untiled; per conv with peeled loops: 2048.
+  # level's conv block is a region; a decoder level's region starts at its transposed conv and
+  # takes in the bias add and the skip concatenation, so neither the upsampled activation nor
+  # the 1 GiB concatenated input exists. What remains is mostly the skips, alive across the
+  # network. Before: 4800 MiB tiled vs 2048 untiled; per conv with peeled loops: 2048.
   pytest.importorskip("flax")
   unet = _example("flax_unet")
   model = unet.UNet(widths=(32, 64, 128), out_channels=2)
@@ -152,4 +153,4 @@ def test_unet_at_full_size_holds_far_less_than_untiled():
   params = jax.eval_shape(model.init, jax.random.key(0), x)
   untiled = temp_bytes(model.apply, params, x)
   tiled = temp_bytes(jaxtile.tile_convs(model.apply, max_bytes=16 * 2**20), params, x)
-  assert tiled <= 0.65 * untiled, (tiled / 2**20, untiled / 2**20)
+  assert tiled <= 0.6 * untiled, (tiled / 2**20, untiled / 2**20)  # 1159 of 2048 MiB

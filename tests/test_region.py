@@ -429,8 +429,8 @@ def test_residual_adds_and_pools_fuse_exactly(net, n_weights, max_bytes):
 
 def test_skip_concatenation_joins_the_decoder_region():
   # A UNet decoder level: transposed conv + bias, concatenated with the skip, then two convs.
-  # The concatenation and the bias add are in the region; the skip and the transposed conv's
-  # output are its two inputs, each read a window at a time.
+  # All of it is one region starting at the transposed conv; the low-resolution input and the
+  # skip are its two inputs, each read a window at a time.
   rng = np.random.default_rng(1)
   skip = jnp.asarray(rng.normal(size=(1, 38, 34, 4)), jnp.float32)
   low = jnp.asarray(rng.normal(size=(1, 19, 17, 8)), jnp.float32)
@@ -447,7 +447,28 @@ def test_skip_concatenation_joins_the_decoder_region():
   args = (low, skip, wt, w1, w2, b)
   report = jaxtile.explain(level, max_bytes=12000)(*args)
   (region,) = report.regions
-  # bias add, concatenate, conv, relu, conv, sub, relu
-  assert len(region.convs) == 2 and region.n_eqns == 7, region
+  # transposed conv, bias add, concatenate, conv, relu, conv, sub, relu
+  assert len(region.convs) == 3 and region.n_eqns == 8, region
   np.testing.assert_allclose(jax.jit(jaxtile.tile_convs(level, max_bytes=12000))(*args),
                              jax.jit(level)(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, max_bytes", [
+    (2, 2, "SAME", 6000), (3, 2, "VALID", 15000), (4, 3, ((1, 2), (0, 1)), 6000),
+    (3, 3, "SAME", 15000)])
+def test_transposed_conv_starts_a_region_exactly(kernel, stride, padding, max_bytes):
+  # The transposed conv's input window starts at ceil(p0 / stride), not affine in the tile
+  # offset; the loop dilates the window and aligns it per tile.
+  rng = np.random.default_rng(kernel * 10 + stride)
+  low = jnp.asarray(rng.normal(size=(1, 13, 11, 4)), jnp.float32)
+  wt = jnp.asarray(rng.normal(size=(kernel, kernel, 4, 4)) / 4, jnp.float32)
+  w1 = jnp.asarray(rng.normal(size=(3, 3, 4, 4)) / 6, jnp.float32)
+
+  def f(low, wt, w1):
+    up = lax.conv_transpose(low, wt, (stride, stride), padding, dimension_numbers=_DN) + 0.3
+    return jax.nn.relu(_c(jax.nn.relu(up), w1))
+
+  report = jaxtile.explain(f, max_bytes=max_bytes)(low, wt, w1)
+  assert [r.convs for r in report.regions] == [("jaxtile/conv0", "jaxtile/conv1")], str(report)
+  np.testing.assert_allclose(jax.jit(jaxtile.tile_convs(f, max_bytes=max_bytes))(low, wt, w1),
+                             jax.jit(f)(low, wt, w1), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@ receptive field walked back through every op, the union where a value feeds seve
 every equation on windows, and writes the tile. Only the region's input and output exist at full
 size.
 
-Transposed (lhs-dilated) convs, concatenation and everything else end a region; those
+A transposed (lhs-dilated) conv may start a region, not stand inside one; concatenations other
+than of a region's inputs, reshapes, norms and everything else end a region; those
 convs are tiled one by one as before. Under differentiation and vmap a region is computed as its
 equations with each conv tiled on its own (`lower.tiled_conv_p`): exact, without the fused loop.
 """
@@ -77,6 +78,7 @@ class RegionPlan:
   shift: dict  # var -> per-dim constant
   width: dict  # var -> per-dim window extent
   extent: dict  # var -> per-dim full extent
+  dilation: dict  # var -> per-dim lhs dilation of the transposed conv reading it (see _windows)
   policy: plan_lib.Policy
   name: str
   tile_bytes: int
@@ -209,10 +211,10 @@ def _conv_layout(eqn) -> tuple[Layout, Layout]:
 def _region_conv(eqn, values, layout: Optional[Layout]) -> Optional[Layout]:
   """The output layout if conv `eqn` can join a region making `values` (or start one, when
   `values` is None), else None."""
-  if not _compat.is_conv(eqn) or any(d != 1 for d in eqn.params["lhs_dilation"]):
+  if not _compat.is_conv(eqn) or eqn.params["batch_group_count"] != 1:
     return None
-  if eqn.params["batch_group_count"] != 1:
-    return None
+  if values is not None and any(d != 1 for d in eqn.params["lhs_dilation"]):
+    return None  # a transposed conv only starts a region (its input window: see `_windows`)
   lhs_layout, out_layout = _conv_layout(eqn)
   if values is not None and (eqn.invars[0] not in values or eqn.invars[1] in values
                              or lhs_layout != layout):
@@ -312,6 +314,8 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
   scale, shift, width = {output: (1,) * k}, {output: (0,) * k}, {output: tuple(tile)}
 
   def need(v, sc, sh, w):
+    if v in dilation:
+      raise _NotARegion  # a transposed conv's input read by another op too
     if v not in scale:
       scale[v], shift[v], width[v] = sc, sh, w
       return
@@ -320,11 +324,23 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
     hi = tuple(max(a + x, b + y) for a, x, b, y in zip(shift[v], width[v], sh, w))
     shift[v], width[v] = lo, tuple(h - l for h, l in zip(hi, lo))
 
+  dilation = {}
   for e in reversed(eqns):
     out = e.outvars[0]
     op = _window_op(e) if _compat.is_conv(e) else (
         _pool_window(e, layout) if _is_pool(e) else None)
-    if op is not None:
+    if op is not None and _compat.is_conv(e) and any(d > 1 for d in e.params["lhs_dilation"]):
+      # A transposed conv (lhs dilation d) reads dilated positions [p0, p0 + wd) with p0 affine
+      # in the tile offset, the window above. Input i sits at dilated position i * d, so the
+      # inputs read are i0 = ceil(p0 / d) on, at most ceil((wd + d - 1) / d) of them: not affine
+      # in the tile offset. The window of the lhs is kept in dilated positions (scale, shift)
+      # with its width in inputs; the loop computes i0 per tile (`emit`).
+      d = tuple(e.params["lhs_dilation"])
+      sc, sh, wd = _window_through(op, scale[out], shift[out], width[out])
+      lhs = e.invars[0]
+      scale[lhs], shift[lhs], dilation[lhs] = sc, sh, d
+      width[lhs] = tuple(-(-(w + di - 1) // di) for w, di in zip(wd, d))
+    elif op is not None:
       need(e.invars[0], *_window_through(op, scale[out], shift[out], width[out]))
     else:  # elementwise or a feature concatenation: every full-size operand, the same window
       spatial = lambda v: tuple(v.aval.shape[a] for a in layout.spatial)
@@ -332,7 +348,7 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
         if (not isinstance(v, _compat.Literal) and spatial(v) == spatial(out)
             and not _is_small(v.aval, layout, len(out.aval.shape))):
           need(v, scale[out], shift[out], width[out])
-  return scale, shift, width
+  return scale, shift, width, dilation
 
 
 def _window_through(op, scale, shift, width):
@@ -343,6 +359,10 @@ def _window_through(op, scale, shift, width):
   return (tuple(scale[d] * s[d] for d in range(k)),
           tuple(shift[d] * s[d] - lo[d] for d in range(k)),
           tuple((width[d] - 1) * s[d] + (size[d] - 1) * dil[d] + 1 for d in range(k)))
+
+
+class _NotARegion(Exception):
+  """Raised while planning equations that cannot be tiled as one region."""
 
 
 def _required(e, v, scale, shift, width, layout: Layout):
@@ -423,7 +443,10 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
 
   tile = list(out_extent)
   while True:
-    scale, shift, width = _windows(eqns, output, tile, layout)
+    try:
+      scale, shift, width, dilation = _windows(eqns, output, tile, layout)
+    except _NotARegion:
+      return None
     fits = _tile_bytes(eqns, scale, width, layout, smalls_bytes) <= policy.max_bytes
     if fits:
       break
@@ -448,7 +471,8 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
   return RegionPlan(
       eqns=eqns, inputs=tuple(inputs), smalls=tuple(smalls), output=output, layout=layout,
       tile=tuple(tile),
-      scale=scale, shift=shift, width=width, extent=extent, policy=policy, name=name,
+      scale=scale, shift=shift, width=width, extent=extent, dilation=dilation, policy=policy,
+      name=name,
       tile_bytes=_tile_bytes(eqns, scale, width, layout, smalls_bytes),
       extra_macs_percent=100 * extra)
 
@@ -537,6 +561,29 @@ def _eval_eqns(jaxpr, consts, args):
   return [read(v) for v in jaxpr.outvars]
 
 
+def _transposed(e, window, rhs, o, plan: RegionPlan, fast):
+  """A transposed conv on its input window (inputs i0 on, `_windows`): dilated explicitly,
+  aligned to the dilated positions the tile needs, then an ordinary conv."""
+  layout, k = plan.layout, len(plan.tile)
+  lhs = e.invars[0]
+  d = plan.dilation[lhs]
+  out = e.outvars[0]
+  op = _window_op(e)
+  _, _, wd = _window_through(op, plan.scale[out], plan.shift[out], plan.width[out])
+  config = [(0, 0, 0)] * window.ndim
+  for i, a in enumerate(layout.spatial):
+    config[a] = (d[i] - 1, 0, d[i] - 1)  # input i0 lands at index d - 1
+  dilated = lax.pad(window, jnp.zeros((), window.dtype), config)
+  begin, size = [0] * window.ndim, list(dilated.shape)
+  for i, a in enumerate(layout.spatial):
+    p0 = o[i] * plan.scale[lhs][i] + plan.shift[lhs][i]  # first dilated position needed
+    i0 = -((-p0) // d[i])
+    begin[a] = (d[i] - 1) - (i0 * d[i] - p0)
+    size[a] = wd[i]
+  params = dict(e.params, padding=((0, 0),) * k, lhs_dilation=(1,) * k)
+  return forms.conv(lax.dynamic_slice(dilated, begin, size), rhs, params, fast)
+
+
 def emit(plan: RegionPlan, *operands):
   """The region's output, computed tile by tile in one loop (piece 0 peeled, as in `lower`)."""
   xs, smalls = operands[:len(plan.inputs)], operands[len(plan.inputs):]
@@ -549,8 +596,9 @@ def emit(plan: RegionPlan, *operands):
   def reach(v, shift, width):
     """How far, over all tiles, a window of v reaches below 0 and beyond v's extent."""
     lo, hi = [], []
+    dil = plan.dilation.get(v, (1,) * k)
     for d in range(k):
-      starts = offsets[d] * plan.scale[v][d] + shift[d]
+      starts = -((-(offsets[d] * plan.scale[v][d] + shift[d])) // dil[d])  # ceil
       lo.append(max(0, -int(starts.min())))
       hi.append(max(0, int(starts.max()) + width[d] - plan.extent[v][d]))
     return lo, hi
@@ -587,11 +635,15 @@ def emit(plan: RegionPlan, *operands):
     env = {}
     with jax.named_scope("select"):
       for v, x, (low, high) in zip(plan.inputs, xs, reaches):
-        start = [o[d] * plan.scale[v][d] + plan.shift[v][d] for d in range(k)]
+        dil = plan.dilation.get(v, (1,) * k)
+        start = [-((-(o[d] * plan.scale[v][d] + plan.shift[v][d])) // dil[d]) for d in range(k)]
         env[v] = _read_window(x, start, plan.width[v], layout, low, high)
     env.update(zip(plan.smalls, smalls))
     with jax.named_scope("process"):
       for e in plan.eqns:
+        if _compat.is_conv(e) and e.invars[0] in plan.dilation:
+          env[e.outvars[0]] = _transposed(e, env[e.invars[0]], env[e.invars[1]], o, plan, fast)
+          continue
         args = [v.val if isinstance(v, _compat.Literal) else
                 operand(e, v, env, o) if v in full else env[v] for v in e.invars]
         if _compat.is_conv(e):

@@ -182,7 +182,8 @@ class RegionReport:
   output tiles, and what the recomputed halos cost.
 
   `halo` is, per spatial dim, how much wider the region input's window is than the tile's own
-  footprint on it (the receptive field of a tile, grown layer by layer); `extra_macs_percent` the
+  footprint on it (the receptive field of a tile, grown layer by layer; in input elements, so
+  a transposed conv's input counts each of its elements once); `extra_macs_percent` the
   multiply-adds spent recomputing overlapping windows, relative to the untiled convs.
   """
   name: str
@@ -196,12 +197,13 @@ class RegionReport:
 
   @classmethod
   def of(cls, plan, conv_names) -> RegionReport:
-    x, out = plan.input, plan.output
+    x, out = plan.inputs[0], plan.output
     return cls(
         name=plan.name, convs=tuple(conv_names), n_eqns=len(plan.eqns),
         tiles=tuple(-(-n // t) for n, t in zip(plan.extent[out], plan.tile)),
         tile_shape=plan.tile,
-        halo=tuple(w - t * s for w, t, s in zip(plan.width[x], plan.tile, plan.scale[x])),
+        halo=tuple(w - -(-t * s // d) for w, t, s, d in zip(
+            plan.width[x], plan.tile, plan.scale[x], plan.dilation.get(x, (1,) * len(plan.tile)))),
         tile_bytes=plan.tile_bytes, extra_macs_percent=plan.extra_macs_percent)
 
   def describe(self) -> str:
