@@ -89,9 +89,9 @@ class Rewriter:
     logging.info("jaxtile: %s: %d equations (%d convs) in %d tiles of %s, %.1f%% extra MACs",
                  plan.name, len(plan.eqns), len(plan.convs), plan.n_tiles, plan.tile,
                  plan.extra_macs_percent)
-    fun = lambda x, *smalls: region_lib.bind(plan, x, *smalls)
+    fun = lambda *operands: region_lib.bind(plan, *operands)
     fun.__name__ = plan.name.replace("/", "_")
-    invars = [plan.input, *plan.smalls]
+    invars = [*plan.inputs, *plan.smalls]
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in invars]
     return _compat.traced_call_eqn(fun, avals, invars, [plan.output],
                                    plan.eqns[-1].source_info)
