@@ -450,7 +450,12 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
     fits = _tile_bytes(eqns, scale, width, layout, smalls_bytes) <= policy.max_bytes
     if fits:
       break
-    d = max(range(len(tile)), key=lambda d: tile[d])
+    # Strips first: XLA:CPU runs a conv on rows of the full width faster than on a square of the
+    # same area (`docs/benchmarks.md`, "Regions"), so the outer dims are halved while their
+    # tiles stay at least twice the deepest halo; then the largest dim.
+    halo = max(width[x_][i] - tile[i] * scale[x_][i] for x_ in inputs for i in range(len(tile)))
+    outer = [i for i in range(len(tile) - 1) if tile[i] >= 2 * max(halo, 1) and tile[i] > 1]
+    d = outer[0] if outer else max(range(len(tile)), key=lambda d: tile[d])
     if tile[d] == 1:
       return None
     tile[d] = -(-tile[d] // 2)
