@@ -78,40 +78,54 @@ def conv(lhs: jax.Array, rhs: jax.Array, params: dict[str, Any], forms: Forms) -
 piece_conv_p = _compat.Primitive("jaxtile_conv")
 
 
-def _piece_abstract_eval(lhs, rhs, *, forms, **params):
-  return _compat.conv_general_dilated_p.abstract_eval(lhs, rhs, **params)
+def define_conv_primitive(prim, extra: tuple[str, ...], lowering: Callable, bind_emitted: Callable
+                          ) -> None:
+  """Registers `prim`, bound as `prim.bind(lhs, rhs, **extra_params, **conv_params)`, as a
+  conv_general_dilated with the same values, lowered by `lowering(lhs, rhs, **all_params)`.
+
+  Its JVP follows from bilinearity (the same primitive of each tangent). Its transposes and its
+  batching rule are JAX's rules for conv_general_dilated, traced, with every conv they emit
+  bound by `bind_emitted(lhs, rhs, conv_params, extra_params, why)` (`why`: "transpose" or
+  "vmap") instead: so every derivative and batched form of `prim` is made of such convs again.
+  """
+  def split(params):
+    params = dict(params)
+    return params, {k: params.pop(k) for k in extra}
+
+  def emitted(fn, extras, why, *args):
+    rebind = {_compat.conv_general_dilated_p:
+              lambda l, r, **conv: bind_emitted(l, r, conv, extras, why)}
+    return _compat.eval_jaxpr_rebinding(jax.make_jaxpr(fn)(*args), rebind, *args)
+
+  def transpose(jax_rule, argnum):
+    def rule(ct, lhs, rhs, **params):
+      conv, extras = split(params)
+      undefined = (lhs, rhs)[argnum]
+      operands = lambda other: _ordered(argnum, undefined, other)
+      (out,) = emitted(lambda ct, other: [jax_rule(ct, *operands(other), **conv)], extras,
+                       "transpose", ct, (rhs, lhs)[argnum])
+      return out
+    return rule
+
+  def batch(args, dims, **params):
+    conv, extras = split(params)
+    bound = functools.partial(_compat.conv_general_dilated_p.bind, **conv)
+    (out,) = emitted(lambda l, r: [jax.vmap(bound, in_axes=dims)(l, r)], extras, "vmap", *args)
+    return out, 0
+
+  _compat.define_bilinear_primitive(
+      prim, impl_lowering=lowering,
+      abstract_eval=lambda lhs, rhs, **params: _compat.conv_general_dilated_p.abstract_eval(
+          lhs, rhs, **split(params)[0]),
+      transpose_lhs=transpose(_compat.conv_transpose_lhs, 0),
+      transpose_rhs=transpose(_compat.conv_transpose_rhs, 1),
+      batch_rule=batch)
 
 
-def _in_forms(fn: Callable, forms: Forms, *args):
-  """`fn(*args)`, its convs bound as `jaxtile_conv` in `forms`."""
-  closed = jax.make_jaxpr(fn)(*args)
-  rebind = {_compat.conv_general_dilated_p: functools.partial(piece_conv_p.bind, forms=forms)}
-  return _compat.eval_jaxpr_rebinding(closed, rebind, *args)
-
-
-def _transpose_rule(jax_rule, argnum):
-  """The cotangent of operand `argnum`: JAX's conv transpose rule, in `forms`."""
-  def rule(ct, lhs, rhs, *, forms, **params):
-    other = (rhs, lhs)[argnum]
-    ordered = lambda ct, other: (ct, *_ordered(argnum, (lhs, rhs)[argnum], other))
-    (out,) = _in_forms(lambda ct, other: [jax_rule(*ordered(ct, other), **params)], forms, ct,
-                       other)
-    return out
-  return rule
-
-
-def _batch_rule(args, dims, *, forms, **params):
-  bound = functools.partial(_compat.conv_general_dilated_p.bind, **params)
-  (out,) = _in_forms(lambda l, r: [jax.vmap(bound, in_axes=dims)(l, r)], forms, *args)
-  return out, 0
-
-
-_compat.define_bilinear_primitive(
-    piece_conv_p, impl_lowering=lambda lhs, rhs, *, forms, **params: _bind(lhs, rhs, params, forms),
-    abstract_eval=_piece_abstract_eval,
-    transpose_lhs=_transpose_rule(_compat.conv_transpose_lhs, 0),
-    transpose_rhs=_transpose_rule(_compat.conv_transpose_rhs, 1),
-    batch_rule=_batch_rule)
+define_conv_primitive(
+    piece_conv_p, ("forms",),
+    lowering=lambda lhs, rhs, *, forms, **params: _bind(lhs, rhs, params, forms),
+    bind_emitted=lambda l, r, conv, extras, why: piece_conv_p.bind(l, r, **extras, **conv))
 
 
 def _ordered(argnum: int, x, other):

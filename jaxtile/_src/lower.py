@@ -74,38 +74,10 @@ def derived_conv(lhs, rhs, *, policy: Optional[Policy], name: str, **params):
   return _compat.conv_general_dilated_p.bind(lhs, rhs, **params)
 
 
-def _with_derived_convs(fn: Callable, policy, name: str, *args):
-  """`fn(*args)`, each conv it binds bound by `derived_conv`."""
-  closed = jax.make_jaxpr(fn)(*args)
-  rebind = {_compat.conv_general_dilated_p: functools.partial(derived_conv, policy=policy,
-                                                              name=name)}
-  return _compat.eval_jaxpr_rebinding(closed, rebind, *args)
-
-
-def _transpose_rule(jax_rule, argnum: int):
-  def rule(ct, lhs, rhs, *, plan, name, policy, **params):
-    undefined = (lhs, rhs)[argnum]
-    operands = lambda other: (undefined, other) if argnum == 0 else (other, undefined)
-    (out,) = _with_derived_convs(lambda ct, other: [jax_rule(ct, *operands(other), **params)],
-                                 policy, f"{name}/transpose", ct, (rhs, lhs)[argnum])
-    return out
-  return rule
-
-
-def _batch_rule(args, dims, *, plan, name, policy, **params):
-  bound = functools.partial(_compat.conv_general_dilated_p.bind, **params)
-  (out,) = _with_derived_convs(lambda l, r: [jax.vmap(bound, in_axes=dims)(l, r)], policy,
-                               f"{name}/vmap", *args)
-  return out, 0
-
-
-_compat.define_bilinear_primitive(
-    tiled_conv_p, impl_lowering=_emit,
-    abstract_eval=lambda lhs, rhs, *, plan, name, policy, **params: (
-        _compat.conv_general_dilated_p.abstract_eval(lhs, rhs, **params)),
-    transpose_lhs=_transpose_rule(_compat.conv_transpose_lhs, 0),
-    transpose_rhs=_transpose_rule(_compat.conv_transpose_rhs, 1),
-    batch_rule=_batch_rule)
+forms.define_conv_primitive(
+    tiled_conv_p, ("plan", "name", "policy"), lowering=_emit,
+    bind_emitted=lambda l, r, conv, extras, why: derived_conv(
+        l, r, policy=extras["policy"], name=f"{extras['name']}/{why}", **conv))
 
 
 class Pieces:

@@ -174,8 +174,8 @@ def _is_pool(eqn) -> bool:
 
 
 def _window_op(eqn):
-  """(strides, low paddings, window extents, window dilations) per spatial dim of a conv, or
-  of a pool given the region's layout through its operand's layout, else None."""
+  """(strides, low paddings, window extents, window dilations) per spatial dim of a conv, else
+  None (a pool's: `_pool_window`)."""
   p = eqn.params
   if _compat.is_conv(eqn):
     rhs = eqn.invars[1].aval.shape
