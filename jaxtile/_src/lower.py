@@ -129,8 +129,10 @@ class Pieces:
     counts = [self.out_axes[i].count for i in free]
     out = jnp.zeros(self.out_shape(fixed), self.spec.out_dtype)
 
-    # Under differentiation each piece is rematerialised: the loop's residuals are then `lhs`,
-    # `rhs` (loop-invariant) and the piece index, not one saved input slice per piece.
+    # JAX differentiates this loop only on the distributed path (`distribute.py`; elsewhere the
+    # loop is the lowering of `tiled_conv_p`, whose derivatives are convs of their own). There
+    # each piece is rematerialised: the loop's residuals are `lhs`, `rhs` (loop-invariant) and
+    # the piece index, not one saved input slice per piece.
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def piece(lhs, rhs, k):
       index = dict(fixed)
