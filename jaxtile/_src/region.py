@@ -89,12 +89,29 @@ class RegionPlan:
     return [e for e in self.eqns if _compat.is_conv(e)]
 
   @property
+  def tiles(self) -> tuple[int, ...]:
+    """Output tiles per spatial dim."""
+    return tuple(_ceil_div(n, t) for n, t in zip(self.extent[self.output], self.tile))
+
+  @property
   def n_tiles(self) -> int:
-    return math.prod(_tile_count(n, t) for n, t in zip(self.extent[self.output], self.tile))
+    return math.prod(self.tiles)
+
+  def start(self, v, o, shift=None):
+    """Per spatial dim, where `v`'s window for the tile at offsets `o` (ints, NumPy or traced)
+    starts: affine in `o`, or for a transposed conv's input ceil(dilated start / dilation)."""
+    shift = self.shift[v] if shift is None else shift
+    dil = self.dilation.get(v, (1,) * len(self.tile))
+    return [_ceil_div(o[d] * self.scale[v][d] + shift[d], dil[d]) for d in range(len(self.tile))]
+
+
+def _ceil_div(a, b):
+  """ceil(a / b) for ints, NumPy or JAX integer arrays and a positive int b."""
+  return -((-a) // b)
 
 
 def _tile_count(n: int, t: int) -> int:
-  return -(-n // t)
+  return _ceil_div(n, t)
 
 
 def _aval_bytes(shape, dtype) -> int:
@@ -339,7 +356,7 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
       sc, sh, wd = _window_through(op, scale[out], shift[out], width[out])
       lhs = e.invars[0]
       scale[lhs], shift[lhs], dilation[lhs] = sc, sh, d
-      width[lhs] = tuple(-(-(w + di - 1) // di) for w, di in zip(wd, d))
+      width[lhs] = tuple(_ceil_div(w + di - 1, di) for w, di in zip(wd, d))
     elif op is not None:
       need(e.invars[0], *_window_through(op, scale[out], shift[out], width[out]))
     else:  # elementwise or a feature concatenation: every full-size operand, the same window
@@ -458,7 +475,7 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
     d = outer[0] if outer else max(range(len(tile)), key=lambda d: tile[d])
     if tile[d] == 1:
       return None
-    tile[d] = -(-tile[d] // 2)
+    tile[d] = _ceil_div(tile[d], 2)
   n_tiles = math.prod(_tile_count(n, t) for n, t in zip(out_extent, tile))
   if n_tiles == 1:
     return None  # it fits whole: nothing to tile
@@ -482,7 +499,7 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
       extra_macs_percent=100 * extra)
 
 
-def split_chain(jaxpr, members: Sequence[int], policy: plan_lib.Policy, first_index: int
+def split_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, first_index: int
                 ) -> list[RegionPlan]:
   """Regions covering as much of the chain as can be tiled within the halo cost: the longest
   prefix from each conv that plans, greedily. They are named `jaxtile/region<i>` from
@@ -582,7 +599,7 @@ def _transposed(e, window, rhs, o, plan: RegionPlan, fast):
   begin, size = [0] * window.ndim, list(dilated.shape)
   for i, a in enumerate(layout.spatial):
     p0 = o[i] * plan.scale[lhs][i] + plan.shift[lhs][i]  # first dilated position needed
-    i0 = -((-p0) // d[i])
+    i0 = _ceil_div(p0, d[i])
     begin[a] = (d[i] - 1) - (i0 * d[i] - p0)
     size[a] = wd[i]
   params = dict(e.params, padding=((0, 0),) * k, lhs_dilation=(1,) * k)
@@ -601,11 +618,10 @@ def emit(plan: RegionPlan, *operands):
   def reach(v, shift, width):
     """How far, over all tiles, a window of v reaches below 0 and beyond v's extent."""
     lo, hi = [], []
-    dil = plan.dilation.get(v, (1,) * k)
+    starts = plan.start(v, offsets, shift)
     for d in range(k):
-      starts = -((-(offsets[d] * plan.scale[v][d] + shift[d])) // dil[d])  # ceil
-      lo.append(max(0, -int(starts.min())))
-      hi.append(max(0, int(starts.max()) + width[d] - plan.extent[v][d]))
+      lo.append(max(0, -int(starts[d].min())))
+      hi.append(max(0, int(starts[d].max()) + width[d] - plan.extent[v][d]))
     return lo, hi
 
   reaches = [reach(v, plan.shift[v], plan.width[v]) for v in plan.inputs]
@@ -640,9 +656,7 @@ def emit(plan: RegionPlan, *operands):
     env = {}
     with jax.named_scope("select"):
       for v, x, (low, high) in zip(plan.inputs, xs, reaches):
-        dil = plan.dilation.get(v, (1,) * k)
-        start = [-((-(o[d] * plan.scale[v][d] + plan.shift[v][d])) // dil[d]) for d in range(k)]
-        env[v] = _read_window(x, start, plan.width[v], layout, low, high)
+        env[v] = _read_window(x, plan.start(v, o), plan.width[v], layout, low, high)
     env.update(zip(plan.smalls, smalls))
     with jax.named_scope("process"):
       for e in plan.eqns:

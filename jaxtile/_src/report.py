@@ -197,10 +197,10 @@ class RegionReport:
 
   @classmethod
   def of(cls, plan, conv_names) -> RegionReport:
-    x, out = plan.inputs[0], plan.output
+    x = plan.inputs[0]
     return cls(
         name=plan.name, convs=tuple(conv_names), n_eqns=len(plan.eqns),
-        tiles=tuple(-(-n // t) for n, t in zip(plan.extent[out], plan.tile)),
+        tiles=plan.tiles,
         tile_shape=plan.tile,
         halo=tuple(w - -(-t * s // d) for w, t, s, d in zip(
             plan.width[x], plan.tile, plan.scale[x], plan.dilation.get(x, (1,) * len(plan.tile)))),

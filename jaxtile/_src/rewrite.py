@@ -74,7 +74,7 @@ class Rewriter:
       if policy.tier == "auto" and policy.fuse == "auto" and all(
           not plan_lib.decide(ConvSpec.from_eqn(e), policy, warn=False).tiled for e in convs):
         continue
-      regions += region_lib.split_chain(jaxpr, members, policy,
+      regions += region_lib.split_region(jaxpr, members, policy,
                                         len(self.regions) + len(regions))
     return regions
 
