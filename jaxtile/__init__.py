@@ -9,6 +9,10 @@ from jaxtile._src.tune import load_tuning as load_tuning
 from jaxtile._src.api import default_max_bytes as default_max_bytes
 from jaxtile._src.api import explain as explain
 from jaxtile._src.api import tile_convs as tile_convs
+from jaxtile._src.stream import StreamError as StreamError
+from jaxtile._src.stream import StreamPlan as StreamPlan
+from jaxtile._src.stream import StreamStats as StreamStats
+from jaxtile._src.stream import stream as stream
 from jaxtile._src.verify import CheckResult as CheckResult
 from jaxtile._src.verify import ConvCheck as ConvCheck
 from jaxtile._src.verify import check as check
@@ -31,6 +35,9 @@ __all__ = (
     "ConvReport",
     "RegionReport",
     "Report",
+    "StreamError",
+    "StreamPlan",
+    "StreamStats",
     "TuneResult",
     "autotune",
     "check",
@@ -38,5 +45,6 @@ __all__ = (
     "explain",
     "load_tuning",
     "reference",
+    "stream",
     "tile_convs",
 )

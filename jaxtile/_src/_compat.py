@@ -113,6 +113,7 @@ def shard_map(fun: Callable, mesh, in_specs, out_specs) -> Callable:
 # conv_general_dilated. `jax.interpreters.{ad,batching,mlir}` are JAX's long-standing homes of
 # these registries; `dispatch.apply_primitive` is the impl every lax primitive uses.
 from jax._src import dispatch as _dispatch  # noqa: E402
+from jax._src import source_info_util as _source_info_util  # noqa: E402
 from jax._src.lax import convolution as _convolution  # noqa: E402
 from jax.interpreters import ad as _ad, batching as _batching, mlir as _mlir  # noqa: E402
 
@@ -148,6 +149,44 @@ Literal = jex.core.Literal
 Zero = _ad.Zero
 
 
+def eval_eqn(eqn: JaxprEqn, inputs) -> list:
+  """The outputs of `eqn` on `inputs` (concrete or traced), as a list."""
+  params = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before jax 0.10
+  subfuns, params = params if isinstance(params, tuple) else ((), params)
+  outs = eqn.primitive.bind(*subfuns, *inputs, **params)
+  return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+# Call primitives whose bodies `inline_calls` splices into the caller.
+_INLINED_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+                  "core_call": "call_jaxpr"}
+
+
+def _eval_inlining(jaxpr: Jaxpr, consts, args) -> list:
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
+  for eqn in jaxpr.eqns:
+    inputs = [read(v) for v in eqn.invars]
+    key = _INLINED_CALLS.get(eqn.primitive.name)
+    if key is not None and key in eqn.params:
+      body = eqn.params[key]
+      outs = _eval_inlining(getattr(body, "jaxpr", body), getattr(body, "consts", ()), inputs)
+    else:
+      name_stack = _source_info_util.current_name_stack() + eqn.source_info.name_stack
+      with _source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack):
+        outs = eval_eqn(eqn, inputs)
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def inline_calls(closed: ClosedJaxpr) -> ClosedJaxpr:
+  """`closed` retraced with the bodies of its `jit` calls spliced in, at every depth; each
+  equation keeps the user's source line."""
+  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+  return jax.make_jaxpr(lambda *args: _eval_inlining(closed.jaxpr, closed.consts, args))(*avals)
+
+
 def eval_jaxpr_rebinding(closed: ClosedJaxpr, rebind: dict, *args) -> list:
   """Evaluates `closed` on `args`, binding each equation of a primitive in `rebind` with
   `rebind[primitive](*inputs, **params)` instead."""
@@ -159,9 +198,8 @@ def eval_jaxpr_rebinding(closed: ClosedJaxpr, rebind: dict, *args) -> list:
     inputs = [read(v) for v in eqn.invars]
     if eqn.primitive in rebind:
       outs = rebind[eqn.primitive](*inputs, **eqn.params)
+      outs = outs if eqn.primitive.multiple_results else [outs]
     else:
-      params = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before jax 0.10
-      subfuns, params = params if isinstance(params, tuple) else ((), params)
-      outs = eqn.primitive.bind(*subfuns, *inputs, **params)
-    env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+      outs = eval_eqn(eqn, inputs)
+    env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]

@@ -423,10 +423,14 @@ def _macs(eqn, widths=None) -> int:
   return out_elems * spec.in_per_group * math.prod(spec.kernel_spatial)
 
 
-def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: str
-                ) -> Optional[RegionPlan]:
+def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: str,
+                tile: Optional[Sequence[int]] = None) -> Optional[RegionPlan]:
   """Tiles for the chain `members` of `jaxpr` within `policy.max_bytes`, or None when a tile of
-  one output row (per dim) does not fit or the halos cost more than `MAX_EXTRA_MACS`."""
+  one output row (per dim) does not fit or the halos cost more than `MAX_EXTRA_MACS`.
+
+  With `tile`, the output tile is that, whatever it costs (it may exceed the output: `stream`
+  plans a region for the window a later one reads); None only when the chain is no region.
+  """
   eqns = tuple(jaxpr.eqns[i] for i in members)
   first = next(e for e in eqns if _compat.is_conv(e))
   layout = _conv_layout(first)[0]
@@ -458,14 +462,15 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
   out_extent = tuple(output.aval.shape[a] for a in layout.spatial)
   mono_macs = sum(_macs(e) for e in eqns if _compat.is_conv(e))
 
-  tile = list(out_extent)
+  forced = tile is not None
+  tile = list(out_extent if tile is None else tile)
   while True:
     try:
       scale, shift, width, dilation = _windows(eqns, output, tile, layout)
     except _NotARegion:
       return None
     fits = _tile_bytes(eqns, scale, width, layout, smalls_bytes) <= policy.max_bytes
-    if fits:
+    if fits or forced:
       break
     # Strips first: XLA:CPU runs a conv on rows of the full width faster than on a square of the
     # same area (`docs/benchmarks.md`, "Regions"), so the outer dims are halved while their
@@ -477,13 +482,13 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
       return None
     tile[d] = _ceil_div(tile[d], 2)
   n_tiles = math.prod(_tile_count(n, t) for n, t in zip(out_extent, tile))
-  if n_tiles == 1:
+  if n_tiles == 1 and not forced:
     return None  # it fits whole: nothing to tile
   tiled_macs = n_tiles * sum(
       _macs(e, [width[e.outvars[0]][d] for d in range(len(tile))])
       for e in eqns if _compat.is_conv(e))
   extra = tiled_macs / max(mono_macs, 1) - 1
-  if extra > MAX_EXTRA_MACS:
+  if extra > MAX_EXTRA_MACS and not forced:
     return None
   extent = {}
   for e in eqns:
@@ -606,6 +611,55 @@ def _transposed(e, window, rhs, o, plan: RegionPlan, fast):
   return forms.conv(lax.dynamic_slice(dilated, begin, size), rhs, params, fast)
 
 
+def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None):
+  """The output tile at offsets `o` (per spatial dim: ints or traced) from the windows of the
+  region's inputs (`plan.start(v, o)` on, `plan.width[v]` wide, zeros outside the inputs) and its
+  small operands: the "process" step of a region's loop, and of `stream`'s tile program.
+
+  `outside(v, shift, width)` says whether a window of `v` may reach outside `v`'s extent for any
+  tile (static); windows that never do are not masked. None: any may.
+  """
+  layout, k = plan.layout, len(plan.tile)
+  full = set(plan.width)
+  env = dict(zip(plan.inputs, windows))
+  env.update(zip(plan.smalls, smalls))
+
+  def operand(e, v):
+    """`v` as `e` reads it: its window cut to what `e` needs, zeros outside the image for a
+    conv (its padding)."""
+    val = env[v]
+    shift, width = _required(e, v, plan.scale, plan.shift, plan.width, layout)
+    if (shift, width) != (plan.shift[v], plan.width[v]):
+      begin = [0] * val.ndim
+      end = list(val.shape)
+      for d, a in enumerate(layout.spatial):
+        begin[a] = shift[d] - plan.shift[v][d]
+        end[a] = begin[a] + width[d]
+      val = lax.slice(val, begin, end)
+    padded_by = 0 if _compat.is_conv(e) else _POOLS.get(e.primitive.name)
+    if (padded_by is not None and (v not in plan.inputs or padded_by != 0)
+        and (outside is None or outside(v, shift, width))):
+      starts = [o[d] * plan.scale[v][d] + shift[d] for d in range(k)]
+      val = _mask_outside(val, starts, width, plan.extent[v], layout, padded_by)
+    return val
+
+  for e in plan.eqns:
+    if _compat.is_conv(e) and e.invars[0] in plan.dilation:
+      env[e.outvars[0]] = _transposed(e, env[e.invars[0]], env[e.invars[1]], o, plan, fast)
+      continue
+    args = [v.val if isinstance(v, _compat.Literal) else
+            operand(e, v) if v in full else env[v] for v in e.invars]
+    if _compat.is_conv(e):
+      params = dict(e.params, padding=((0, 0),) * k)
+      env[e.outvars[0]] = forms.conv(args[0], args[1], params, fast)
+    elif _is_pool(e):
+      params = dict(e.params, padding=((0, 0),) * len(e.params["padding"]))
+      env[e.outvars[0]] = e.primitive.bind(*args, **params)
+    else:
+      env[e.outvars[0]] = _eval_elementwise(e, args)
+  return env[plan.output]
+
+
 def emit(plan: RegionPlan, *operands):
   """The region's output, computed tile by tile in one loop (piece 0 peeled, as in `lower`)."""
   xs, smalls = operands[:len(plan.inputs)], operands[len(plan.inputs):]
@@ -626,26 +680,6 @@ def emit(plan: RegionPlan, *operands):
 
   reaches = [reach(v, plan.shift[v], plan.width[v]) for v in plan.inputs]
   tables = [jnp.asarray(o, jnp.int32) for o in offsets]
-  full = set(plan.width)
-
-  def operand(e, v, env, o):
-    """`v` as `e` reads it: its window cut to what `e` needs, zeros outside the image for a
-    conv (its padding)."""
-    val = env[v]
-    shift, width = _required(e, v, plan.scale, plan.shift, plan.width, layout)
-    if (shift, width) != (plan.shift[v], plan.width[v]):
-      begin = [0] * val.ndim
-      end = list(val.shape)
-      for d, a in enumerate(layout.spatial):
-        begin[a] = shift[d] - plan.shift[v][d]
-        end[a] = begin[a] + width[d]
-      val = lax.slice(val, begin, end)
-    padded_by = 0 if _compat.is_conv(e) else _POOLS.get(e.primitive.name)
-    if (padded_by is not None and (v not in plan.inputs or padded_by != 0)
-        and any(sum(reach(v, shift, width), []))):
-      starts = [o[d] * plan.scale[v][d] + shift[d] for d in range(k)]
-      val = _mask_outside(val, starts, width, plan.extent[v], layout, padded_by)
-    return val
 
   def tile_at(flat):
     index, rest = [], flat
@@ -653,30 +687,16 @@ def emit(plan: RegionPlan, *operands):
       index.append(rest % n)
       rest = rest // n
     o = [tables[d][i] for d, i in enumerate(reversed(index))]
-    env = {}
     with jax.named_scope("select"):
-      for v, x, (low, high) in zip(plan.inputs, xs, reaches):
-        env[v] = _read_window(x, plan.start(v, o), plan.width[v], layout, low, high)
-    env.update(zip(plan.smalls, smalls))
+      windows = [_read_window(x, plan.start(v, o), plan.width[v], layout, low, high)
+                 for v, x, (low, high) in zip(plan.inputs, xs, reaches)]
     with jax.named_scope("process"):
-      for e in plan.eqns:
-        if _compat.is_conv(e) and e.invars[0] in plan.dilation:
-          env[e.outvars[0]] = _transposed(e, env[e.invars[0]], env[e.invars[1]], o, plan, fast)
-          continue
-        args = [v.val if isinstance(v, _compat.Literal) else
-                operand(e, v, env, o) if v in full else env[v] for v in e.invars]
-        if _compat.is_conv(e):
-          params = dict(e.params, padding=((0, 0),) * k)
-          env[e.outvars[0]] = forms.conv(args[0], args[1], params, fast)
-        elif _is_pool(e):
-          params = dict(e.params, padding=((0, 0),) * len(e.params["padding"]))
-          env[e.outvars[0]] = e.primitive.bind(*args, **params)
-        else:
-          env[e.outvars[0]] = _eval_elementwise(e, args)
+      tile = compute_tile(plan, o, windows, smalls, fast,
+                          outside=lambda v, shift, width: any(sum(reach(v, shift, width), [])))
     begin = [0] * plan.output.aval.ndim
     for d, a in enumerate(layout.spatial):
       begin[a] = o[d]
-    return env[plan.output], begin
+    return tile, begin
 
   def body(i, out):
     tile, begin = tile_at(i)

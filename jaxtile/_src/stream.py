@@ -1,0 +1,808 @@
+"""Streaming: a spatially local function over images on the host or on disk, a tile at a time.
+
+`stream(fun)(image, ...)` analyses `fun` once on shapes, plans output tiles, and for each tile
+reads the exact input window it needs (halo included, zeros beyond the image's border) from the
+host-side source, runs one compiled tile program on a device, and writes the tile to the sink.
+Only tiles ever reach a device.
+
+The tile program is the region machinery (`region.py`) run on windows instead of inside a loop.
+A function is cut into *stages*, each a region: a new stage starts at every transposed conv
+(`region.py` lets one start a region, not stand inside one). The stages are chained per tile:
+the last stage's output tile needs a window of its input, which is the output tile the stage
+before computes, and so on back to the image, so no stage's output exists at full size anywhere.
+Along one spatial dim, stage k+1's input window for its tile at offset o starts at
+`RegionPlan.start(input, o)` (affine in o, or its ceiling division by the lhs dilation for a
+transposed conv) and is `width[input]` wide, the same for every tile; that window is stage k's
+output tile. Window positions outside an intermediate's extent are set to zero (the next conv's
+padding) before it is read, as inside a region.
+
+Equations that depend on no image (parameter casts, kernel flips, bias reshapes) run once on the
+device before the first tile; their results are the tile program's small operands.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtile._src import _compat
+from jaxtile._src import forms
+from jaxtile._src import plan as plan_lib
+from jaxtile._src import region as region_lib
+
+
+class StreamError(ValueError):
+  """`fun` or its arguments cannot be streamed; raised before any tile is computed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis: stages and tiles
+# ---------------------------------------------------------------------------------------------
+def _where(eqn) -> str:
+  line = _compat.user_source_line(eqn.source_info)
+  return f"`{eqn.primitive.name}` at {line}" if line else f"`{eqn.primitive.name}`"
+
+
+def _is_image(x: Any) -> bool:
+  """A host-side array that slices like NumPy: anything with a shape, a dtype and indexing that is
+  neither a jax.Array nor a scalar."""
+  if isinstance(x, (jax.Array, int, float, complex, bool)):
+    return False
+  shape = getattr(x, "shape", None)
+  return (shape is not None and len(shape) > 0 and hasattr(x, "dtype")
+          and hasattr(x, "__getitem__"))
+
+
+def _stage_kind(eqn, layout) -> Optional[str]:
+  """What a stage can hold: 'conv', 'transposed', 'pool', 'local'; None if it mixes positions."""
+  if _compat.is_conv(eqn):
+    if eqn.params["batch_group_count"] != 1:
+      return None
+    lhs, out = region_lib._conv_layout(eqn)
+    if lhs != out or (layout is not None and lhs != layout):
+      return None
+    return "transposed" if any(d != 1 for d in eqn.params["lhs_dilation"]) else "conv"
+  if layout is None:  # before the first conv the layout is not known: elementwise only
+    return "local" if (eqn.primitive.name in region_lib.ELEMENTWISE
+                       or region_lib._elementwise_body(eqn) is not None) else None
+  if region_lib._is_pool(eqn):
+    return "pool" if region_lib._pool_ok(eqn, layout) else None
+  if region_lib._is_concat(eqn, layout) or region_lib._makes_input(eqn, layout):
+    return "local"
+  return None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StreamPlan:
+  """What `stream` does with a function at given argument shapes: its stages, output tiles and
+  the device memory a tile takes. `str()` prints it."""
+  stages: tuple[region_lib.RegionPlan, ...]
+  image_shapes: tuple[tuple[int, ...], ...]
+  out_shape: tuple[int, ...]
+  out_dtype: np.dtype
+  tile: tuple[int, ...]  # output tile extent per spatial dim
+  counts: tuple[int, ...]  # output tiles per spatial dim
+  max_bytes: int
+  device_bytes: Optional[int] = None  # compiled tile program: arguments + output + temporaries
+
+  @property
+  def layout(self) -> region_lib.Layout:
+    return self.stages[-1].layout
+
+  @property
+  def in_layout(self) -> region_lib.Layout:
+    return self.stages[0].layout
+
+  @property
+  def n_tiles(self) -> int:
+    return math.prod(self.counts)
+
+  def tile_index(self, flat: int) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(flat, self.counts))
+
+  def offsets(self, index: Sequence[int]) -> list[list[int]]:
+    """Per stage, the output offset per spatial dim of the tile at `index`, last stage last: the
+    last stage's tiles every `tile`, the last one shifted back to end at the edge; each earlier
+    stage's is where the next stage's input window starts."""
+    extent = self.stages[-1].extent[self.stages[-1].output]
+    o = [min(i * t, n - t) for i, t, n in zip(index, self.tile, extent)]
+    chain = [o]
+    for p in reversed(self.stages[1:]):
+      o = [int(x) for x in p.start(p.inputs[0], o)]
+      chain.insert(0, o)
+    return chain
+
+  def write_box(self, index: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(start, stop) per spatial dim of what the tile at `index` writes: `[i * tile, (i + 1) *
+    tile)` cut at the edge, so every output position is written by one tile."""
+    extent = self.stages[-1].extent[self.stages[-1].output]
+    start = [i * t for i, t in zip(index, self.tile)]
+    return start, [min(s + t, n) for s, t, n in zip(start, self.tile, extent)]
+
+  @property
+  def extra_macs_percent(self) -> float:
+    """Multiply-adds of every tile's windows against the untiled function's, minus 100%."""
+    tiled = mono = 0
+    for p in self.stages:
+      for e in p.convs:
+        mono += region_lib._macs(e)
+        tiled += self.n_tiles * region_lib._macs(
+            e, [p.width[e.outvars[0]][d] for d in range(len(self.tile))])
+    return 100 * (tiled / max(mono, 1) - 1)
+
+  def __str__(self) -> str:
+    mib = lambda b: f"{b / 2**20:.1f} MiB"
+    images = ", ".join("x".join(map(str, s)) for s in self.image_shapes)
+    lines = [f"stream: {images} -> {'x'.join(map(str, self.out_shape))} {self.out_dtype}",
+             f"  output tiles: {self.n_tiles} ({' x '.join(map(str, self.counts))}) of "
+             f"{' x '.join(map(str, self.tile))}; recomputed halos {self.extra_macs_percent:.1f}% "
+             f"extra multiply-adds",
+             f"  max_bytes {mib(self.max_bytes)}" + (
+                 f"; compiled tile program {mib(self.device_bytes)} on the device"
+                 if self.device_bytes is not None else "")]
+    for k, p in enumerate(self.stages):
+      ops = collections.Counter(e.primitive.name for e in p.eqns)
+      ops_text = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in ops.items())
+      window = " x ".join("x".join(map(str, p.width[v])) for v in p.inputs)
+      lines.append(f"  stage {k}: {len(p.eqns)} ops ({ops_text}); input window {window} per "
+                   f"output tile {'x'.join(map(str, p.tile))}")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Analysis:
+  closed: Any  # the inlined ClosedJaxpr of fun on flat arguments
+  treedef: Any
+  image_leaves: tuple[int, ...]  # flat indices of the images
+  stages: tuple[tuple[int, ...], ...]  # equation indices per stage
+  static_eqns: tuple[int, ...]  # equations that read no image: run once
+  out_aval: Any
+
+
+def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, list]:
+  leaves, treedef = jax.tree_util.tree_flatten(tuple(args))
+  if argnums is None:
+    images = [i for i, x in enumerate(leaves) if _is_image(x)]
+  else:
+    images = []
+    counts = [len(jax.tree_util.tree_leaves(a)) for a in args]
+    for n in argnums:
+      if not -len(args) <= n < len(args):
+        raise StreamError(f"stream: argnums={argnums!r} names argument {n}, but fun was called "
+                          f"with {len(args)} positional arguments.")
+      n %= len(args)
+      first = sum(counts[:n])
+      images += range(first, first + counts[n])
+    for i in images:
+      if not _is_image(leaves[i]) and not isinstance(leaves[i], jax.Array):
+        raise StreamError(f"stream: argument leaf {i} ({type(leaves[i]).__name__}) is named by "
+                          "argnums but does not slice like an array (it needs .shape, .dtype "
+                          "and [] indexing).")
+  if not images:
+    raise StreamError(
+        "stream: no image argument. Images are the arguments that slice like NumPy arrays "
+        "(numpy arrays and memmaps, zarr, tensorstore, h5py or dask arrays) but are not "
+        f"jax.Arrays; got {[type(x).__name__ for x in leaves]}. Pass the image as a host array, "
+        "or name it with argnums=.")
+  avals = [jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype)) if i in images else
+           (x if isinstance(x, jax.Array) else jnp.asarray(x)) for i, x in enumerate(leaves)]
+
+  def flat(*leaves):
+    return fun(*jax.tree_util.tree_unflatten(treedef, leaves))
+  try:
+    closed = jax.make_jaxpr(flat)(*avals)
+  except Exception as e:
+    shapes = ", ".join(f"{tuple(leaves[i].shape)}:{np.dtype(leaves[i].dtype)}" for i in images)
+    raise StreamError(f"stream: tracing fun at its image shapes ({shapes}) failed: "
+                      f"{type(e).__name__}: {e}") from e
+  closed = _compat.inline_calls(closed)
+  jaxpr = closed.jaxpr
+  if len(jaxpr.outvars) != 1 or isinstance(jaxpr.outvars[0], _compat.Literal):
+    raise StreamError(f"stream: fun must return one array (the streamed image), but it returns "
+                      f"{len(jaxpr.outvars)} values.")
+
+  # Which equations read an image, directly or through another.
+  dependent = {jaxpr.invars[i] for i in images}
+  dep_eqns, static_eqns = [], []
+  for i, e in enumerate(jaxpr.eqns):
+    if any(not isinstance(v, _compat.Literal) and v in dependent for v in e.invars):
+      dependent.update(e.outvars)
+      dep_eqns.append(i)
+    else:
+      static_eqns.append(i)
+  out = jaxpr.outvars[0]
+  if out not in dependent:
+    raise StreamError("stream: fun's output does not depend on the image arguments.")
+
+  # Stages: a new one at every transposed conv; every equation must be local.
+  stages, current, layout = [], [], None
+  for i in dep_eqns:
+    e = jaxpr.eqns[i]
+    kind = _stage_kind(e, layout)
+    if kind is None:
+      raise StreamError(
+          f"stream: fun is not spatially local: {_where(e)} mixes positions of the image "
+          f"(output {e.outvars[0].aval.str_short()}). A tile program holds convs, pools, "
+          "elementwise ops and channel concatenations; norms, reductions over space, reshapes "
+          "and gathers need the whole image. Stream the local part of the network and run the "
+          "rest on its output.")
+    if kind == "transposed" and current:
+      if not any(_compat.is_conv(jaxpr.eqns[j]) for j in current):
+        raise StreamError(f"stream: {_where(e)}, a transposed conv, follows elementwise ops "
+                          "of the image with no conv before them; stream cannot tile that.")
+      stages.append(current)
+      current = []
+    if _compat.is_conv(e):
+      layout = region_lib._conv_layout(e)[1]
+    current.append(i)
+  if not any(_compat.is_conv(jaxpr.eqns[j]) for j in current):
+    if not stages:
+      raise StreamError("stream: fun has no conv on the image; there is nothing to tile (run it "
+                        "on the whole image instead).")
+    stages[-1] += current  # trailing elementwise ops (a final activation) join the last stage
+  else:
+    stages.append(current)
+  if stages[-1][-1] != dep_eqns[-1] or jaxpr.eqns[stages[-1][-1]].outvars[0] is not out:
+    raise StreamError("stream: fun's output must be the value its last image equation makes.")
+
+  # Each stage reads the previous stage's output alone (the first: the images) and only its
+  # last value is read outside it.
+  uses = region_lib._uses(jaxpr)
+  image_vars = {jaxpr.invars[i] for i in images}
+  made_by = {}
+  for k, members in enumerate(stages):
+    for j in members:
+      made_by[jaxpr.eqns[j].outvars[0]] = k
+  for k, members in enumerate(stages):
+    inside = set(members)
+    last = jaxpr.eqns[members[-1]].outvars[0]
+    for j in members:
+      e = jaxpr.eqns[j]
+      for v in e.invars:
+        source = made_by.get(v) if not isinstance(v, _compat.Literal) else None
+        if source is not None and source < k and not (
+            source == k - 1 and v is jaxpr.eqns[stages[k - 1][-1]].outvars[0]):
+          raise StreamError(
+              f"stream: {_where(e)} reads a value made {k - source} stage(s) earlier, across a "
+              "transposed conv (a skip connection spanning an upsampling). stream chains stages "
+              "one after another and cannot carry that value yet.")
+        if k > 0 and not isinstance(v, _compat.Literal) and v in image_vars:
+          raise StreamError(f"stream: {_where(e)} reads the image after a transposed conv; "
+                            "stream cannot carry the image into a later stage.")
+      if e.outvars[0] is not last and any(u not in inside for u in uses.get(e.outvars[0], [])):
+        raise StreamError(f"stream: the value {_where(e)} makes is read outside its stage.")
+  analysis = _Analysis(closed, treedef, tuple(images), tuple(map(tuple, stages)),
+                       tuple(static_eqns), out.aval)
+  return analysis, leaves
+
+
+def _plan_chain(analysis: _Analysis, policy: plan_lib.Policy, tile) -> list:
+  """Region plans of the stages for output tile `tile`, last first planned (see the module)."""
+  plans = [None] * len(analysis.stages)
+  for k in reversed(range(len(analysis.stages))):
+    p = region_lib.plan_region(analysis.closed.jaxpr, analysis.stages[k], policy,
+                               f"jaxtile/stream{k}", tile=tile)
+    if p is None:
+      e = analysis.closed.jaxpr.eqns[analysis.stages[k][0]]
+      raise StreamError(f"stream: the stage starting at {_where(e)} cannot be tiled as a region "
+                        "(an operand of full size that is neither the image nor the stage "
+                        "before's output).")
+    plans[k] = p
+    if k:
+      tile = p.width[p.inputs[0]]
+  return plans
+
+
+def make_plan(analysis: _Analysis, policy: plan_lib.Policy, chunks=None) -> StreamPlan:
+  """The output tile: the largest within `policy.max_bytes` (every stage's `tile_bytes`), halving
+  the largest dim; or `policy.tile_shape`. Rounded down to whole chunks of `chunks` (the
+  output store's) where a tile spans at least one."""
+  jaxpr = analysis.closed.jaxpr
+  out = jaxpr.eqns[analysis.stages[-1][-1]].outvars[0]
+  layout = region_lib._conv_layout(next(
+      jaxpr.eqns[j] for j in analysis.stages[-1] if _compat.is_conv(jaxpr.eqns[j])))[1]
+  extent = [out.aval.shape[a] for a in layout.spatial]
+  if any(n == 0 for n in extent):
+    raise StreamError(f"stream: fun's output {out.aval.str_short()} is empty: the image is "
+                      "smaller than the network's receptive field.")
+  if isinstance(policy.tile_shape, int):
+    policy = dataclasses.replace(policy, tile_shape=(policy.tile_shape,) * len(extent))
+  if policy.tile_shape is not None:
+    if len(policy.tile_shape) != len(extent):
+      raise StreamError(f"stream: tile_shape={policy.tile_shape!r} has {len(policy.tile_shape)} "
+                        f"entries, but the output has {len(extent)} spatial dims {extent}.")
+    tile = [n if t is None else min(t, n) for t, n in zip(policy.tile_shape, extent)]
+    plans = _plan_chain(analysis, policy, tile)
+  else:
+    tile = list(extent)
+    while True:
+      plans = _plan_chain(analysis, policy, tile)
+      if max(p.tile_bytes for p in plans) <= policy.max_bytes:
+        break
+      d = max(range(len(tile)), key=lambda d: tile[d])
+      if tile[d] == 1:
+        need = max(p.tile_bytes for p in plans)
+        raise plan_lib.BudgetError(
+            f"stream: one output position needs {need} bytes on the device (windows through "
+            f"every stage), above max_bytes={policy.max_bytes}. Raise max_bytes.")
+      tile[d] = region_lib._ceil_div(tile[d], 2)
+  if chunks is not None:
+    aligned = list(tile)
+    for d, a in enumerate(layout.spatial):
+      c = chunks[a]
+      if aligned[d] >= c:
+        aligned[d] = aligned[d] // c * c
+    if aligned != tile:
+      tile = aligned
+      plans = _plan_chain(analysis, policy, tile)
+  counts = tuple(region_lib._ceil_div(n, t) for n, t in zip(extent, tile))
+  return StreamPlan(stages=tuple(plans),
+                    image_shapes=tuple(tuple(jaxpr.invars[i].aval.shape)
+                                       for i in analysis.image_leaves),
+                    out_shape=tuple(out.aval.shape), out_dtype=np.dtype(out.aval.dtype),
+                    tile=tuple(tile), counts=counts, max_bytes=policy.max_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tile program
+# ---------------------------------------------------------------------------------------------
+def _smalls(analysis: _Analysis, leaves, plans) -> list[tuple]:
+  """Every stage's small operands: the equations that read no image, run once now."""
+  jaxpr, closed = analysis.closed.jaxpr, analysis.closed
+  env = dict(zip(jaxpr.constvars, closed.consts))
+  for i, (v, x) in enumerate(zip(jaxpr.invars, leaves)):
+    if i not in analysis.image_leaves:
+      env[v] = x
+  for i in analysis.static_eqns:
+    e = jaxpr.eqns[i]
+    inputs = [v.val if isinstance(v, _compat.Literal) else env[v] for v in e.invars]
+    env.update(zip(e.outvars, _compat.eval_eqn(e, inputs)))
+  return [tuple(env[v] for v in p.smalls) for p in plans]
+
+
+def _program(plan: StreamPlan):
+  """The tile program: image windows, small operands per stage and offsets per stage -> the
+  output tile. Traced once per tile shape (all tiles share one)."""
+  stages = plan.stages
+
+  def run(windows, smalls, offsets):
+    fast = forms.for_backend()
+    x = region_lib.compute_tile(stages[0], offsets[0], windows, smalls[0], fast)
+    for k in range(1, len(stages)):
+      before = stages[k - 1]
+      x = region_lib._mask_outside(x, offsets[k - 1], before.tile, before.extent[before.output],
+                                   before.layout)
+      x = region_lib.compute_tile(stages[k], offsets[k], [x], smalls[k], fast)
+    return x
+  return jax.jit(run)
+
+
+def read_window(source, starts, widths, spatial: Sequence[int]) -> np.ndarray:
+  """`source[...]` over `[start, start + width)` along each spatial axis, zeros outside it."""
+  index, pads = [slice(None)] * len(source.shape), [(0, 0)] * len(source.shape)
+  for s, w, a in zip(starts, widths, spatial):
+    n = source.shape[a]
+    lo, hi = min(max(s, 0), n), max(min(s + w, n), 0)
+    if hi <= lo:
+      lo = hi = 0
+    index[a] = slice(lo, hi)
+    pads[a] = (lo - s if hi > lo else w, s + w - hi if hi > lo else 0)
+  block = np.asarray(source[tuple(index)])
+  if any(p != (0, 0) for p in pads):
+    return np.pad(block, pads)
+  return np.ascontiguousarray(block)
+
+
+# ---------------------------------------------------------------------------------------------
+# Journal: which tiles are written, so an interrupted run resumes
+# ---------------------------------------------------------------------------------------------
+def _journal_dir(out, journal) -> Optional[pathlib.Path]:
+  """Where a run into `out` records its finished tiles: `journal`, else beside a memmap's file or
+  a zarr array on a local store; None for in-memory outputs."""
+  if journal is not None:
+    return pathlib.Path(journal)
+  filename = getattr(out, "filename", None)
+  if isinstance(out, np.memmap) and filename:
+    return pathlib.Path(str(filename) + ".jaxtile")
+  store = getattr(out, "store", None)
+  root = getattr(store, "root", None) or getattr(store, "path", None)  # zarr 3 / zarr 2
+  if root is not None and isinstance(root, (str, os.PathLike)):
+    path = getattr(out, "path", "") or ""
+    base = pathlib.Path(root) / path if path else pathlib.Path(root)
+    return base.with_name(base.name + ".jaxtile")
+  return None
+
+
+class _Journal:
+  """Finished tiles, one line each in a per-process log beside `plan.json` (a fingerprint of
+  the call). A line is appended only after its tile is written, so a tile in the log is whole."""
+
+  def __init__(self, path: pathlib.Path, fingerprint: str, resume: bool, process: int):
+    self.path = path
+    path.mkdir(parents=True, exist_ok=True)
+    meta = path / "plan.json"
+    self.done: set[int] = set()
+    if resume and meta.exists():
+      recorded = json.loads(meta.read_text()).get("fingerprint")
+      if recorded != fingerprint:
+        raise StreamError(
+            f"stream: resume=True, but the journal {path} was written by a different call "
+            "(another function, parameters, input shapes or tiles). Pass resume=False to "
+            "start over.")
+      for log in path.glob("done-*.log"):
+        for line in log.read_text().splitlines():
+          if line.strip().isdigit():
+            self.done.add(int(line))
+    elif process == 0:
+      for log in path.glob("done-*.log"):
+        log.unlink()
+      tmp = path / f"plan.json.{os.getpid()}"
+      tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+      os.replace(tmp, meta)
+    self._log = open(path / f"done-{process}.log", "a")
+
+  def add(self, tile: int) -> None:
+    self._log.write(f"{tile}\n")
+    self._log.flush()
+
+  def close(self) -> None:
+    self._log.close()
+
+
+def _fingerprint(analysis: _Analysis, plan: StreamPlan, leaves) -> str:
+  h = hashlib.sha256()
+  h.update(str(analysis.closed.jaxpr).encode())
+  h.update(repr((plan.image_shapes, plan.tile, plan.counts, plan.out_shape,
+                 str(plan.out_dtype))).encode())
+  for x in [*analysis.closed.consts,
+            *(x for i, x in enumerate(leaves) if i not in analysis.image_leaves)]:
+    h.update(np.asarray(x).tobytes())
+  return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+class _Progress:
+  """Tiles done / total, megapixels per second and ETA: tqdm where installed, else a line on
+  stderr every few seconds."""
+
+  def __init__(self, enabled: Optional[bool], total: int, done: int, pixels_per_tile: float):
+    if enabled is None:
+      enabled = sys.stderr.isatty()
+    self.enabled, self.total, self.pixels = enabled, total, pixels_per_tile
+    self.count, self.start, self.last = done, time.perf_counter(), 0.0
+    self.bar = None
+    if enabled:
+      try:
+        import tqdm
+        self.bar = tqdm.tqdm(total=total, initial=done, unit="tile", desc="jaxtile.stream",
+                             dynamic_ncols=True)
+      except ImportError:
+        pass
+
+  def update(self, new_tiles: int) -> None:
+    self.count += 1
+    if not self.enabled:
+      return
+    seconds = time.perf_counter() - self.start
+    rate = new_tiles * self.pixels / 1e6 / max(seconds, 1e-9)
+    if self.bar is not None:
+      self.bar.set_postfix_str(f"{rate:.1f} Mpx/s", refresh=False)
+      self.bar.update(1)
+    elif seconds - self.last >= 2 or self.count == self.total:
+      self.last = seconds
+      left = (self.total - self.count) * seconds / max(new_tiles, 1)
+      print(f"jaxtile.stream: {self.count}/{self.total} tiles, {rate:.1f} Mpx/s, "
+            f"ETA {left:.0f} s", file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StreamStats:
+  """What the last run did: tiles computed (skipped: already in the journal), seconds, and the
+  seconds spent waiting for reads and for the device."""
+  tiles: int = 0
+  skipped: int = 0
+  seconds: float = 0.0
+  read_wait: float = 0.0
+  megapixels_per_second: float = 0.0
+
+
+class Streamed:
+  """`stream(fun, ...)`: call it like `fun`, with `out=`, `resume=`, `progress=`."""
+
+  def __init__(self, fun: Callable, policy: Callable[[], plan_lib.Policy], devices, argnums,
+               prefetch: int):
+    self.fun, self._policy, self._devices, self._argnums = fun, policy, devices, argnums
+    self._prefetch = prefetch
+    self.last_stats: Optional[StreamStats] = None
+    self.__wrapped__ = fun
+
+  def __repr__(self) -> str:
+    return f"jaxtile.stream({getattr(self.fun, '__name__', self.fun)!r})"
+
+  def _analyse_and_plan(self, args, out):
+    analysis, leaves = _analyse(self.fun, args, self._argnums)
+    chunks = getattr(out, "chunks", None)
+    if chunks is not None and (not isinstance(chunks, tuple) or len(chunks) != len(
+        analysis.out_aval.shape)):
+      chunks = None
+    return analysis, leaves, make_plan(analysis, self._policy(), chunks)
+
+  def explain(self, *args, out=None) -> StreamPlan:
+    """The plan for these arguments (images as host arrays or `jax.ShapeDtypeStruct`), with the
+    compiled tile program's device memory; computes no tile."""
+    args = tuple(_Abstract(a) if isinstance(a, jax.ShapeDtypeStruct) else a for a in args)
+    analysis, leaves, plan = self._analyse_and_plan(args, out)
+    memory = _compiled_bytes(plan, analysis)
+    return dataclasses.replace(plan, device_bytes=memory)
+
+  def __call__(self, *args, out=None, resume: bool = False, progress: Optional[bool] = None,
+               journal=None):
+    if not isinstance(resume, bool):
+      raise TypeError(f"stream: resume must be a bool, but got resume={resume!r}.")
+    if progress is not None and not isinstance(progress, bool):
+      raise TypeError(f"stream: progress must be True, False or None, but got "
+                      f"progress={progress!r}.")
+    analysis, leaves, plan = self._analyse_and_plan(args, out)
+    for i in analysis.image_leaves:
+      if isinstance(leaves[i], _Abstract):
+        raise StreamError("stream: an image given as jax.ShapeDtypeStruct has no data to "
+                          "stream; pass it to explain() instead.")
+    n_proc, proc = jax.process_count(), jax.process_index()
+    if out is None:
+      if n_proc > 1:
+        raise StreamError("stream: several processes need out= (a store they all write, such "
+                          "as a zarr array on shared disk); each holds only its share of tiles.")
+      if resume:
+        raise StreamError("stream: resume=True needs out= on disk (a zarr array or a "
+                          "numpy.memmap) to resume into.")
+      out = np.zeros(plan.out_shape, plan.out_dtype)
+      returned = out
+    else:
+      _check_out(out, plan)
+      returned = None
+    if n_proc > 1:
+      _check_aligned(out, plan)
+    devices = self._devices or jax.local_devices()
+    journal_dir = _journal_dir(out, journal)
+    if resume and journal_dir is None:
+      raise StreamError(f"stream: resume=True, but out (a {type(out).__name__}) is not on disk, so "
+                        "there is no record of finished tiles. Pass journal=PATH, or write to a "
+                        "zarr array or numpy.memmap.")
+    smalls = _smalls(analysis, leaves, plan.stages)
+    log = None
+    if journal_dir is not None:
+      log = _Journal(journal_dir, _fingerprint(analysis, plan, leaves), resume, proc)
+    mine = [t for t in range(plan.n_tiles) if t % n_proc == proc]
+    todo = [t for t in mine if log is None or t not in log.done]
+    stats = StreamStats(skipped=len(mine) - len(todo))
+    try:
+      _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats,
+           _Progress(progress, len(mine), len(mine) - len(todo),
+                     math.prod(plan.tile)), self._prefetch)
+    finally:
+      if log is not None:
+        log.close()
+    self.last_stats = stats
+    flush = getattr(out, "flush", None)
+    if isinstance(out, np.memmap) and flush is not None:
+      flush()
+    return returned
+
+
+class _Abstract:
+  """A `jax.ShapeDtypeStruct` standing for an image in `explain`."""
+
+  def __init__(self, s):
+    self.shape, self.dtype = tuple(s.shape), np.dtype(s.dtype)
+
+  def __getitem__(self, index):
+    raise TypeError("an abstract image has no data")
+
+
+def _compiled_bytes(plan: StreamPlan, analysis: _Analysis) -> int:
+  jaxpr = analysis.closed.jaxpr
+  first = plan.stages[0]
+  windows = []
+  for v in first.inputs:
+    shape = list(v.aval.shape)
+    for d, a in enumerate(first.layout.spatial):
+      shape[a] = first.width[v][d]
+    windows.append(jax.ShapeDtypeStruct(tuple(shape), v.aval.dtype))
+  smalls = [tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in p.smalls)
+            for p in plan.stages]
+  offsets = [jax.ShapeDtypeStruct((len(plan.tile),), jnp.int32) for _ in plan.stages]
+  del jaxpr
+  compiled = _program(plan).lower(windows, smalls, offsets).compile()
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+def _check_out(out, plan: StreamPlan) -> None:
+  shape = tuple(getattr(out, "shape", ()))
+  if shape != plan.out_shape:
+    raise StreamError(f"stream: out has shape {shape}, but fun's output is {plan.out_shape}.")
+  dtype = getattr(out, "dtype", None)
+  if dtype is None or np.dtype(dtype) != plan.out_dtype:
+    raise StreamError(f"stream: out has dtype {dtype}, but fun's output is {plan.out_dtype}.")
+  if not hasattr(out, "__setitem__"):
+    raise StreamError(f"stream: out (a {type(out).__name__}) does not take out[index] = block.")
+
+
+def _check_aligned(out, plan: StreamPlan) -> None:
+  """Processes must not write parts of one chunk: their read-modify-writes would race."""
+  chunks = getattr(out, "chunks", None)
+  if chunks is None:
+    return
+  for d, a in enumerate(plan.layout.spatial):
+    if plan.counts[d] > 1 and plan.tile[d] % chunks[a]:
+      raise StreamError(
+          f"stream: with {jax.process_count()} processes, output tiles must be whole chunks of "
+          f"out, but tiles are {plan.tile} and out's chunks {tuple(chunks)}. Make the chunks "
+          "divide the tile (or pass tile_shape= as a multiple of them).")
+
+
+def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progress, prefetch):
+  """Reads tile N+1 and writes tile N-1 on threads while the device computes tile N."""
+  program = _program(plan)
+  first = plan.stages[0]
+  sources = [leaves[i] for i in analysis.image_leaves]
+  by_var = dict(zip([analysis.closed.jaxpr.invars[i] for i in analysis.image_leaves], sources))
+  spatial = first.layout.spatial
+  out_spatial = plan.layout.spatial
+  placed = {d: jax.device_put(smalls, d) for d in devices}
+  start_time = time.perf_counter()
+
+  def read(t):
+    offsets = plan.offsets(plan.tile_index(t))
+    windows = [read_window(by_var[v], first.start(v, offsets[0]), first.width[v], spatial)
+               for v in first.inputs]
+    return windows, offsets
+
+  errors: list[BaseException] = []
+  pending: queue.Queue = queue.Queue(maxsize=max(2, len(devices) + 1))
+
+  def write_loop():
+    while True:
+      item = pending.get()
+      if item is None:
+        return
+      if errors:
+        continue  # drain after a failure
+      try:
+        t, y, offsets = item
+        index = plan.tile_index(t)
+        start, stop = plan.write_box(index)
+        tile = np.asarray(y)
+        cut = [slice(None)] * tile.ndim
+        target = [slice(None)] * tile.ndim
+        for d, a in enumerate(out_spatial):
+          begin = start[d] - offsets[-1][d]
+          cut[a] = slice(begin, begin + stop[d] - start[d])
+          target[a] = slice(start[d], stop[d])
+        out[tuple(target)] = tile[tuple(cut)]
+        if log is not None:
+          log.add(t)
+        stats.tiles += 1
+        progress.update(stats.tiles)
+      except BaseException as e:  # surfaced by the main thread
+        errors.append(e)
+
+  writer = threading.Thread(target=write_loop, name="jaxtile-stream-writer", daemon=True)
+  writer.start()
+  reader = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                 thread_name_prefix="jaxtile-stream-reader")
+  ahead = collections.deque()
+  try:
+    it = iter(enumerate(todo))
+    for _ in range(prefetch):
+      nxt = next(it, None)
+      if nxt is not None:
+        ahead.append((nxt, reader.submit(read, nxt[1])))
+    while ahead:
+      (n, t), future = ahead.popleft()
+      nxt = next(it, None)
+      if nxt is not None:
+        ahead.append((nxt, reader.submit(read, nxt[1])))
+      waited = time.perf_counter()
+      windows, offsets = future.result()
+      stats.read_wait += time.perf_counter() - waited
+      if errors:
+        break
+      device = devices[n % len(devices)]
+      args = jax.device_put((windows, [np.asarray(o, np.int32) for o in offsets]), device)
+      y = program(args[0], placed[device], args[1])  # dispatched; runs while we read on
+      pending.put((t, y, offsets))
+  finally:
+    for _, future in ahead:
+      future.cancel()
+    reader.shutdown(wait=True)
+    pending.put(None)
+    writer.join()
+    progress.close()
+  stats.seconds = time.perf_counter() - start_time
+  stats.megapixels_per_second = stats.tiles * math.prod(plan.tile) / 1e6 / max(
+      stats.seconds, 1e-9)
+  if errors:
+    raise errors[0]
+
+
+def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None,
+           tile_shape=None, devices: Optional[Sequence[jax.Device]] = None,
+           argnums: Optional[Sequence[int]] = None, prefetch: int = 2):
+  """Runs `fun` over images on the host or on disk, a tile at a time.
+
+  `fun` is an ordinary JAX function of spatially local ops (convs of every form, pools,
+  elementwise ops, channel concatenations). Its *images* are the arguments that slice like NumPy
+  arrays but are not `jax.Array`s (`numpy.ndarray`, `numpy.memmap`, zarr, tensorstore, h5py,
+  dask arrays), or those named by `argnums`; its other arguments (parameters) are device arrays.
+  Each output tile's input window, halo included and zeros beyond the image, is read from the
+  images, computed by one compiled tile program, and written to `out`, so no device ever holds
+  more than a few tiles. The result equals `fun` on the whole image.
+
+  Args:
+    fun: the function; its one output is the streamed image.
+    max_bytes: the budget of one tile through the program (the largest input and output window
+      of any one op, as `tile_convs` counts it). Default: `jaxtile.default_max_bytes()`.
+    tile_shape: the output tile per spatial dim instead (None entries: the whole dim).
+    devices: where tiles run, dealt out in turn. Default: every local device. In a
+      `jax.distributed` job each process takes every `process_count()`-th tile.
+    argnums: positional arguments that are images, when the default rule does not fit.
+    prefetch: tiles read ahead of the one computing.
+
+  Returns:
+    A callable `streamed(*args, out=None, resume=False, progress=None, journal=None)`. `out` is
+    anything that takes `out[index] = block` with fun's output shape and dtype (a zarr array, a
+    memmap, a NumPy array); without it the output is returned as a NumPy array. A run into an
+    `out` on disk records finished tiles in a journal beside it (or at `journal`); with
+    `resume=True` a rerun of the same call computes only the missing tiles. `progress` shows a
+    bar (tqdm when installed): None shows it on a terminal. `streamed.explain(*args)` returns the
+    `StreamPlan` without computing, and `streamed.last_stats` the last run's `StreamStats`.
+  """
+  if fun is None:
+    return lambda f: stream(f, max_bytes=max_bytes, tile_shape=tile_shape, devices=devices,
+                            argnums=argnums, prefetch=prefetch)
+  if not callable(fun):
+    raise TypeError(f"stream: fun must be callable, but got {fun!r}.")
+  from jaxtile._src import api  # the policy's validation, shared with tile_convs
+  try:
+    policy = api.make_policy(max_bytes=max_bytes, tile_shape=tile_shape)
+  except (TypeError, ValueError) as e:
+    raise type(e)(str(e).replace("tile_convs:", "stream:", 1)) from None
+  if devices is not None:
+    if isinstance(devices, jax.Device):
+      devices = [devices]
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+      raise TypeError(f"stream: devices must be a non-empty sequence of jax.Device, but got "
+                      f"devices={devices!r}.")
+    devices = list(devices)
+  if argnums is not None:
+    argnums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    if not all(isinstance(n, int) for n in argnums):
+      raise TypeError(f"stream: argnums must be ints, but got argnums={argnums!r}.")
+  if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
+    raise ValueError(f"stream: prefetch must be a positive int, but got prefetch={prefetch!r}.")
+  return Streamed(fun, policy, devices, argnums, prefetch)
