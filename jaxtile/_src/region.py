@@ -362,8 +362,9 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
     else:  # elementwise or a feature concatenation: every full-size operand, the same window
       spatial = lambda v: tuple(v.aval.shape[a] for a in layout.spatial)
       for v in e.invars:
-        if (not isinstance(v, _compat.Literal) and spatial(v) == spatial(out)
-            and not _is_small(v.aval, layout, len(out.aval.shape))):
+        if (not isinstance(v, _compat.Literal)
+            and not _is_small(v.aval, layout, len(out.aval.shape))
+            and spatial(v) == spatial(out)):
           need(v, scale[out], shift[out], width[out])
   return scale, shift, width, dilation
 

@@ -77,7 +77,7 @@ def _stage_kind(eqn, layout) -> Optional[str]:
     if lhs != out or (layout is not None and lhs != layout):
       return None
     return "transposed" if any(d != 1 for d in eqn.params["lhs_dilation"]) else "conv"
-  if layout is None:  # before the first conv the layout is not known: elementwise only
+  if layout is None:  # no conv at all
     return "local" if (eqn.primitive.name in region_lib.ELEMENTWISE
                        or region_lib._elementwise_body(eqn) is not None) else None
   if region_lib._is_pool(eqn):
@@ -229,8 +229,11 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
   if out not in dependent:
     raise StreamError("stream: fun's output does not depend on the image arguments.")
 
-  # Stages: a new one at every transposed conv; every equation must be local.
-  stages, current, layout = [], [], None
+  # Stages: a new one at every transposed conv; every equation must be local, in the layout of
+  # the first conv (the ops before it too).
+  stages, current = [], []
+  first_conv = next((jaxpr.eqns[i] for i in dep_eqns if _compat.is_conv(jaxpr.eqns[i])), None)
+  layout = None if first_conv is None else region_lib._conv_layout(first_conv)[0]
   for i in dep_eqns:
     e = jaxpr.eqns[i]
     kind = _stage_kind(e, layout)
@@ -429,10 +432,12 @@ def _journal_dir(out, journal) -> Optional[pathlib.Path]:
 
 
 class _Journal:
-  """Finished tiles, one line each in a per-process log beside `plan.json` (a fingerprint of
-  the call). A line is appended only after its tile is written, so a tile in the log is whole."""
+  """Finished tiles, one line each in a per-process log (`done-<process>.log`) beside
+  `plan.json` (a fingerprint of the call). A line is appended only after its tile is written, so
+  a tile in the log is whole; one cut short by a kill is computed again."""
 
-  def __init__(self, path: pathlib.Path, fingerprint: str, resume: bool, process: int):
+  def __init__(self, path: pathlib.Path, fingerprint: str, resume: bool, process: int,
+               n_processes: int):
     self.path = path
     path.mkdir(parents=True, exist_ok=True)
     meta = path / "plan.json"
@@ -442,19 +447,25 @@ class _Journal:
       if recorded != fingerprint:
         raise StreamError(
             f"stream: resume=True, but the journal {path} was written by a different call "
-            "(another function, parameters, input shapes or tiles). Pass resume=False to "
-            "start over.")
+            "(another function, parameters, input shapes, tiles or process count). Pass "
+            "resume=False to start over.")
       for log in path.glob("done-*.log"):
         for line in log.read_text().splitlines():
           if line.strip().isdigit():
             self.done.add(int(line))
-    elif process == 0:
+      self._log = open(path / f"done-{process}.log", "a")
+      return
+    # A fresh run: each process empties its own log (a process must not remove a log another
+    # has open); process 0 removes those of processes this run does not have.
+    self._log = open(path / f"done-{process}.log", "w")
+    if process == 0:
       for log in path.glob("done-*.log"):
-        log.unlink()
-      tmp = path / f"plan.json.{os.getpid()}"
-      tmp.write_text(json.dumps({"fingerprint": fingerprint}))
-      os.replace(tmp, meta)
-    self._log = open(path / f"done-{process}.log", "a")
+        index = log.stem.split("-")[-1]
+        if index.isdigit() and int(index) >= n_processes:
+          log.unlink()
+    tmp = path / f"plan.json.{process}.{os.getpid()}"
+    tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+    os.replace(tmp, meta)
 
   def add(self, tile: int) -> None:
     self._log.write(f"{tile}\n")
@@ -468,7 +479,7 @@ def _fingerprint(analysis: _Analysis, plan: StreamPlan, leaves) -> str:
   h = hashlib.sha256()
   h.update(str(analysis.closed.jaxpr).encode())
   h.update(repr((plan.image_shapes, plan.tile, plan.counts, plan.out_shape,
-                 str(plan.out_dtype))).encode())
+                 str(plan.out_dtype), jax.process_count())).encode())
   for x in [*analysis.closed.consts,
             *(x for i, x in enumerate(leaves) if i not in analysis.image_leaves)]:
     h.update(np.asarray(x).tobytes())
@@ -595,7 +606,7 @@ class Streamed:
     smalls = _smalls(analysis, leaves, plan.stages)
     log = None
     if journal_dir is not None:
-      log = _Journal(journal_dir, _fingerprint(analysis, plan, leaves), resume, proc)
+      log = _Journal(journal_dir, _fingerprint(analysis, plan, leaves), resume, proc, n_proc)
     mine = [t for t in range(plan.n_tiles) if t % n_proc == proc]
     todo = [t for t in mine if log is None or t not in log.done]
     stats = StreamStats(skipped=len(mine) - len(todo))

@@ -1,0 +1,293 @@
+"""`jaxtile.stream`: images on the host or on disk through a network, a tile at a time.
+
+Every streamed result is compared with the untiled function on the whole image (`jax.jit`), to
+float32 rounding: XLA:CPU on this machine rounds a conv's outputs differently with the window's
+shape, so tiled and whole results agree to ~1e-7 relative, not bit for bit (docs/guide.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxtile
+
+TESTS = Path(__file__).resolve().parent
+WORKER_PATH = TESTS / "stream_worker.py"
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _load_worker():
+  spec = importlib.util.spec_from_file_location("stream_worker", WORKER_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+worker = _load_worker()
+
+
+def assert_same(streamed, whole):
+  assert streamed.shape == whole.shape and streamed.dtype == whole.dtype
+  np.testing.assert_allclose(streamed, whole, rtol=1e-6, atol=1e-5)
+
+
+def untiled(f, *args):
+  return np.asarray(jax.jit(f)(*[jnp.asarray(a) for a in args]))
+
+
+@pytest.mark.parametrize("tile_shape", [None, (16, 16), (7, 13), (64, 5), (1, 48)])
+def test_two_stages_match_untiled(tile_shape):
+  f, x = worker.network(), worker.image()
+  kwargs = dict(tile_shape=tile_shape) if tile_shape else dict(max_bytes=40_000)
+  streamed = jaxtile.stream(f, **kwargs)
+  plan = streamed.explain(x)
+  assert len(plan.stages) == 2 and plan.n_tiles > 1, str(plan)
+  assert_same(streamed(x), untiled(f, x))
+  assert streamed.last_stats.tiles == plan.n_tiles
+
+
+def _conv(x, w, stride=1, padding="SAME", **kw):
+  return lax.conv_general_dilated(x, w, (stride,) * (x.ndim - 2), padding,
+                                  dimension_numbers=kw.pop("dn", DN), **kw)
+
+
+def test_local_ops_of_every_kind():
+  """Pools, residual adds, a channel concatenation of two images, dilation, groups, negative
+  padding, a nested jit and a final activation, in one stage."""
+  keys = jax.random.split(jax.random.key(2), 5)
+  w1 = jax.random.normal(keys[0], (3, 3, 4, 8)) * 0.3
+  w2 = jax.random.normal(keys[1], (3, 3, 4, 8)) * 0.3  # feature groups 2
+  w3 = jax.random.normal(keys[2], (5, 5, 8, 8)) * 0.1
+  b = jax.random.normal(keys[3], (8,))
+  w4 = jax.random.normal(keys[4], (3, 3, 8, 4)) * 0.3
+
+  @jax.jit
+  def block(y, w):
+    return jax.nn.gelu(_conv(y, w, rhs_dilation=(2, 2)) + y)
+
+  def f(a, c):
+    x = jnp.concatenate([a, c], axis=-1)
+    y = jax.nn.relu(_conv(x, w1) + b)
+    y = lax.reduce_window(y, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME")
+    y = _conv(y, w2, feature_group_count=2) + y
+    y = block(y, w3)
+    y = _conv(y, w4, padding=((-1, 2), (0, 1)))
+    return jnp.tanh(y)
+
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(2, 45, 38, 2)).astype(np.float32)
+  c = rng.normal(size=(2, 45, 38, 2)).astype(np.float32)
+  streamed = jaxtile.stream(f, tile_shape=(5, 6))
+  plan = streamed.explain(a, c)
+  assert len(plan.stages) == 1 and plan.n_tiles > 4
+  assert_same(streamed(a, c), untiled(f, a, c))
+
+
+def test_volume_3d():
+  dn = ("NDHWC", "DHWIO", "NDHWC")
+  keys = jax.random.split(jax.random.key(4), 3)
+  w1 = jax.random.normal(keys[0], (3, 3, 3, 1, 4)) * 0.3
+  w2 = jax.random.normal(keys[1], (3, 3, 3, 4, 4)) * 0.3
+  wt = jax.random.normal(keys[2], (2, 2, 2, 4, 2)) * 0.3
+
+  def f(x):
+    y = jax.nn.relu(_conv(x, w1, dn=dn))
+    y = jax.nn.relu(_conv(y, w2, stride=2, dn=dn))
+    return lax.conv_transpose(y, wt, (2, 2, 2), "VALID", dimension_numbers=dn)
+
+  x = np.random.default_rng(5).normal(size=(1, 20, 17, 22, 1)).astype(np.float32)
+  streamed = jaxtile.stream(f, tile_shape=(6, 8, 7))
+  assert len(streamed.explain(x).stages) == 2
+  assert_same(streamed(x), untiled(f, x))
+
+
+def test_on_disk_stores_and_parameters_as_arguments(tmp_path):
+  """A memmap source, a zarr sink whose chunks the tiles follow, and parameters passed as device
+  arrays beside the image."""
+  zarr = pytest.importorskip("zarr")
+  f = worker.network()
+  src = np.lib.format.open_memmap(tmp_path / "in.npy", mode="w+", dtype=np.uint8,
+                                  shape=worker.SHAPE)
+  src[:] = worker.image()
+  src.flush()
+  src = np.load(tmp_path / "in.npy", mmap_mode="r")
+  whole = untiled(f, src)
+  out = zarr.open_array(tmp_path / "out.zarr", mode="w", shape=whole.shape, dtype=whole.dtype,
+                        chunks=(1, 16, 16, 2))
+  streamed = jaxtile.stream(lambda scale, x: f(x) * scale, max_bytes=100_000)
+  plan = streamed.explain(jnp.float32(2), src, out=out)
+  assert plan.tile == (32, 16), plan.tile  # whole chunks (the budget alone: 32 x 24)
+  assert streamed(jnp.float32(2), src, out=out) is None
+  assert_same(out[...], whole * 2)
+  assert (tmp_path / "out.zarr.jaxtile" / "plan.json").exists()
+
+
+def test_resume_after_a_kill_mid_write(tmp_path):
+  """A run killed (SIGKILL) while writing a tile resumes from its journal: the tiles it wrote
+  whole are not computed again, the cut one is, and the output is the uninterrupted run's."""
+  f, x = worker.network(), worker.image()
+  streamed = jaxtile.stream(f, tile_shape=worker.TILE, prefetch=1)
+  whole = streamed(x)
+  path = tmp_path / "out.npy"
+  out = np.lib.format.open_memmap(path, mode="w+", dtype=whole.dtype, shape=whole.shape)
+  out[:] = np.nan
+  out.flush()
+  del out
+  after = 6
+  env = dict(os.environ)  # this process's devices too: XLA:CPU rounds with its thread pool
+  env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
+  run = subprocess.run([sys.executable, str(WORKER_PATH), "kill", "--out", str(path),
+                        "--after", str(after)], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+  journal = Path(str(path) + ".jaxtile")
+  done = (journal / "done-0.log").read_text().split()
+  assert len(done) == after - 1, done  # the tile cut short is not in the journal
+  out = np.load(path, mmap_mode="r+")
+  assert np.isnan(out).any()  # the run really stopped midway
+  streamed(x, out=out, journal=journal, resume=True)
+  stats = streamed.last_stats
+  assert (stats.skipped, stats.tiles) == (after - 1, streamed.explain(x).n_tiles - after + 1)
+  np.testing.assert_array_equal(np.load(path), whole)  # the same bytes as one run
+
+  # Resuming a finished run computes nothing; a different call refuses the journal.
+  streamed(x, out=out, journal=journal, resume=True)
+  assert streamed.last_stats.tiles == 0
+  with pytest.raises(jaxtile.StreamError, match="different call"):
+    jaxtile.stream(f, tile_shape=(32, 16))(x, out=out, journal=journal, resume=True)
+
+
+def test_tiles_dealt_to_every_local_device():
+  if jax.local_device_count() < 2:
+    pytest.skip("needs several devices (conftest.py asks for 8 host devices)")
+  f, x = worker.network(), worker.image()
+  streamed = jaxtile.stream(f, tile_shape=worker.TILE, devices=jax.local_devices()[:3])
+  assert_same(streamed(x), untiled(f, x))
+
+
+def test_explain_prints_the_plan():
+  f, x = worker.network(), worker.image()
+  plan = jaxtile.stream(f, tile_shape=worker.TILE).explain(
+      jax.ShapeDtypeStruct(worker.SHAPE, jnp.uint8))
+  text = str(plan)
+  assert "1x64x48x3 -> 1x64x48x2 float32" in text
+  assert "output tiles: 12 (4 x 3) of 16 x 16" in text
+  assert "stage 0" in text and "stage 1" in text
+  assert plan.device_bytes > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: before any tile, naming what is wrong
+# ---------------------------------------------------------------------------------------------
+def test_a_global_op_is_named_with_its_line():
+  w = jnp.ones((3, 3, 3, 4))
+
+  def f(x):
+    y = _conv(x, w)
+    return y - y.mean(axis=(1, 2), keepdims=True)  # a norm's statistics: not local
+
+  with pytest.raises(jaxtile.StreamError, match=r"not spatially local: `reduce_sum` at "
+                     r".*test_stream.py:\d+"):
+    jaxtile.stream(f)(np.zeros((1, 16, 16, 3), np.float32))
+
+
+def test_a_skip_across_an_upsampling_is_refused():
+  w = jnp.ones((3, 3, 2, 2))
+
+  def f(x):
+    y = _conv(x, w, stride=2)
+    z = lax.conv_transpose(y, w, (2, 2), "SAME", dimension_numbers=DN)
+    return _conv(z, w) + _conv(x, w)
+
+  with pytest.raises(jaxtile.StreamError, match="earlier|image after a transposed conv"):
+    jaxtile.stream(f)(np.zeros((1, 16, 16, 2), np.float32))
+
+
+@pytest.mark.parametrize("out, message", [
+    (np.zeros((1, 64, 48, 3), np.float32), r"out has shape \(1, 64, 48, 3\), but fun's output "
+     r"is \(1, 64, 48, 2\)"),
+    (np.zeros((1, 64, 48, 2), np.float16), "out has dtype float16, but fun's output is float32"),
+])
+def test_a_wrong_output_store(out, message):
+  with pytest.raises(jaxtile.StreamError, match=message):
+    jaxtile.stream(worker.network())(worker.image(), out=out)
+
+
+def test_bad_arguments():
+  f, x = worker.network(), worker.image()
+  with pytest.raises(jaxtile.StreamError, match="no image argument"):
+    jaxtile.stream(f)(jnp.asarray(x))  # a device array is a parameter, not an image
+  with pytest.raises(jaxtile.StreamError, match="resume=True needs out="):
+    jaxtile.stream(f)(x, resume=True)
+  with pytest.raises(jaxtile.StreamError, match="not on disk"):
+    jaxtile.stream(f)(x, out=np.zeros((1, 64, 48, 2), np.float32), resume=True)
+  with pytest.raises(ValueError, match="stream: max_bytes must be positive"):
+    jaxtile.stream(f, max_bytes=0)
+  with pytest.raises(TypeError, match="stream: progress must be"):
+    jaxtile.stream(f)(x, progress="yes")
+  with pytest.raises(jaxtile.StreamError, match="output .* is empty"):
+    jaxtile.stream(lambda x: _conv(x, jnp.ones((5, 5, 3, 1)), padding="VALID"))(
+        np.zeros((1, 3, 3, 3), np.float32))
+  with pytest.raises(jaxtile.StreamError, match="tracing fun at its image shapes"):
+    jaxtile.stream(lambda x: _conv(x, jnp.ones((3, 3, 4, 1))))(np.zeros((1, 8, 8, 3)))
+  with pytest.raises(jaxtile.StreamError, match="tile_shape=.* has 3 entries"):
+    jaxtile.stream(f, tile_shape=(4, 4, 4))(x)
+
+
+def test_argnums_streams_a_device_array():
+  f, x = worker.network(), worker.image()
+  assert_same(jaxtile.stream(f, argnums=0, tile_shape=(32, 16))(jnp.asarray(x)), untiled(f, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes of a jax.distributed job write one zarr store
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_share_the_tiles(tmp_path):
+  zarr = pytest.importorskip("zarr")
+  if not hasattr(jax, "distributed"):
+    pytest.skip("no jax.distributed")
+  f, x = worker.network(), worker.image()
+  whole = untiled(f, x)
+  path = tmp_path / "out.zarr"
+  zarr.open_array(path, mode="w", shape=whole.shape, dtype=whole.dtype, chunks=(1, 16, 16, 2),
+                  fill_value=np.nan)
+  env = {k: v for k, v in os.environ.items()
+         if k != "XLA_FLAGS" and not k.lower().endswith("_proxy")}
+  env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
+  env["JAX_PLATFORMS"] = "cpu"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, str(WORKER_PATH), "multihost", "--coordinator", f"127.0.0.1:{port}",
+       "--num-processes", "2", "--process-id", str(i), "--out", str(path)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  deadline = time.monotonic() + 240
+  try:
+    outputs = [p.communicate(timeout=max(1, deadline - time.monotonic())) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (stdout, stderr) in zip(procs, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  counts = sorted(int(o.split("process ")[1].split(": ")[1].split()[0]) for o, _ in outputs)
+  assert counts == [6, 6], outputs  # 12 tiles, every other one
+  assert_same(zarr.open_array(path, mode="r")[...], whole)
