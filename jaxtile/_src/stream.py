@@ -159,7 +159,8 @@ class StreamPlan:
       ops = collections.Counter(e.primitive.name for e in p.eqns)
       ops_text = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in ops.items())
       window = " x ".join("x".join(map(str, p.width[v])) for v in p.inputs)
-      lines.append(f"  stage {k}: {len(p.eqns)} ops ({ops_text}); input window {window} per "
+      n_ops = f"{len(p.eqns)} op" + ("s" if len(p.eqns) > 1 else "")
+      lines.append(f"  stage {k}: {n_ops} ({ops_text}); input window {window} per "
                    f"output tile {'x'.join(map(str, p.tile))}")
     return "\n".join(lines)
 
