@@ -1,4 +1,4 @@
-"""The command line: `python -m jaxtile explain|check MODULE:FUNCTION --arg SHAPE:DTYPE ...`.
+"""The command line: `python -m jaxtile explain|check|stream MODULE:FUNCTION ...`.
 
     python -m jaxtile explain my_model:forward --arg 1x1024x1024x3:float32 \\
         --arg 3x3x3x64:float32 --max-bytes 256MiB --jaxpr
@@ -9,6 +9,15 @@
 allocated, whatever the shapes), prints the `Report`, and with `--jaxpr` the rewritten jaxpr.
 `check` runs `jaxtile.check` on random normal arguments; it exits 1 when no conv was tiled (so
 nothing was compared). Tables fit 100 columns; `--wide` prints every column.
+
+`stream` runs a function of the image alone (its parameters bound inside it, as in
+`def forward(x): return model.apply(params, x)`) over an image on disk a tile at a time with
+`jaxtile.stream`, e.g. `python -m jaxtile stream my_model:forward --input in.zarr --output
+out.zarr --max-bytes 64MiB`. The input is a zarr array or a .npy file; the output is created
+(zarr, chunked like the output tiles; or .npy by its suffix) unless it exists with the output's
+shape and dtype. `--resume` computes only the tiles an interrupted run did not finish;
+`--explain` prints the `StreamPlan` and computes nothing. It prints one line at the end: tiles
+computed and skipped, seconds, megapixels per second.
 
 A bad argument, or a function the pass rejects, exits 2 with one short line on stderr,
 `jaxtile: error: ...`, then indented lines with the detail and what to type instead.
@@ -34,6 +43,7 @@ import numpy as np
 from jaxtile._src import api
 from jaxtile._src import verify as verify_lib
 from jaxtile._src import plan as plan_lib
+from jaxtile._src import stream as stream_lib
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30,
           "gib": 2**30, "t": 2**40, "tib": 2**40}
@@ -68,7 +78,7 @@ _FLAGS = {"max_bytes": "--max-bytes", "tile_shape": "--tile-shape",
           "channel_block": "--channel-block", "batch_block": "--batch-block", "tier": "--tier",
           "windows": "--windows", "seed": "--seed"}
 _FLAG_PATTERN = re.compile(r"\b(" + "|".join(_FLAGS) + r")\b")
-_OP_PREFIX = re.compile(r"^(?:(?:jaxtile|tile_convs|explain|check|autotune): )+")
+_OP_PREFIX = re.compile(r"^(?:(?:jaxtile|tile_convs|explain|check|autotune|stream): )+")
 
 
 def _error_text(summary: str, detail: str = "", remedy: str = "") -> str:
@@ -329,8 +339,238 @@ def _check(ns: argparse.Namespace) -> int:
   return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# stream: an image on disk through a function, a tile at a time
+# ---------------------------------------------------------------------------------------------
+_INSTALL_STREAM = 'pip install "jaxtile[stream]"'
+# Python's words in `stream`'s messages, as a shell user types them.
+_STREAM_WORDS = ((re.compile(r"\s*(?:Pass resume=False|Raise max_bytes)\b[^.]*\.?"), ""),
+                 (re.compile(r"\bresume=True\b"), "--resume"),
+                 (re.compile(r"\bmax_bytes=(?=\d)"), "--max-bytes "))
+
+
+def tile_extents(text: str):
+  """`512x512` or `512,512` (one per spatial dim; `none`: the whole dim), or `512` (every dim)."""
+  parts = [p.strip().lower() for p in re.split(r"[x,]", text)]
+  if not all(re.fullmatch(r"\d+|none", p) for p in parts):
+    raise argparse.ArgumentTypeError(
+        f"expected N or NxN... such as 512x512 (ints; 'none' takes the whole dim), but got "
+        f"{text!r}.")
+  values = tuple(None if p == "none" else int(p) for p in parts)
+  if 0 in values:
+    raise argparse.ArgumentTypeError(f"every extent must be positive, but got {text!r}.")
+  return values[0] if len(values) == 1 else values
+
+
+def _describe(shape: Sequence[int], dtype: Any) -> str:
+  return f"{'x'.join(map(str, shape)) or 'scalar'} {np.dtype(dtype).name}"
+
+
+def _zarr(flag: str, path: str):
+  try:
+    import zarr
+  except ImportError as e:
+    raise UsageError(f"{flag} is a zarr array, which needs zarr: it is not installed",
+                     f"{flag} {path}: {_one_line(e)}", f"{_INSTALL_STREAM}, or use a .npy file"
+                     ) from e
+  return zarr
+
+
+def open_input(text: str):
+  """`--input`: a zarr array (a directory), read-only; or a .npy file, memory-mapped."""
+  path = pathlib.Path(text)
+  if not path.exists():
+    raise UsageError("no such --input", f"{text} does not exist",
+                     "pass --input the path of a zarr array or a .npy file")
+  if path.is_file():
+    try:
+      image = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+      image = None
+      why = _one_line(e) if path.suffix.lower() == ".npy" else "not in NumPy's .npy format"
+    else:
+      why = f"it holds a {type(image).__name__}, not one array"
+    if not isinstance(image, np.ndarray):
+      raise UsageError("--input is not a .npy file", f"{text}: {why}",
+                       "pass a .npy file written by numpy.save, or a zarr array")
+    return image
+  zarr = _zarr("--input", text)  # a directory: a zarr array
+  try:
+    return zarr.open_array(str(path), mode="r")
+  except Exception as e:  # zarr's errors differ between versions: not found, a group, bad metadata
+    raise UsageError("--input is not a zarr array",
+                     f"{text}: {type(e).__name__}: {_one_line(e)}",
+                     "pass the path of a zarr array (in a group, name the array: data.zarr/image) "
+                     "or a .npy file") from e
+
+
+def _check_image_alone(fun: Callable, target: str) -> None:
+  """`stream` calls FUNCTION with the image alone: its other parameters are bound inside it."""
+  try:
+    signature = inspect.signature(fun)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(object())
+  except TypeError:
+    name = f"{target.rpartition(':')[2]}{signature}"
+    raise UsageError(f"FUNCTION must take the image alone, but {name} does not",
+                     f"from {target!r}; stream calls it with one argument, the image",
+                     "bind its other arguments inside a function of the image, as in "
+                     "def forward(x): return model.apply(params, x)") from None
+
+
+def _output_of(fun: Callable, image: jax.ShapeDtypeStruct, target: str) -> jax.ShapeDtypeStruct:
+  """FUNCTION's output at the input's shape and dtype, traced (nothing is computed)."""
+  name = target.rpartition(":")[2]
+  try:
+    out = jax.eval_shape(fun, image)
+  except Exception as e:  # the user's function: anything it raises is its own message
+    detail = _one_line(f"{type(e).__name__}: {e}")
+    raise UsageError(f"{name} fails on the input ({_describe(image.shape, image.dtype)})",
+                     detail[:400] + (" ..." if len(detail) > 400 else "")) from e
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    raise UsageError(f"{name} must return one array (the output image)",
+                     f"but it returns {jax.tree_util.tree_structure(out)}")
+  return out
+
+
+def open_output(text: str, needed: jax.ShapeDtypeStruct, source: pathlib.Path,
+                writable: bool = True):
+  """`--output` if it exists (its shape and dtype must be `needed`'s), else None."""
+  path = pathlib.Path(text)
+  if path.resolve() == source.resolve():
+    raise UsageError("--output is the input", f"both are {text}",
+                     "write the output to another path: tiles read the input around them")
+  if not path.exists():
+    return None
+  if path.suffix.lower() == ".npy":
+    try:
+      out = np.load(path, mmap_mode="r+" if writable else "r")
+    except (OSError, ValueError, EOFError) as e:
+      raise UsageError("--output exists and is not a .npy file", f"{text}: {_one_line(e)}",
+                       f"delete {text} or choose another --output") from e
+  else:
+    zarr = _zarr("--output", text)
+    try:
+      out = zarr.open_array(str(path), mode="r+" if writable else "r")
+    except Exception as e:  # as in open_input
+      raise UsageError("--output exists and is not a zarr array",
+                       f"{text}: {type(e).__name__}: {_one_line(e)}",
+                       f"delete {text} or choose another --output") from e
+  have = _describe(out.shape, out.dtype)
+  need = _describe(needed.shape, needed.dtype)
+  if have != need:
+    raise UsageError("--output exists with another shape or dtype than FUNCTION's output",
+                     f"{text} is {have}, but FUNCTION makes {need} from the input",
+                     f"delete {text} or choose another --output")
+  return out
+
+
+def _chunks(plan: stream_lib.StreamPlan) -> tuple[int, ...]:
+  """One output tile along each spatial dim; the whole batch and channel dims."""
+  chunks = list(plan.out_shape)
+  for d, a in enumerate(plan.layout.spatial):
+    chunks[a] = plan.tile[d]
+  return tuple(chunks)
+
+
+def create_output(text: str, plan: stream_lib.StreamPlan):
+  """A new zarr array (a .npy file by its suffix) of the plan's output, chunked like its tiles."""
+  try:
+    if pathlib.Path(text).suffix.lower() == ".npy":
+      return np.lib.format.open_memmap(text, mode="w+", dtype=plan.out_dtype,
+                                       shape=plan.out_shape)
+    zarr = _zarr("--output", text)
+    return zarr.open_array(text, mode="w", shape=plan.out_shape, dtype=plan.out_dtype,
+                           chunks=_chunks(plan))
+  except UsageError:
+    raise
+  except Exception as e:  # a directory that cannot be made, a dtype zarr cannot store
+    raise UsageError("cannot create --output",
+                     f"{text} ({_describe(plan.out_shape, plan.out_dtype)}): "
+                     f"{type(e).__name__}: {_one_line(e)}") from e
+
+
+def _stream_words(message: Any, target: str) -> str:
+  """`stream`'s message in the shell's words: FUNCTION's name for `fun`, flags for keywords, and
+  no Python remedy (the command gives its own)."""
+  message = re.sub(r"^fun\b", target.rpartition(":")[2], _OP_PREFIX.sub("", _one_line(message)))
+  for python, shell in _STREAM_WORDS:
+    message = python.sub(shell, message)
+  return message.strip()
+
+
+def _stream_error(e: stream_lib.StreamError, target: str) -> UsageError:
+  message = _stream_words(e, target)
+  if message.startswith("--resume, but "):  # the journal beside --output is another command's
+    return UsageError("--resume, but the tiles recorded beside --output are another run's",
+                      message.partition(", but ")[2].rstrip("."),
+                      "drop --resume to start over, or repeat the interrupted command exactly "
+                      "(the same FUNCTION, --input, --max-bytes and --tile-shape)")
+  # A long first sentence `what: where and why` is cut at its colon: the what is the summary.
+  first, stop, rest = message.partition(". ")
+  what, colon, why = first.partition(": ")
+  if colon and len(first) > WIDTH - len(_PREFIX) and len(what) <= WIDTH - len(_PREFIX):
+    return UsageError(what, f"{why}{stop}{rest}".rstrip("."))
+  return UsageError(*_split_message(message))
+
+
+def _stream(ns: argparse.Namespace) -> int:
+  source = open_input(ns.input)
+  fun = load_function(ns.function)
+  _check_image_alone(fun, ns.function)
+  image = jax.ShapeDtypeStruct(tuple(source.shape), np.dtype(source.dtype))
+  needed = _output_of(fun, image, ns.function)
+  if ns.output is None and not ns.explain:
+    raise UsageError("stream needs --output", "the output image is written there",
+                     "pass --output PATH.zarr (or PATH.npy), or --explain to print the plan only")
+  try:
+    streamed = stream_lib.stream(fun, max_bytes=ns.max_bytes, tile_shape=ns.tile_shape)
+    out = None if ns.output is None else open_output(ns.output, needed, pathlib.Path(ns.input),
+                                                     writable=not ns.explain)
+    if ns.explain:
+      plan = streamed.explain(source, out=out)
+      print(plan)
+      if out is not None:
+        chunks = getattr(out, "chunks", None)
+        print(f"  output {ns.output}: exists" + (
+            f", chunks {'x'.join(map(str, chunks))}" if chunks else ""))
+      elif ns.output is not None:
+        print(f"  output {ns.output}: to be created" + (
+            "" if pathlib.Path(ns.output).suffix.lower() == ".npy" else
+            f", chunks {'x'.join(map(str, _chunks(plan)))}"))
+      return 0
+    resume = ns.resume
+    if out is None:
+      out = create_output(ns.output, streamed.explain(image))
+      resume = False  # a journal left beside a deleted output must not skip the new one's tiles
+    try:
+      streamed(source, out=out, resume=resume, progress=False if ns.no_progress else None)
+    except KeyboardInterrupt:
+      print(f"jaxtile stream: interrupted; the tiles written to {ns.output} are recorded: "
+            "rerun the command with --resume to finish", file=sys.stderr)
+      return 130
+  except plan_lib.BudgetError as e:  # even a tile of one output position is above the budget
+    budget = ns.max_bytes or api.default_max_bytes()
+    match = re.search(r"needs (\d+) bytes", str(e))
+    need = e.smallest_bytes or (int(match.group(1)) if match else 0)
+    raise UsageError(f"no output tile fits within --max-bytes {budget} "
+                     f"({plan_lib.format_bytes(budget)})",
+                     _stream_words(e, ns.function).rstrip("."),
+                     f"pass --max-bytes {need} or more" if need else
+                     "pass a larger --max-bytes") from e
+  except stream_lib.StreamError as e:
+    raise _stream_error(e, ns.function) from e
+  stats = streamed.last_stats
+  print(f"jaxtile stream: {stats.tiles} tiles computed, {stats.skipped} skipped (resumed) in "
+        f"{stats.seconds:.2f} s, {stats.megapixels_per_second:.3g} Mpx/s -> {ns.output}")
+  return 0
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="jaxtile", description="Inspect what jaxtile does to a function's convs.")
+  parser = _Parser(prog="jaxtile", description="Inspect what jaxtile does to a function's convs, "
+                   "or stream a function over an image on disk a tile at a time.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   explain = commands.add_parser(
       "explain", help="print the report (and the rewritten jaxpr) at abstract arguments",
@@ -367,6 +607,32 @@ def _parser() -> argparse.ArgumentParser:
                      help="output windows compared with the reference for big convs")
   check.add_argument("--seed", type=int, default=0, help="seeds the arguments and the windows")
   check.set_defaults(run=_check)
+  stream = commands.add_parser(
+      "stream", help="run a function of the image over a zarr array or .npy file, tile by tile",
+      description="Stream an image on disk through FUNCTION (a function of the image alone) a "
+                  "tile at a time with jaxtile.stream, and write its output to --output. Only "
+                  "tiles reach the device. Interrupted? Rerun the command with --resume.")
+  stream.add_argument("function", metavar="MODULE:FUNCTION",
+                      help="a dotted module or a path to a .py file, a colon, a function of the "
+                           "image alone (bind parameters inside it)")
+  stream.add_argument("--input", required=True, metavar="PATH",
+                      help="the image: a zarr array, or a .npy file")
+  stream.add_argument("--output", metavar="PATH",
+                      help="where the output goes: used if it exists with the output's shape and "
+                           "dtype, else created (a zarr array chunked like the tiles; .npy by "
+                           "its suffix)")
+  stream.add_argument("--max-bytes", type=byte_count, default=None, metavar="BYTES",
+                      help="device memory of one tile through the function: 268435456, 2**28 or "
+                           "256MiB (default: jaxtile.default_max_bytes())")
+  stream.add_argument("--tile-shape", type=tile_extents, default=None, metavar="NxN...",
+                      help="output tile per spatial dim, e.g. 512x512, instead of --max-bytes")
+  stream.add_argument("--resume", action="store_true",
+                      help="compute only the tiles a previous run into --output did not finish")
+  stream.add_argument("--no-progress", action="store_true",
+                      help="no progress bar (shown on a terminal)")
+  stream.add_argument("--explain", action="store_true",
+                      help="print the plan (stages, tiles, device memory) and compute nothing")
+  stream.set_defaults(run=_stream)
   return parser
 
 
