@@ -291,3 +291,16 @@ def test_two_processes_share_the_tiles(tmp_path):
   counts = sorted(int(o.split("process ")[1].split(": ")[1].split()[0]) for o, _ in outputs)
   assert counts == [6, 6], outputs  # 12 tiles, every other one
   assert_same(zarr.open_array(path, mode="r")[...], whole)
+
+
+def test_device_memory_does_not_grow_with_the_image():
+  """The compiled tile program (XLA's buffer assignment: arguments, output, temporaries) is the
+  same for a 512x512 image and a 16384x16384 one, and within a small multiple of max_bytes."""
+  f = worker.network()
+  budget = 2**20
+  streamed = jaxtile.stream(f, max_bytes=budget)
+  plans = [streamed.explain(jax.ShapeDtypeStruct((1, n, n, 3), jnp.uint8)) for n in (512, 16384)]
+  assert plans[1].n_tiles > 100 * plans[0].n_tiles
+  assert plans[0].tile == plans[1].tile
+  assert plans[0].device_bytes == plans[1].device_bytes
+  assert plans[1].device_bytes <= 3 * budget, plans[1].device_bytes
