@@ -134,6 +134,12 @@ def test_on_disk_stores_and_parameters_as_arguments(tmp_path):
   assert_same(out[...], whole * 2)
   assert (tmp_path / "out.zarr.jaxtile" / "plan.json").exists()
 
+  # The store made again at the same path: its journal's tiles are not in it, so no resume.
+  out = zarr.open_array(tmp_path / "out.zarr", mode="w", shape=whole.shape, dtype=whole.dtype,
+                        chunks=(1, 16, 16, 2))
+  with pytest.raises(jaxtile.StreamError, match="earlier output"):
+    streamed(jnp.float32(2), src, out=out, resume=True)
+
 
 def test_resume_after_a_kill_mid_write(tmp_path):
   """A run killed (SIGKILL) while writing a tile resumes from its journal: the tiles it wrote

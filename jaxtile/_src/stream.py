@@ -343,7 +343,8 @@ def make_plan(analysis: _Analysis, policy: plan_lib.Policy, chunks=None) -> Stre
         need = max(p.tile_bytes for p in plans)
         raise plan_lib.BudgetError(
             f"stream: one output position needs {need} bytes on the device (windows through "
-            f"every stage), above max_bytes={policy.max_bytes}. Raise max_bytes.")
+            f"every stage), above max_bytes={policy.max_bytes}. Raise max_bytes.",
+            max_bytes=policy.max_bytes, smallest_bytes=need)
       tile[d] = region_lib._ceil_div(tile[d], 2)
   if chunks is not None:
     aligned = list(tile)
@@ -423,13 +424,41 @@ def _journal_dir(out, journal) -> Optional[pathlib.Path]:
   filename = getattr(out, "filename", None)
   if isinstance(out, np.memmap) and filename:
     return pathlib.Path(str(filename) + ".jaxtile")
-  store = getattr(out, "store", None)
-  root = getattr(store, "root", None) or getattr(store, "path", None)  # zarr 3 / zarr 2
-  if root is not None and isinstance(root, (str, os.PathLike)):
+  root = _store_root(out)
+  if root is not None:
+    journal = root.with_name(root.name + ".jaxtile")  # beside the store, not inside a group
     path = getattr(out, "path", "") or ""
-    base = pathlib.Path(root) / path if path else pathlib.Path(root)
-    return base.with_name(base.name + ".jaxtile")
+    return journal / path if path else journal
   return None
+
+
+def _store_root(out) -> Optional[pathlib.Path]:
+  """The directory of a zarr array's local store (zarr 3: `.root`, zarr 2: `.path`), else None."""
+  store = getattr(out, "store", None)
+  root = getattr(store, "root", None) or getattr(store, "path", None)
+  return pathlib.Path(root) if isinstance(root, (str, os.PathLike)) else None
+
+
+_RUN_ATTR = "jaxtile_stream_run"
+
+
+def _identity(out, fresh: bool) -> Optional[Any]:
+  """What tells this output from one made again at the same path since the journal was written:
+  a run id that a fresh run writes into a zarr array's attributes, or a memmap file's inode (the
+  file system may reuse an inode, so a memmap's check is best effort)."""
+  filename = getattr(out, "filename", None)
+  if isinstance(out, np.memmap) and filename:
+    try:
+      st = os.stat(filename)
+    except OSError:
+      return None
+    return [st.st_dev, st.st_ino]
+  attrs = getattr(out, "attrs", None)
+  if attrs is None:
+    return None
+  if fresh:
+    attrs[_RUN_ATTR] = os.urandom(8).hex()
+  return attrs.get(_RUN_ATTR)
 
 
 class _Journal:
@@ -438,18 +467,24 @@ class _Journal:
   a tile in the log is whole; one cut short by a kill is computed again."""
 
   def __init__(self, path: pathlib.Path, fingerprint: str, resume: bool, process: int,
-               n_processes: int):
+               n_processes: int, out):
     self.path = path
     path.mkdir(parents=True, exist_ok=True)
     meta = path / "plan.json"
     self.done: set[int] = set()
     if resume and meta.exists():
-      recorded = json.loads(meta.read_text()).get("fingerprint")
-      if recorded != fingerprint:
+      recorded = json.loads(meta.read_text())
+      if recorded.get("fingerprint") != fingerprint:
         raise StreamError(
             f"stream: resume=True, but the journal {path} was written by a different call "
             "(another function, parameters, input shapes, tiles or process count). Pass "
             "resume=False to start over.")
+      known = recorded.get("output")  # None: the run that wrote it could not tell
+      if known is not None and known != _identity(out, fresh=False):
+        raise StreamError(
+            f"stream: resume=True, but the journal {path} records tiles of an earlier output at "
+            "that path (out was made again since), so they are not in out. Pass resume=False "
+            "to start over.")
       for log in path.glob("done-*.log"):
         for line in log.read_text().splitlines():
           if line.strip().isdigit():
@@ -464,9 +499,11 @@ class _Journal:
         index = log.stem.split("-")[-1]
         if index.isdigit() and int(index) >= n_processes:
           log.unlink()
-    tmp = path / f"plan.json.{process}.{os.getpid()}"
-    tmp.write_text(json.dumps({"fingerprint": fingerprint}))
-    os.replace(tmp, meta)
+      # The others read what process 0 writes here when they resume.
+      tmp = path / f"plan.json.{os.getpid()}"
+      tmp.write_text(json.dumps({"fingerprint": fingerprint,
+                                 "output": _identity(out, fresh=True)}))
+      os.replace(tmp, meta)
 
   def add(self, tile: int) -> None:
     self._log.write(f"{tile}\n")
@@ -494,10 +531,10 @@ class _Progress:
   """Tiles done / total, megapixels per second and ETA: tqdm where installed, else a line on
   stderr every few seconds."""
 
-  def __init__(self, enabled: Optional[bool], total: int, done: int, pixels_per_tile: float):
+  def __init__(self, enabled: Optional[bool], total: int, done: int):
     if enabled is None:
       enabled = sys.stderr.isatty()
-    self.enabled, self.total, self.pixels = enabled, total, pixels_per_tile
+    self.enabled, self.total, self.initial = enabled, total, done
     self.count, self.start, self.last = done, time.perf_counter(), 0.0
     self.bar = None
     if enabled:
@@ -508,12 +545,14 @@ class _Progress:
       except ImportError:
         pass
 
-  def update(self, new_tiles: int) -> None:
+  def update(self, pixels: int) -> None:
+    """One more tile written; `pixels` written so far in this run."""
     self.count += 1
     if not self.enabled:
       return
     seconds = time.perf_counter() - self.start
-    rate = new_tiles * self.pixels / 1e6 / max(seconds, 1e-9)
+    rate = pixels / 1e6 / max(seconds, 1e-9)
+    new_tiles = self.count - self.initial
     if self.bar is not None:
       self.bar.set_postfix_str(f"{rate:.1f} Mpx/s", refresh=False)
       self.bar.update(1)
@@ -533,10 +572,11 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class StreamStats:
-  """What the last run did: tiles computed (skipped: already in the journal), seconds, and the
-  seconds spent waiting for reads and for the device."""
+  """What the last run did: tiles computed (skipped: already in the journal), output positions
+  written, seconds, the seconds the loop waited for reads, and output megapixels per second."""
   tiles: int = 0
   skipped: int = 0
+  pixels: int = 0  # output positions written (spatial, times the batch)
   seconds: float = 0.0
   read_wait: float = 0.0
   megapixels_per_second: float = 0.0
@@ -549,8 +589,17 @@ class Streamed:
                prefetch: int):
     self.fun, self._policy, self._devices, self._argnums = fun, policy, devices, argnums
     self._prefetch = prefetch
+    self._programs: dict = {}
     self.last_stats: Optional[StreamStats] = None
     self.__wrapped__ = fun
+
+  def _program(self, plan: StreamPlan, analysis: _Analysis):
+    """The jitted tile program, one per function structure and tiling: a second call with the
+    same shapes reuses its compiled executables (one per device)."""
+    key = (str(analysis.closed.jaxpr), plan.image_shapes, plan.tile)
+    if key not in self._programs:
+      self._programs[key] = _program(plan)
+    return self._programs[key]
 
   def __repr__(self) -> str:
     return f"jaxtile.stream({getattr(self.fun, '__name__', self.fun)!r})"
@@ -568,7 +617,7 @@ class Streamed:
     compiled tile program's device memory; computes no tile."""
     args = tuple(_Abstract(a) if isinstance(a, jax.ShapeDtypeStruct) else a for a in args)
     analysis, leaves, plan = self._analyse_and_plan(args, out)
-    memory = _compiled_bytes(plan, analysis)
+    memory = _compiled_bytes(self._program(plan, analysis), plan)
     return dataclasses.replace(plan, device_bytes=memory)
 
   def __call__(self, *args, out=None, resume: bool = False, progress: Optional[bool] = None,
@@ -607,14 +656,15 @@ class Streamed:
     smalls = _smalls(analysis, leaves, plan.stages)
     log = None
     if journal_dir is not None:
-      log = _Journal(journal_dir, _fingerprint(analysis, plan, leaves), resume, proc, n_proc)
+      log = _Journal(journal_dir, _fingerprint(analysis, plan, leaves), resume, proc, n_proc,
+                     out)
     mine = [t for t in range(plan.n_tiles) if t % n_proc == proc]
     todo = [t for t in mine if log is None or t not in log.done]
     stats = StreamStats(skipped=len(mine) - len(todo))
     try:
       _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats,
-           _Progress(progress, len(mine), len(mine) - len(todo),
-                     math.prod(plan.tile)), self._prefetch)
+           _Progress(progress, len(mine), len(mine) - len(todo)), self._program(plan, analysis),
+           self._prefetch)
     finally:
       if log is not None:
         log.close()
@@ -635,8 +685,7 @@ class _Abstract:
     raise TypeError("an abstract image has no data")
 
 
-def _compiled_bytes(plan: StreamPlan, analysis: _Analysis) -> int:
-  jaxpr = analysis.closed.jaxpr
+def _compiled_bytes(program, plan: StreamPlan) -> int:
   first = plan.stages[0]
   windows = []
   for v in first.inputs:
@@ -647,8 +696,7 @@ def _compiled_bytes(plan: StreamPlan, analysis: _Analysis) -> int:
   smalls = [tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in p.smalls)
             for p in plan.stages]
   offsets = [jax.ShapeDtypeStruct((len(plan.tile),), jnp.int32) for _ in plan.stages]
-  del jaxpr
-  compiled = _program(plan).lower(windows, smalls, offsets).compile()
+  compiled = program.lower(windows, smalls, offsets).compile()
   m = compiled.memory_analysis()
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
@@ -677,14 +725,15 @@ def _check_aligned(out, plan: StreamPlan) -> None:
           "divide the tile (or pass tile_shape= as a multiple of them).")
 
 
-def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progress, prefetch):
+def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progress, program,
+         prefetch):
   """Reads tile N+1 and writes tile N-1 on threads while the device computes tile N."""
-  program = _program(plan)
   first = plan.stages[0]
   sources = [leaves[i] for i in analysis.image_leaves]
   by_var = dict(zip([analysis.closed.jaxpr.invars[i] for i in analysis.image_leaves], sources))
   spatial = first.layout.spatial
   out_spatial = plan.layout.spatial
+  batch = plan.out_shape[plan.layout.batch]
   placed = {d: jax.device_put(smalls, d) for d in devices}
   start_time = time.perf_counter()
 
@@ -719,7 +768,8 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
         if log is not None:
           log.add(t)
         stats.tiles += 1
-        progress.update(stats.tiles)
+        stats.pixels += math.prod(b - a for a, b in zip(start, stop)) * batch
+        progress.update(stats.pixels)
       except BaseException as e:  # surfaced by the main thread
         errors.append(e)
 
@@ -756,8 +806,7 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
     writer.join()
     progress.close()
   stats.seconds = time.perf_counter() - start_time
-  stats.megapixels_per_second = stats.tiles * math.prod(plan.tile) / 1e6 / max(
-      stats.seconds, 1e-9)
+  stats.megapixels_per_second = stats.pixels / 1e6 / max(stats.seconds, 1e-9)
   if errors:
     raise errors[0]
 
