@@ -1,4 +1,4 @@
-"""`python -m jaxtile explain|check MODULE:FUNCTION --arg SHAPE:DTYPE ...` (see `jaxtile._src.cli`)."""
+"""`python -m jaxtile explain|check|stream MODULE:FUNCTION ...` (see `jaxtile._src.cli`)."""
 
 import sys
 
