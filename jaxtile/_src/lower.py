@@ -2,13 +2,18 @@
 
 Output pieces all have one shape (see `plan._block_starts`); what differs between them is the
 input window, its padding and its group count, which are static per *run* (`plan.Run`). The loop
-runs over every output piece; a `lax.switch` on the piece's runs picks the branch that selects
-its window (`dynamic_slice` at offsets affine in the piece index), processes it (an elemental
-`conv_general_dilated` with the equation's own params, in the backend's fast form: `forms.py`),
-and sums its input-channel and
-kernel-tap partials in an accumulator; reassemble writes the piece (`dynamic_update_slice`). The
-graph grows with the number of runs (interior pieces plus edges), never with the number of
-pieces, and one piece is alive at a time.
+runs over every output piece and reads the plan's `loop_axes`: pieces that meet the padding read
+a zero-filled window of the interior pieces' shape (clamped `dynamic_slice`, zero `pad`,
+`dynamic_slice`: `_select`) and share their padding, so runs along an axis mostly differ in
+their offsets only. Offsets are looked up per run (affine in the piece index within it), and a
+`lax.switch` remains only over the runs' static *kinds* (`_Kinds`: window sizes, padding, group
+count) where these still differ: tiles reading only padding, or a last tile (shifted back) whose
+window starts at another phase of the lhs dilation. Reduction runs (a ragged last block of input
+channels or kernel taps) are inner loops of their own, not branches. Each
+piece selects its window, processes it (an elemental `conv_general_dilated` with the equation's
+own params, in the backend's fast form: `forms.py`), sums its input-channel and kernel-tap
+partials in an accumulator, and reassemble writes it (`dynamic_update_slice`). The graph grows
+with the number of kinds, never with the number of pieces, and one piece is alive at a time.
 """
 
 from __future__ import annotations
@@ -84,20 +89,28 @@ class Pieces:
   """The output pieces of a plan: how to compute any one of them, and the loop that writes them.
 
   Output-indexed axes (batch, groups, output channels, spatial tiles) index pieces; reduction
-  axes (input channels, kernel taps) are summed inside each piece.
+  axes (input channels, kernel taps) are summed inside each piece. The axes are the plan's
+  `loop_axes`: pieces that meet the padding read zero-filled windows of the interior pieces'
+  shape, so that along each axis the runs differ in their offsets only, with few exceptions
+  (ragged reduction blocks, all-padding tiles, a last tile of another lhs-dilation phase).
   """
 
   def __init__(self, plan: ConvPlan):
     self.plan = plan
     self.spec = spec = plan.spec
-    axes = plan.axes()
+    axes = plan.loop_axes()
     self.out_axes: tuple[Axis, ...] = tuple(a for a in axes if not a.reduce)
-    self.reduce_groups = list(itertools.product(*(a.runs for a in axes if a.reduce)))
+    # The combination of reduction runs with the fewest pieces starts each piece's accumulator:
+    # with one piece it is a single conv, and every other combination is one loop.
+    self.reduce_groups = sorted(itertools.product(*(a.runs for a in axes if a.reduce)),
+                                key=lambda red: math.prod(r.count for r in red))
     # Piece i of an axis belongs to its run r with run_starts[r] <= i < run_starts[r + 1].
     self.run_starts = [np.cumsum([0] + [r.count for r in a.runs])[:-1] for a in self.out_axes]
-    self.combos = list(itertools.product(*(a.runs for a in self.out_axes)))
-    sizes = _offsets(self.combos[0], [0] * len(self.out_axes))[1]
-    # Every combo has this output piece shape (the last block of an axis is shifted back).
+    # Runs of an axis that differ only in their offsets are one *kind*, computed by one branch.
+    self.kinds = [_Kinds(a, spec.lhs_shape) for a in self.out_axes]
+    first = [a.runs[0] for a in self.out_axes]
+    sizes = _offsets(first, [0] * len(first))[1]
+    # Every piece has this output shape (the last block of an axis is shifted back).
     self.piece_shape = tuple(sizes.get(("out", a), n) for a, n in enumerate(spec.out_shape))
     self.forms = forms.for_backend()
 
@@ -159,38 +172,46 @@ class Pieces:
 
     Axes in `relative` are written at offset 0 (the output is one block of theirs).
     """
-    located = [_locate(i, starts) for i, starts in zip(index, self.run_starts)]
-    run_ids = [r for r, _ in located]
-    local = [l for _, l in located]
+    kinds, starts, write_at = [], {}, {}
+    for a, (axis, kind, i) in enumerate(zip(self.out_axes, self.kinds, index)):
+      run, local = _locate(i, self.run_starts[a])
+      kinds.append(kind.of(run))
+      for span, offset in zip(axis.runs[0].spans, _span_offsets(axis, run, local)):
+        starts[span.dim] = starts.get(span.dim, 0) + offset
+        if span.dim[0] == "out" and a not in relative:
+          write_at[span.dim[1]] = write_at.get(span.dim[1], 0) + offset
+    write_at = [jnp.asarray(write_at.get(d, 0), jnp.int32) for d in range(len(self.piece_shape))]
 
-    def branch(combo, lhs, rhs, local):
-      return self._piece(combo, lhs, rhs, local, relative)
+    static = {dim: o for dim, o in starts.items() if isinstance(o, int)}
+    traced = {dim: o for dim, o in starts.items() if not isinstance(o, int)}
 
-    if all(isinstance(r, int) for r in run_ids):
-      combo = tuple(a.runs[r] for a, r in zip(self.out_axes, run_ids))
-      return branch(combo, lhs, rhs, local)
-    branch_index = _ravel(run_ids, [len(a.runs) for a in self.out_axes])
-    branches = [functools.partial(branch, c) for c in self.combos]
-    local = [jnp.asarray(l, jnp.int32) for l in local]
-    return lax.switch(branch_index, branches, lhs, rhs, local)
+    def branch(combo, lhs, rhs, traced):
+      runs = [kind.runs[c] for kind, c in zip(self.kinds, combo)]
+      reach = _merge_reach(kind.reach[c] for kind, c in zip(self.kinds, combo))
+      return self._piece(runs, reach, lhs, rhs, {**static, **traced})
 
-  def _piece(self, combo: Sequence[Run], lhs, rhs, local, relative):
-    starts, sizes = _offsets(combo, local)
-    kept = [r for i, r in enumerate(combo) if i not in relative]
-    write_at, _ = _offsets(kept, [l for i, l in enumerate(local) if i not in relative])
-    write_at = [jnp.asarray(write_at.get(("out", d), 0), jnp.int32)
-                for d in range(len(self.spec.out_shape))]
+    if all(isinstance(c, int) for c in kinds):
+      return branch(kinds, lhs, rhs, traced), write_at
+    combos = list(itertools.product(*(range(len(kind.runs)) for kind in self.kinds)))
+    branch_index = _ravel(kinds, [len(kind.runs) for kind in self.kinds])
+    branches = [functools.partial(branch, c) for c in combos]
+    return lax.switch(branch_index, branches, lhs, rhs, traced), write_at
+
+  def _piece(self, combo: Sequence[Run], reach, lhs, rhs, starts):
+    """One output piece of the runs `combo` (one per output axis) at `starts`."""
+    sizes = _offsets(combo, [0] * len(combo))[1]
     if any(r.empty for r in combo):  # pieces reading only padding are zero
-      return jnp.zeros(self.piece_shape, self.spec.out_dtype), write_at
+      return jnp.zeros(self.piece_shape, self.spec.out_dtype)
     if not self.plan.splits_reduction:
-      return self._conv(lhs, rhs, combo, starts, sizes), write_at
+      return self._conv(lhs, rhs, combo, starts, sizes, reach)
     acc = None
     for red in self.reduce_groups:
       if any(r.empty for r in red):  # partial sums over padding only add zero
         continue
-      def partial_sum(j, acc, red=red):
+      red_reach = _merge_reach([reach] + [_run_reach(r, self.spec.lhs_shape) for r in red])
+      def partial_sum(j, acc, red=red, red_reach=red_reach):
         red_starts, red_sizes = _offsets(red, _unravel(j, [r.count for r in red]), starts, sizes)
-        part = self._conv(lhs, rhs, tuple(combo) + red, red_starts, red_sizes)
+        part = self._conv(lhs, rhs, tuple(combo) + red, red_starts, red_sizes, red_reach)
         return part if acc is None else acc + part
       n_red = math.prod(r.count for r in red)
       if acc is None:  # the first partial sum starts the accumulator
@@ -199,10 +220,10 @@ class Pieces:
       else:
         acc = partial_sum(0, acc) if n_red == 1 else lax.fori_loop(0, n_red, partial_sum, acc)
     if acc is None:
-      return jnp.zeros(self.piece_shape, self.spec.out_dtype), write_at
-    return acc.astype(self.spec.out_dtype), write_at
+      return jnp.zeros(self.piece_shape, self.spec.out_dtype)
+    return acc.astype(self.spec.out_dtype)
 
-  def _conv(self, lhs, rhs, runs: Sequence[Run], starts, sizes):
+  def _conv(self, lhs, rhs, runs: Sequence[Run], starts, sizes, reach):
     spec = self.spec
     params = dict(spec.param_dict)
     padding = list(spec.padding)
@@ -218,12 +239,81 @@ class Pieces:
     if self.plan.splits_reduction:
       params["preferred_element_type"] = spec.acc_dtype
     with jax.named_scope("select"):
-      lhs_piece = _select(lhs, "lhs", starts, sizes)
+      lhs_piece = _select(lhs, "lhs", starts, sizes, reach)
       rhs_piece = _select(rhs, "rhs", starts, sizes).astype(spec.rhs_dtype)
     with jax.named_scope("process"):
       piece = forms.conv(lhs_piece, rhs_piece, params, self.forms)
     assert piece.shape == want, (piece.shape, want, spec)  # the halo arithmetic's invariant
     return piece
+
+
+class _Kinds:
+  """The runs of one axis grouped by what a branch needs statically: their pieces' sizes,
+  padding, group count and emptiness. Runs of a kind differ only in their offsets, which are
+  computed outside the branches (`_span_offsets`)."""
+
+  def __init__(self, axis: Axis, lhs_shape: Sequence[int]):
+    signatures: dict[tuple, int] = {}
+    self.runs: list[Run] = []  # the first run of each kind: its static shape and padding
+    self.reach: list[dict[int, tuple[int, int]]] = []  # how far a kind's windows reach past lhs
+    self.run_kind: list[int] = []
+    for run in axis.runs:
+      signature = (tuple((span.dim, span.size) for span in run.spans), run.padding, run.groups,
+                   run.empty)
+      kind = signatures.setdefault(signature, len(signatures))
+      if kind == len(self.runs):
+        self.runs.append(run)
+        self.reach.append({})
+      self.reach[kind] = _merge_reach([self.reach[kind], _run_reach(run, lhs_shape)])
+      self.run_kind.append(kind)
+
+  def of(self, run: Index) -> Index:
+    if isinstance(run, int):
+      return self.run_kind[run]
+    if len(self.runs) == 1:
+      return 0
+    return jnp.asarray(self.run_kind, jnp.int32)[run]
+
+
+def _span_offsets(axis: Axis, run: Index, local: Index) -> list[Index]:
+  """Offset of piece `local` of run `run` along each span of the axis (in the runs' span order:
+  every run of an axis spans the same dims). Static where `run` and `local` are."""
+  if isinstance(run, int):
+    return [span.start if span.step == 0 or isinstance(local, int) and local == 0 else
+            span.start + local * span.step for span in axis.runs[run].spans]
+  offsets = []
+  for m in range(len(axis.runs[0].spans)):
+    starts = np.asarray([r.spans[m].start for r in axis.runs], np.int32)
+    steps = np.asarray([r.spans[m].step for r in axis.runs], np.int32)
+    offset = jnp.asarray(starts)[run]
+    if steps.any():
+      offset = offset + local * jnp.asarray(steps)[run]
+    offsets.append(offset)
+  return offsets
+
+
+def _run_reach(run: Run, lhs_shape: Sequence[int]) -> dict[int, tuple[int, int]]:
+  """How far the run's lhs windows reach below 0 and past the end, per lhs dim where they do
+  (zero-filled windows: `plan.ConvPlan.loop_axes`)."""
+  reach = {}
+  for span in run.spans:
+    if span.dim[0] != "lhs" or span.size is None:
+      continue
+    last = span.start + (run.count - 1) * span.step
+    low = max(0, -min(span.start, last))
+    high = max(0, max(span.start, last) + span.size - lhs_shape[span.dim[1]])
+    if low or high:
+      reach[span.dim[1]] = (low, high)
+  return reach
+
+
+def _merge_reach(reaches) -> dict[int, tuple[int, int]]:
+  merged: dict[int, tuple[int, int]] = {}
+  for reach in reaches:
+    for a, (low, high) in reach.items():
+      old_low, old_high = merged.get(a, (0, 0))
+      merged[a] = (max(low, old_low), max(high, old_high))
+  return merged
 
 
 def _locate(i: Index, run_starts: np.ndarray) -> tuple[Index, Index]:
@@ -274,15 +364,39 @@ def _offsets(runs: Sequence[Run], indices: Sequence[Index], starts=None, sizes=N
   return starts, sizes
 
 
-def _select(x: jax.Array, operand: str, starts: dict[DimKey, Index], sizes: dict[DimKey, int]):
-  """The piece of `x` (the lhs or rhs) at `starts`, of `sizes`; whole dims where unspecified."""
+def _select(x: jax.Array, operand: str, starts: dict[DimKey, Index], sizes: dict[DimKey, int],
+            reach: Mapping[int, tuple[int, int]] = {}):
+  """The piece of `x` (the lhs or rhs) at `starts`, of `sizes`; whole dims where unspecified.
+
+  Along the axes in `reach` the window may reach outside `x`, by at most (below 0, past the end):
+  positions outside read as zeros (the padding of a zero-filled window).
+  """
   begin = [starts.get((operand, a), 0) for a in range(x.ndim)]
   shape = [sizes.get((operand, a), n) for a, n in enumerate(x.shape)]
   if all(isinstance(b, int) for b in begin):
-    if tuple(shape) == x.shape:
+    inside = [min(max(b, 0), n) for b, n in zip(begin, x.shape)]
+    ends = [min(max(b + s, 0), n) for b, s, n in zip(begin, shape, x.shape)]
+    if tuple(shape) == x.shape and inside == begin:
       return x
-    return lax.slice(x, begin, [b + s for b, s in zip(begin, shape)])
-  return lax.dynamic_slice(x, [jnp.asarray(b, jnp.int32) for b in begin], shape)
+    piece = lax.slice(x, inside, ends)
+    if inside == begin and [e - b for b, e in zip(begin, ends)] == shape:
+      return piece
+    config = [(i - b, b + s - e, 0) for b, s, i, e in zip(begin, shape, inside, ends)]
+    return lax.pad(piece, jnp.zeros((), x.dtype), config)
+  begin = [jnp.asarray(b, jnp.int32) for b in begin]
+  if not reach:
+    return lax.dynamic_slice(x, begin, shape)
+  # Zero-filled: slice the part inside x (clamped), pad it by the most any window reaches
+  # outside, and slice the window out of that.
+  inner, clamped, config, window_begin = list(shape), list(begin), [(0, 0, 0)] * x.ndim, [0] * x.ndim
+  for a, (low, high) in reach.items():
+    n = x.shape[a]
+    inner[a] = min(shape[a], n)
+    clamped[a] = jnp.clip(begin[a], 0, n - inner[a])
+    config[a] = (low, high + shape[a] - inner[a], 0)
+    window_begin[a] = begin[a] - clamped[a] + low
+  padded = lax.pad(lax.dynamic_slice(x, clamped, inner), jnp.zeros((), x.dtype), config)
+  return lax.dynamic_slice(padded, [jnp.asarray(b, jnp.int32) for b in window_begin], shape)
 
 
 def _write(out: jax.Array, piece: jax.Array, starts: Sequence[Index]) -> jax.Array:

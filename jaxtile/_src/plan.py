@@ -87,6 +87,19 @@ class Axis:
 # (w, lo', hi') when T * s is a multiple of dl, which is why tile extents are kept multiples of
 # `tile_quantum` = dl / gcd(s, dl). Tiles that meet the padding or the ragged end differ, and
 # form runs of their own.
+#
+# Zero-filled windows (how the loops read them: `ConvPlan.loop_axes`). Left unclamped,
+#     i0 = ceil((q0 - lo) / dl),   i1 = ceil((q1 - lo) / dl),
+# the window x[i0:i1] may reach past either end of x. Read with zeros there, it is still exactly
+# p[q0:q1] with lo' and hi' as above: an i outside [0, n) lands at lo + i * dl in [q0, q1), inside
+# p, where p is padding, zero. (Negative padding only moves i0 and i1 inwards: q0 >= 0 gives
+# i0 >= 0 when lo <= 0, and q1 <= P gives i1 <= n when hi <= 0.) Unclamped, x[i0] is the first
+# input at or after q0 and x[i1 - 1] the last before q1, so lo' and hi' lie in [0, dl): zero
+# without lhs dilation. A window's (w, lo', hi') thus depends only on its extent and on the phase
+# (q0 - lo) mod dl, the same for every tile T * s apart: the tiles that meet the padding read the
+# interior tiles' window shape and join their run, and the loop computes them in one branch
+# instead of three. Only windows holding an input (clamped w > 0) are read this way, so a window
+# reaches less than w past the ends of x; tiles reading only padding stay an empty run.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -100,14 +113,19 @@ class TileWindow:
 
 
 def tile_window(o0: int, o1: int, j0: int, j1: int, n: int, s: int, pad: tuple[int, int], dl: int,
-                dr: int) -> TileWindow:
-  """Input window and padding of output tile [o0, o1) with kernel taps [j0, j1) (see above)."""
+                dr: int, zero_fill: bool = False) -> TileWindow:
+  """Input window and padding of output tile [o0, o1) with kernel taps [j0, j1) (see above).
+
+  With `zero_fill` the window is left unclamped ("Zero-filled windows" above): `in_start` may be
+  negative and `in_start + in_size` above n, and positions outside x read as zeros.
+  """
   lo, _ = pad
   window = spec_lib.dilated_extent(j1 - j0, dr)
   q0 = o0 * s + j0 * dr
   q1 = (o1 - 1) * s + j0 * dr + window
-  i0 = min(max(-((lo - q0) // dl), 0), n)  # -((lo - q0) // dl) == ceil((q0 - lo) / dl)
-  i1 = min(max(-((lo - q1) // dl), 0), n)
+  i0, i1 = -((lo - q0) // dl), -((lo - q1) // dl)  # -((lo - q) // dl) == ceil((q - lo) / dl)
+  if not zero_fill:
+    i0, i1 = min(max(i0, 0), n), min(max(i1, 0), n)
   w = max(i1 - i0, 0)
   if w == 0:
     return TileWindow(o0, o1 - o0, 0, 0, (0, 0))
@@ -134,11 +152,14 @@ def _affine_runs(items: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
   return runs
 
 
-def _spatial_axis(spec: ConvSpec, d: int, tile: int, kernel_block: int) -> Axis:
+def _spatial_axis(spec: ConvSpec, d: int, tile: int, kernel_block: int,
+                  zero_fill: bool = False) -> Axis:
   """Output tiles along spatial dim d or, when the kernel is split there, kernel blocks.
 
   A dim is split one way or the other, never both: forward and input-gradient convs have small
   kernels and large outputs, weight-gradient convs a small output and the whole image as kernel.
+  With `zero_fill`, pieces of a split dim whose windows differ read zero-filled windows instead
+  (see "Zero-filled windows" above), so that fewer runs differ in shape or padding.
   """
   n, k, extent = spec.in_spatial[d], spec.kernel_spatial[d], spec.out_spatial[d]
   geometry = (n, spec.window_strides[d], spec.padding[d], spec.lhs_dilation[d],
@@ -148,10 +169,14 @@ def _spatial_axis(spec: ConvSpec, d: int, tile: int, kernel_block: int) -> Axis:
     pieces = [(0, extent, j0, min(j0 + kernel_block, k)) for j0 in range(0, k, kernel_block)]
   else:
     pieces = [(o0, o0 + tile, 0, k) for o0 in _block_starts(extent, tile)]
+  windows = [tile_window(*piece, *geometry) for piece in pieces]
+  shapes = {(win.in_size, win.padding, piece[3] - piece[2]) for win, piece in zip(windows, pieces)}
+  if zero_fill and len(shapes) > 1:
+    windows = [tile_window(*piece, *geometry, zero_fill=True) if win.in_size else win
+               for win, piece in zip(windows, pieces)]
   # Pieces with the same shape and padding whose offsets are affine in the piece index form a run.
   by_shape: dict[tuple, list[tuple[int, int, int, int]]] = {}
-  for t, (o0, o1, j0, j1) in enumerate(pieces):
-    win = tile_window(o0, o1, j0, j1, *geometry)
+  for t, ((o0, o1, j0, j1), win) in enumerate(zip(pieces, windows)):
     by_shape.setdefault((win.out_size, win.in_size, win.padding, j1 - j0), []).append(
         (t, o0, win.in_start, j0))
   out_dim, lhs_dim = ("out", spec.out_axes[2 + d]), ("lhs", spec.lhs_axes[2 + d])
@@ -328,9 +353,23 @@ class ConvPlan:
                               [(lhs_f, 1), (rhs_i, 1)], reduce=True))
     return tuple(axes)
 
-  def _spatial_axes(self) -> list[Axis]:
-    return [_spatial_axis(self.spec, d, t, b)
+  def _spatial_axes(self, zero_fill: bool = False) -> list[Axis]:
+    return [_spatial_axis(self.spec, d, t, b, zero_fill)
             for d, (t, b) in enumerate(zip(self.tile_shape, self.kernel_block))]
+
+  def loop_axes(self) -> tuple[Axis, ...]:
+    """`axes()` as the lowering's loops read them: the same pieces in the same order, but along
+    a split spatial dim whose pieces' windows differ, the pieces read zero-filled windows (see
+    "Zero-filled windows" above), which makes fewer runs of distinct shape or padding.
+
+    `axes()` keeps the clamped windows: what the pieces read of the input, for the costs.
+    """
+    return self._loop_axes
+
+  @functools.cached_property
+  def _loop_axes(self) -> tuple[Axis, ...]:
+    spatial = {a.name: a for a in self._spatial_axes(zero_fill=True)}
+    return tuple(spatial.get(a.name, a) for a in self.axes())
 
   @functools.cached_property
   def _largest_piece(self) -> dict[str, tuple[int, ...]]:
