@@ -142,10 +142,12 @@ def test_examples_hold_no_more_than_untiled():
 
 def test_unet_at_full_size_holds_far_less_than_untiled():
   # examples/flax_unet.py's model at 2048x2048 (512 MiB per full-resolution activation). Each
-  # level's conv block is a region; a decoder level's region starts at its transposed conv and
-  # takes in the bias add and the skip concatenation, so neither the upsampled activation nor
-  # the 1 GiB concatenated input exists. What remains is mostly the skips, alive across the
-  # network. Before: 4800 MiB tiled vs 2048 untiled; per conv with peeled loops: 2048.
+  # encoder level's conv block is a region; the bottleneck and the whole decoder are one region
+  # of three stages (a transposed conv starts each), taking in the skip concatenations, so no
+  # decoder activation, upsampled or concatenated, exists at full size. What remains is the
+  # skips (768 MiB), alive across the network. Issue 9's target: at most half the untiled
+  # program's. Before: 4800 MiB tiled vs 2048 untiled; per conv with peeled loops: 2048; regions
+  # starting at transposed convs: 1159.
   pytest.importorskip("flax")
   unet = _example("flax_unet")
   model = unet.UNet(widths=(32, 64, 128), out_channels=2)
@@ -153,4 +155,4 @@ def test_unet_at_full_size_holds_far_less_than_untiled():
   params = jax.eval_shape(model.init, jax.random.key(0), x)
   untiled = temp_bytes(model.apply, params, x)
   tiled = temp_bytes(jaxtile.tile_convs(model.apply, max_bytes=16 * 2**20), params, x)
-  assert tiled <= 0.6 * untiled, (tiled / 2**20, untiled / 2**20)  # 1159 of 2048 MiB
+  assert tiled <= 0.5 * untiled, (tiled / 2**20, untiled / 2**20)  # 774 of 2048 MiB

@@ -472,3 +472,35 @@ def test_transposed_conv_starts_a_region_exactly(kernel, stride, padding, max_by
   assert [r.convs for r in report.regions] == [("jaxtile/conv0", "jaxtile/conv1")], str(report)
   np.testing.assert_allclose(jax.jit(jaxtile.tile_convs(f, max_bytes=max_bytes))(low, wt, w1),
                              jax.jit(f)(low, wt, w1), rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_convs_inside_a_region_chain_stages():
+  """An encoder-decoder: a strided conv down, convs, a transposed conv up joined by a skip, convs
+  and a second transposed conv. The transposed convs inside the region start stages of one loop
+  (`region.Chain`), every stage's output only a window per tile; the result is the untiled
+  program's, and the report counts the stages."""
+  keys = jax.random.split(jax.random.key(7), 6)
+  w = [jax.random.normal(k, s) * 0.2 for k, s in zip(keys, [
+      (3, 3, 4, 8), (3, 3, 8, 8), (2, 2, 8, 8), (3, 3, 12, 8), (4, 4, 8, 4), (3, 3, 4, 4)])]
+  dn = ("NHWC", "HWIO", "NHWC")
+  conv = lambda x, k, s=1, p="SAME": lax.conv_general_dilated(x, k, (s, s), p,
+                                                              dimension_numbers=dn)
+
+  def f(x, skip):
+    y = jax.nn.relu(conv(x, w[0], 2))
+    y = jax.nn.relu(conv(y, w[1]))
+    y = lax.conv_transpose(y, w[2], (2, 2), "VALID", dimension_numbers=dn)
+    y = jnp.concatenate([jax.nn.relu(y), skip], axis=-1)
+    y = jax.nn.relu(conv(y, w[3]))
+    y = lax.conv_transpose(y, w[4], (2, 2), "SAME", dimension_numbers=dn)
+    return conv(jax.nn.relu(y), w[5], 1, ((1, 0), (2, -1)))
+
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(1, 38, 44, 4)), jnp.float32)
+  skip = jnp.asarray(rng.normal(size=(1, 38, 44, 4)), jnp.float32)
+  for budget in (40_000, 120_000):
+    tiled = jaxtile.tile_convs(f, max_bytes=budget, fuse=True)
+    report = jaxtile.explain(tiled)(x, skip)
+    assert [r.stages for r in report.regions] == [3], report
+    np.testing.assert_allclose(jax.jit(tiled)(x, skip), jax.jit(f)(x, skip), rtol=1e-6,
+                               atol=1e-5)

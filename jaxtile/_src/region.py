@@ -9,9 +9,9 @@ receptive field walked back through every op, the union where a value feeds seve
 every equation on windows, and writes the tile. Only the region's input and output exist at full
 size.
 
-A transposed (lhs-dilated) conv may start a region, not stand inside one; concatenations other
-than of a region's inputs, reshapes, norms and everything else end a region; those
-convs are tiled one by one as before. Under differentiation and vmap a region is computed as its
+A transposed (lhs-dilated) conv inside a region starts a new stage of it (`Chain`): each stage
+is planned for the window the next one reads. Concatenations other than of a stage's inputs,
+reshapes, norms and everything else end a region; those convs are tiled one by one as before. Under differentiation and vmap a region is computed as its
 equations with each conv tiled on its own (`lower.tiled_conv_p`): exact, without the fused loop.
 """
 
@@ -97,12 +97,119 @@ class RegionPlan:
   def n_tiles(self) -> int:
     return math.prod(self.tiles)
 
+  @property
+  def halo(self) -> tuple[int, ...]:
+    """Per spatial dim, how much wider the first input's window is than the tile needs."""
+    x = self.inputs[0]
+    dil = self.dilation.get(x, (1,) * len(self.tile))
+    return tuple(w - _ceil_div(t * sc, d)
+                 for w, t, sc, d in zip(self.width[x], self.tile, self.scale[x], dil))
+
   def start(self, v, o, shift=None):
     """Per spatial dim, where `v`'s window for the tile at offsets `o` (ints, NumPy or traced)
     starts: affine in `o`, or for a transposed conv's input ceil(dilated start / dilation)."""
     shift = self.shift[v] if shift is None else shift
     dil = self.dilation.get(v, (1,) * len(self.tile))
     return [_ceil_div(o[d] * self.scale[v][d] + shift[d], dil[d]) for d in range(len(self.tile))]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Chain:
+  """A region as stages, each after the first starting at a transposed conv that reads the last
+  value of the stage before.
+
+  A window cannot be walked back through a transposed conv affinely (the input its tile reads
+  starts at a ceiling division: `_windows`), so each stage is planned on its own: the last for
+  the region's output tile, each earlier one for exactly the window the next reads of its
+  output (`plan_region(..., tile=)`). Per tile, the offsets go back stage by stage
+  (`offsets`), and the stages run in turn, each one's output masked outside its extent before
+  the next reads it (`compute`). Nothing between stages exists at full size.
+  """
+  stages: tuple[RegionPlan, ...]
+  name: str
+  policy: plan_lib.Policy
+
+  @functools.cached_property
+  def eqns(self) -> tuple[Any, ...]:
+    return tuple(e for p in self.stages for e in p.eqns)
+
+  @functools.cached_property
+  def inputs(self) -> tuple[Any, ...]:
+    """The full-size inputs of every stage but the ones a stage hands on, first seen first."""
+    return tuple(dict.fromkeys(v for k, p in enumerate(self.stages) for v in self.read_by(k)))
+
+  @functools.cached_property
+  def smalls(self) -> tuple[Any, ...]:
+    return tuple(dict.fromkeys(v for p in self.stages for v in p.smalls))
+
+  def read_by(self, k: int) -> tuple[Any, ...]:
+    """Stage k's inputs read from full-size values (all but the stage before's output)."""
+    return self.stages[k].inputs[1:] if k else self.stages[k].inputs
+
+  @property
+  def output(self):
+    return self.stages[-1].output
+
+  @property
+  def layout(self) -> Layout:
+    return self.stages[-1].layout
+
+  @property
+  def tile(self) -> tuple[int, ...]:
+    return self.stages[-1].tile
+
+  @property
+  def tiles(self) -> tuple[int, ...]:
+    return self.stages[-1].tiles
+
+  @property
+  def n_tiles(self) -> int:
+    return self.stages[-1].n_tiles
+
+  @property
+  def convs(self) -> list:
+    return [e for p in self.stages for e in p.convs]
+
+  @property
+  def tile_bytes(self) -> int:
+    return max(p.tile_bytes for p in self.stages)
+
+  @property
+  def halo(self) -> tuple[int, ...]:
+    """The first stage's (its input window against its tile)."""
+    return self.stages[0].halo
+
+  @property
+  def extra_macs_percent(self) -> float:
+    tiled = mono = 0
+    for p in self.stages:
+      for e in p.convs:
+        mono += _macs(e)
+        tiled += self.n_tiles * _macs(e, [p.width[e.outvars[0]][d] for d in range(len(p.tile))])
+    return 100 * (tiled / max(mono, 1) - 1)
+
+  def offsets(self, o) -> list:
+    """Per stage, its output tile's offset per spatial dim (ints, NumPy or traced) for the last
+    stage's tile at `o`: where the next stage's window of it starts."""
+    chain = [list(o)]
+    for p in reversed(self.stages[1:]):
+      chain.insert(0, p.start(p.inputs[0], chain[0]))
+    return chain
+
+  def compute(self, offsets, windows, smalls: dict, fast: bool, outside=None):
+    """The output tile from each stage's windows of what it reads (`read_by`, zeros outside
+    the values) and the small operands by var; `outside[k]` as `compute_tile`'s."""
+    x = None
+    for k, p in enumerate(self.stages):
+      inputs = list(windows[k])
+      if k:
+        before = self.stages[k - 1]
+        x = _mask_outside(x, offsets[k - 1], before.tile, before.extent[before.output],
+                          before.layout)
+        inputs.insert(0, x)
+      x = compute_tile(p, offsets[k], inputs, [smalls[v] for v in p.smalls], fast,
+                       outside=None if outside is None else outside[k])
+    return x
 
 
 def _ceil_div(a, b):
@@ -225,13 +332,15 @@ def _conv_layout(eqn) -> tuple[Layout, Layout]:
           Layout(dn.out_spec[0], dn.out_spec[1], tuple(dn.out_spec[2:])))
 
 
+def _is_transposed(eqn) -> bool:
+  return _compat.is_conv(eqn) and any(d != 1 for d in eqn.params["lhs_dilation"])
+
+
 def _region_conv(eqn, values, layout: Optional[Layout]) -> Optional[Layout]:
   """The output layout if conv `eqn` can join a region making `values` (or start one, when
-  `values` is None), else None."""
+  `values` is None), else None. A transposed conv inside a region starts a new stage (`Chain`)."""
   if not _compat.is_conv(eqn) or eqn.params["batch_group_count"] != 1:
     return None
-  if values is not None and any(d != 1 for d in eqn.params["lhs_dilation"]):
-    return None  # a transposed conv only starts a region (its input window: see `_windows`)
   lhs_layout, out_layout = _conv_layout(eqn)
   if values is not None and (eqn.invars[0] not in values or eqn.invars[1] in values
                              or lhs_layout != layout):
@@ -298,18 +407,52 @@ def find_regions(jaxpr) -> list[list[int]]:
         values.add(e.outvars[0])
       else:
         break  # a value of the region is read by what the region cannot hold
-    # The longest prefix whose values are read outside it by one value alone, the last.
+    # The longest prefix whose values are read outside it by one value alone, the last, and
+    # whose stages (`stages_of`) hand on one value each.
     while members:
       inside = set(members)
       made = [jaxpr.eqns[i].outvars[0] for i in members]
       outside = [v for v in made if any(u not in inside for u in uses.get(v, []))]
-      if outside == [made[-1]]:
+      cut = _bad_stage(jaxpr, members, uses)
+      if cut is not None:
+        del members[cut:]
+      elif outside == [made[-1]]:
         break
-      members.pop()
+      else:
+        members.pop()
     if sum(_compat.is_conv(jaxpr.eqns[i]) for i in members) >= 2:
       regions.append(members)
       taken.update(members)
   return regions
+
+
+def stages_of(jaxpr, members: Sequence[int]) -> list[list[int]]:
+  """`members` cut before every transposed conv but a first one."""
+  stages = [[]]
+  for i in members:
+    if stages[-1] and _is_transposed(jaxpr.eqns[i]):
+      stages.append([])
+    stages[-1].append(i)
+  return stages
+
+
+def _bad_stage(jaxpr, members: Sequence[int], uses) -> Optional[int]:
+  """The position in `members` of the first transposed conv that cannot start a stage, else
+  None. Stage k + 1 may read of stage k's values only the one its transposed conv reads, and
+  only there: per tile the stage before computes just that conv's input window."""
+  position = {i: n for n, i in enumerate(members)}
+  for stage in stages_of(jaxpr, members)[1:]:
+    conv = jaxpr.eqns[stage[0]]
+    lhs = conv.invars[0]
+    before = [i for i in members if i < stage[0]]
+    made_before = {jaxpr.eqns[i].outvars[0] for i in before}
+    if lhs not in made_before or uses.get(lhs, []) != [stage[0]] or jaxpr.eqns[
+        before[-1]].outvars[0] is not lhs:
+      return position[stage[0]]
+    for v in made_before - {lhs}:
+      if any(u >= stage[0] for u in uses.get(v, [])):
+        return position[stage[0]]
+  return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,13 +616,9 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
     fits = _tile_bytes(eqns, scale, width, layout, smalls_bytes) <= policy.max_bytes
     if fits or forced:
       break
-    # Strips first: XLA:CPU runs a conv on rows of the full width faster than on a square of the
-    # same area (`docs/benchmarks.md`, "Regions"), so the outer dims are halved while their
-    # tiles stay at least twice the deepest halo; then the largest dim.
     halo = max(width[x_][i] - tile[i] * scale[x_][i] for x_ in inputs for i in range(len(tile)))
-    outer = [i for i in range(len(tile) - 1) if tile[i] >= 2 * max(halo, 1) and tile[i] > 1]
-    d = outer[0] if outer else max(range(len(tile)), key=lambda d: tile[d])
-    if tile[d] == 1:
+    d = _next_halved(tile, halo)
+    if d is None:
       return None
     tile[d] = _ceil_div(tile[d], 2)
   n_tiles = math.prod(_tile_count(n, t) for n, t in zip(out_extent, tile))
@@ -505,8 +644,56 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
       extra_macs_percent=100 * extra)
 
 
+def plan_chain(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: str,
+               tile: Optional[Sequence[int]] = None) -> Optional[Chain]:
+  """`plan_region` for a region of stages (`Chain`): the last stage's output tile halved until
+  every stage's tile fits `policy.max_bytes` (or `tile`, whatever it costs)."""
+  stages = stages_of(jaxpr, members)
+  if len(stages) == 1:
+    p = plan_region(jaxpr, members, policy, name, tile)
+    return None if p is None else Chain((p,), name, policy)
+  if not all(any(_compat.is_conv(jaxpr.eqns[i]) for i in st) for st in stages):
+    return None
+  forced = tile is not None
+  if tile is None:
+    out = jaxpr.eqns[stages[-1][-1]].outvars[0]
+    layout = _conv_layout(next(jaxpr.eqns[i] for i in stages[-1]
+                               if _compat.is_conv(jaxpr.eqns[i])))[1]
+    tile = [out.aval.shape[a] for a in layout.spatial]
+  tile = list(tile)
+  while True:
+    plans, t = [None] * len(stages), tile
+    for k in reversed(range(len(stages))):
+      plans[k] = plan_region(jaxpr, stages[k], policy, name, tile=t)
+      if plans[k] is None:
+        return None
+      t = plans[k].width[plans[k].inputs[0]]
+    chain = Chain(tuple(plans), name, policy)
+    if forced or chain.tile_bytes <= policy.max_bytes:
+      break
+    # Squares, not strips (`_next_halved`): each stage adds its halo to the windows of the
+    # stages before it, and thin strips pay for that on every tile (the UNet decoder of
+    # examples/flax_unet.py at 2048x2048: +60% multiply-adds as 16-row strips, +16% as squares).
+    d = max(range(len(tile)), key=lambda d: tile[d])
+    if tile[d] == 1:
+      return None
+    tile[d] = _ceil_div(tile[d], 2)
+  if not forced and (chain.n_tiles == 1 or chain.extra_macs_percent > 100 * MAX_EXTRA_MACS):
+    return None
+  return chain
+
+
+def _next_halved(tile: Sequence[int], halo: int) -> Optional[int]:
+  """The dim to halve next. Strips first: XLA:CPU runs a conv on rows of the full width faster
+  than on a square of the same area (`docs/benchmarks.md`, "Regions"), so the outer dims are
+  halved while their tiles stay at least twice the halo; then the largest dim. None: all 1."""
+  outer = [i for i in range(len(tile) - 1) if tile[i] >= 2 * max(halo, 1) and tile[i] > 1]
+  d = outer[0] if outer else max(range(len(tile)), key=lambda d: tile[d])
+  return None if tile[d] == 1 else d
+
+
 def split_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, first_index: int
-                ) -> list[RegionPlan]:
+                ) -> list[Chain]:
   """Regions covering as much of the chain as can be tiled within the halo cost: the longest
   prefix from each conv that plans, greedily. They are named `jaxtile/region<i>` from
   `first_index` on."""
@@ -517,8 +704,8 @@ def split_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, first_i
     for end in range(start + 1, len(conv_at)):
       stop = conv_at[end + 1] if end + 1 < len(conv_at) else len(members)
       begin = 0 if start == 0 else conv_at[start]  # a leading concatenation stays in
-      plan = plan_region(jaxpr, members[begin:stop], policy,
-                         f"jaxtile/region{first_index + len(regions)}")
+      plan = plan_chain(jaxpr, members[begin:stop], policy,
+                        f"jaxtile/region{first_index + len(regions)}")
       if plan is None:
         break
       best = (end, plan)
@@ -661,42 +848,48 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None)
   return env[plan.output]
 
 
-def emit(plan: RegionPlan, *operands):
+def emit(chain: Chain, *operands):
   """The region's output, computed tile by tile in one loop (piece 0 peeled, as in `lower`)."""
-  xs, smalls = operands[:len(plan.inputs)], operands[len(plan.inputs):]
-  layout, k = plan.layout, len(plan.tile)
-  out_extent = plan.extent[plan.output]
-  offsets = [_offsets(n, t) for n, t in zip(out_extent, plan.tile)]
-  counts = [len(o) for o in offsets]
+  xs = dict(zip(chain.inputs, operands[:len(chain.inputs)]))
+  smalls = dict(zip(chain.smalls, operands[len(chain.inputs):]))
+  last, layout, k = chain.stages[-1], chain.layout, len(chain.tile)
+  out_extent = last.extent[last.output]
+  # Every tile's offsets, per stage and dim (offsets along one dim do not depend on the others').
+  offsets = chain.offsets([_offsets(n, t) for n, t in zip(out_extent, last.tile)])
+  counts = [len(o) for o in offsets[-1]]
   fast = forms.for_backend()
 
-  def reach(v, shift, width):
+  def reach(p, at, v, shift, width):
     """How far, over all tiles, a window of v reaches below 0 and beyond v's extent."""
     lo, hi = [], []
-    starts = plan.start(v, offsets, shift)
+    starts = p.start(v, at, shift)
     for d in range(k):
-      lo.append(max(0, -int(starts[d].min())))
-      hi.append(max(0, int(starts[d].max()) + width[d] - plan.extent[v][d]))
+      lo.append(max(0, -int(np.min(starts[d]))))
+      hi.append(max(0, int(np.max(starts[d])) + width[d] - p.extent[v][d]))
     return lo, hi
 
-  reaches = [reach(v, plan.shift[v], plan.width[v]) for v in plan.inputs]
-  tables = [jnp.asarray(o, jnp.int32) for o in offsets]
+  reaches = [[reach(p, offsets[n], v, p.shift[v], p.width[v]) for v in chain.read_by(n)]
+             for n, p in enumerate(chain.stages)]
+  outside = [functools.partial(lambda p, at, v, shift, width: any(sum(
+      reach(p, at, v, shift, width), [])), p, offsets[n]) for n, p in enumerate(chain.stages)]
+  tables = [[jnp.asarray(o, jnp.int32) for o in at] for at in offsets]
 
   def tile_at(flat):
     index, rest = [], flat
     for n in reversed(counts):
       index.append(rest % n)
       rest = rest // n
-    o = [tables[d][i] for d, i in enumerate(reversed(index))]
+    index = index[::-1]
+    o = [[table[d][index[d]] for d in range(k)] for table in tables]
     with jax.named_scope("select"):
-      windows = [_read_window(x, plan.start(v, o), plan.width[v], layout, low, high)
-                 for v, x, (low, high) in zip(plan.inputs, xs, reaches)]
+      windows = [[_read_window(xs[v], p.start(v, o[n]), p.width[v], layout, low, high)
+                  for v, (low, high) in zip(chain.read_by(n), reaches[n])]
+                 for n, p in enumerate(chain.stages)]
     with jax.named_scope("process"):
-      tile = compute_tile(plan, o, windows, smalls, fast,
-                          outside=lambda v, shift, width: any(sum(reach(v, shift, width), [])))
-    begin = [0] * plan.output.aval.ndim
+      tile = chain.compute(o, windows, smalls, fast, outside)
+    begin = [0] * last.output.aval.ndim
     for d, a in enumerate(layout.spatial):
-      begin[a] = o[d]
+      begin[a] = o[-1][d]
     return tile, begin
 
   def body(i, out):
@@ -704,8 +897,8 @@ def emit(plan: RegionPlan, *operands):
     with jax.named_scope("reassemble"):
       return lax.dynamic_update_slice(out, tile, begin)
 
-  out = jnp.zeros(plan.output.aval.shape, plan.output.aval.dtype)
-  with jax.named_scope(plan.name):
+  out = jnp.zeros(last.output.aval.shape, last.output.aval.dtype)
+  with jax.named_scope(chain.name):
     out = body(0, out)
     n = math.prod(counts)
     return out if n == 1 else lax.fori_loop(1, n, body, out)
@@ -717,7 +910,7 @@ def emit(plan: RegionPlan, *operands):
 region_p = _compat.Primitive("jaxtile_region")
 
 
-def unfused(plan: RegionPlan, *operands):
+def unfused(plan: Chain, *operands):
   """The region's equations at full size, each conv tiled on its own: what derivatives and
   vmap see (see `lower.tiled_conv_p`)."""
   env = dict(zip((*plan.inputs, *plan.smalls), operands))
@@ -748,6 +941,6 @@ _compat.define_primitive(
     batch_rule=_region_batch)
 
 
-def bind(plan: RegionPlan, *operands):
+def bind(plan: Chain, *operands):
   """The region's output from its inputs and then its small operands, in plan order."""
   return region_p.bind(*operands, plan=plan)

@@ -183,8 +183,9 @@ class RegionReport:
 
   `halo` is, per spatial dim, how much wider the region input's window is than the tile's own
   footprint on it (the receptive field of a tile, grown layer by layer; in input elements, so
-  a transposed conv's input counts each of its elements once); `extra_macs_percent` the
-  multiply-adds spent recomputing overlapping windows, relative to the untiled convs.
+  a transposed conv's input counts each of its elements once; for a region of several stages,
+  the first stage's, against that stage's tile); `extra_macs_percent` the multiply-adds spent
+  recomputing overlapping windows, relative to the untiled convs.
   """
   name: str
   convs: tuple[str, ...]
@@ -194,21 +195,22 @@ class RegionReport:
   halo: tuple[int, ...]
   tile_bytes: int
   extra_macs_percent: float
+  stages: int = 1  # a transposed conv inside a region starts a stage (`region.Chain`)
 
   @classmethod
   def of(cls, plan, conv_names) -> RegionReport:
-    x = plan.inputs[0]
     return cls(
         name=plan.name, convs=tuple(conv_names), n_eqns=len(plan.eqns),
         tiles=plan.tiles,
         tile_shape=plan.tile,
-        halo=tuple(w - -(-t * s // d) for w, t, s, d in zip(
-            plan.width[x], plan.tile, plan.scale[x], plan.dilation.get(x, (1,) * len(plan.tile)))),
-        tile_bytes=plan.tile_bytes, extra_macs_percent=plan.extra_macs_percent)
+        halo=plan.halo,
+        tile_bytes=plan.tile_bytes, extra_macs_percent=plan.extra_macs_percent,
+        stages=len(plan.stages))
 
   def describe(self) -> str:
     return (f"{short_name(self)}: {', '.join(c.removeprefix('jaxtile/') for c in self.convs)} "
-            f"and {self.n_eqns - len(self.convs)} elementwise ops fused, "
+            f"and {self.n_eqns - len(self.convs)} elementwise ops fused"
+            f"{f' in {self.stages} stages' if self.stages > 1 else ''}, "
             f"{'x'.join(map(str, self.tiles))} tiles of {'x'.join(map(str, self.tile_shape))}, "
             f"halo {'x'.join(map(str, self.halo))}, {plan_lib.format_bytes(self.tile_bytes)} "
             f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos)")

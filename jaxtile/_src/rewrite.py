@@ -43,7 +43,7 @@ class Rewriter:
   def __init__(self, policy: plan_lib.Policy):
     self.policy = policy
     self.records: list[ConvRecord] = []
-    self.regions: list[region_lib.RegionPlan] = []
+    self.regions: list[region_lib.Chain] = []
     self._spmd_depth = 0  # > 0 inside the user's own pmap/shard_map: convs are per-device there
 
   def closed_jaxpr(self, closed: _compat.ClosedJaxpr) -> _compat.ClosedJaxpr:
@@ -63,7 +63,7 @@ class Rewriter:
       return jaxpr
     return _compat.replace_jaxpr(jaxpr, eqns=eqns)
 
-  def _regions(self, jaxpr: _compat.Jaxpr) -> list[region_lib.RegionPlan]:
+  def _regions(self, jaxpr: _compat.Jaxpr) -> list[region_lib.Chain]:
     """The regions this policy tiles in `jaxpr`: chains with an oversized conv ("auto")."""
     policy = self.policy
     if policy.fuse is False or policy.tier in ("native", "reference") or policy.mesh is not None:
@@ -78,7 +78,7 @@ class Rewriter:
                                         len(self.regions) + len(regions))
     return regions
 
-  def region(self, plan: region_lib.RegionPlan) -> _compat.JaxprEqn:
+  def region(self, plan: region_lib.Chain) -> _compat.JaxprEqn:
     """One loop over the region's output tiles, bound in place of its equations."""
     self.regions.append(plan)
     for e in plan.convs:

@@ -5,15 +5,10 @@ reads the exact input window it needs (halo included, zeros beyond the image's b
 host-side source, runs one compiled tile program on a device, and writes the tile to the sink.
 Only tiles ever reach a device.
 
-The tile program is the region machinery (`region.py`) run on windows instead of inside a loop.
-A function is cut into *stages*, each a region: a new stage starts at every transposed conv
-(`region.py` lets one start a region, not stand inside one). The stages are chained per tile:
-the last stage's output tile needs a window of its input, which is the output tile the stage
-before computes, and so on back to the image, so no stage's output exists at full size anywhere.
-Along one spatial dim, stage k+1's input window for its tile at offset o starts at
-`RegionPlan.start(input, o)` (affine in o, or its ceiling division by the lhs dilation for a
-transposed conv) and is `width[input]` wide, the same for every tile; that window is stage k's
-output tile. Window positions outside an intermediate's extent are set to zero (the next conv's
+The tile program is the region machinery (`region.py`) run on windows instead of inside a loop:
+the image's equations form one `region.Chain`, cut into stages at every transposed conv, each
+stage's output tile being the window the next stage reads, so no intermediate exists at full size
+anywhere. Window positions outside an intermediate's extent are set to zero (the next conv's
 padding) before it is read, as inside a region.
 
 Equations that depend on no image (parameter casts, kernel flips, bias reshapes) run once on the
@@ -91,7 +86,7 @@ def _stage_kind(eqn, layout) -> Optional[str]:
 class StreamPlan:
   """What `stream` does with a function at given argument shapes: its stages, output tiles and
   the device memory a tile takes. `str()` prints it."""
-  stages: tuple[region_lib.RegionPlan, ...]
+  chain: region_lib.Chain  # the stages, planned for `tile`
   image_shapes: tuple[tuple[int, ...], ...]
   out_shape: tuple[int, ...]
   out_dtype: np.dtype
@@ -99,6 +94,10 @@ class StreamPlan:
   counts: tuple[int, ...]  # output tiles per spatial dim
   max_bytes: int
   device_bytes: Optional[int] = None  # compiled tile program: arguments + output + temporaries
+
+  @property
+  def stages(self) -> tuple[region_lib.RegionPlan, ...]:
+    return self.chain.stages
 
   @property
   def layout(self) -> region_lib.Layout:
@@ -121,11 +120,7 @@ class StreamPlan:
     stage's is where the next stage's input window starts."""
     extent = self.stages[-1].extent[self.stages[-1].output]
     o = [min(i * t, n - t) for i, t, n in zip(index, self.tile, extent)]
-    chain = [o]
-    for p in reversed(self.stages[1:]):
-      o = [int(x) for x in p.start(p.inputs[0], o)]
-      chain.insert(0, o)
-    return chain
+    return [[int(x) for x in at] for at in self.chain.offsets(o)]
 
   def write_box(self, index: Sequence[int]) -> tuple[list[int], list[int]]:
     """(start, stop) per spatial dim of what the tile at `index` writes: `[i * tile, (i + 1) *
@@ -137,13 +132,7 @@ class StreamPlan:
   @property
   def extra_macs_percent(self) -> float:
     """Multiply-adds of every tile's windows against the untiled function's, minus 100%."""
-    tiled = mono = 0
-    for p in self.stages:
-      for e in p.convs:
-        mono += region_lib._macs(e)
-        tiled += self.n_tiles * region_lib._macs(
-            e, [p.width[e.outvars[0]][d] for d in range(len(self.tile))])
-    return 100 * (tiled / max(mono, 1) - 1)
+    return self.chain.extra_macs_percent
 
   def __str__(self) -> str:
     mib = lambda b: f"{b / 2**20:.1f} MiB"
@@ -295,21 +284,16 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
   return analysis, leaves
 
 
-def _plan_chain(analysis: _Analysis, policy: plan_lib.Policy, tile) -> list:
-  """Region plans of the stages for output tile `tile`, last first planned (see the module)."""
-  plans = [None] * len(analysis.stages)
-  for k in reversed(range(len(analysis.stages))):
-    p = region_lib.plan_region(analysis.closed.jaxpr, analysis.stages[k], policy,
-                               f"jaxtile/stream{k}", tile=tile)
-    if p is None:
-      e = analysis.closed.jaxpr.eqns[analysis.stages[k][0]]
-      raise StreamError(f"stream: the stage starting at {_where(e)} cannot be tiled as a region "
-                        "(an operand of full size that is neither the image nor the stage "
-                        "before's output).")
-    plans[k] = p
-    if k:
-      tile = p.width[p.inputs[0]]
-  return plans
+def _plan_chain(analysis: _Analysis, policy: plan_lib.Policy, tile) -> region_lib.Chain:
+  """The stages planned for output tile `tile` (`region.plan_chain`)."""
+  members = [i for stage in analysis.stages for i in stage]
+  chain = region_lib.plan_chain(analysis.closed.jaxpr, members, policy, "jaxtile/stream",
+                                tile=tile)
+  if chain is None or len(chain.stages) != len(analysis.stages):
+    raise StreamError("stream: the image equations cannot be tiled as a chain of regions (an "
+                      "operand of full size that is neither the image nor the stage before's "
+                      "output).")
+  return chain
 
 
 def make_plan(analysis: _Analysis, policy: plan_lib.Policy, chunks=None) -> StreamPlan:
@@ -331,16 +315,16 @@ def make_plan(analysis: _Analysis, policy: plan_lib.Policy, chunks=None) -> Stre
       raise StreamError(f"stream: tile_shape={policy.tile_shape!r} has {len(policy.tile_shape)} "
                         f"entries, but the output has {len(extent)} spatial dims {extent}.")
     tile = [n if t is None else min(t, n) for t, n in zip(policy.tile_shape, extent)]
-    plans = _plan_chain(analysis, policy, tile)
+    chain = _plan_chain(analysis, policy, tile)
   else:
     tile = list(extent)
     while True:
-      plans = _plan_chain(analysis, policy, tile)
-      if max(p.tile_bytes for p in plans) <= policy.max_bytes:
+      chain = _plan_chain(analysis, policy, tile)
+      if chain.tile_bytes <= policy.max_bytes:
         break
       d = max(range(len(tile)), key=lambda d: tile[d])
       if tile[d] == 1:
-        need = max(p.tile_bytes for p in plans)
+        need = chain.tile_bytes
         raise plan_lib.BudgetError(
             f"stream: one output position needs {need} bytes on the device (windows through "
             f"every stage), above max_bytes={policy.max_bytes}. Raise max_bytes.",
@@ -354,9 +338,9 @@ def make_plan(analysis: _Analysis, policy: plan_lib.Policy, chunks=None) -> Stre
         aligned[d] = aligned[d] // c * c
     if aligned != tile:
       tile = aligned
-      plans = _plan_chain(analysis, policy, tile)
+      chain = _plan_chain(analysis, policy, tile)
   counts = tuple(region_lib._ceil_div(n, t) for n, t in zip(extent, tile))
-  return StreamPlan(stages=tuple(plans),
+  return StreamPlan(chain=chain,
                     image_shapes=tuple(tuple(jaxpr.invars[i].aval.shape)
                                        for i in analysis.image_leaves),
                     out_shape=tuple(out.aval.shape), out_dtype=np.dtype(out.aval.dtype),
@@ -366,8 +350,9 @@ def make_plan(analysis: _Analysis, policy: plan_lib.Policy, chunks=None) -> Stre
 # ---------------------------------------------------------------------------------------------
 # The tile program
 # ---------------------------------------------------------------------------------------------
-def _smalls(analysis: _Analysis, leaves, plans) -> list[tuple]:
-  """Every stage's small operands: the equations that read no image, run once now."""
+def _smalls(analysis: _Analysis, leaves, chain: region_lib.Chain) -> tuple:
+  """The tile program's small operands (`chain.smalls`): the equations that read no image, run
+  once now."""
   jaxpr, closed = analysis.closed.jaxpr, analysis.closed
   env = dict(zip(jaxpr.constvars, closed.consts))
   for i, (v, x) in enumerate(zip(jaxpr.invars, leaves)):
@@ -377,23 +362,18 @@ def _smalls(analysis: _Analysis, leaves, plans) -> list[tuple]:
     e = jaxpr.eqns[i]
     inputs = [v.val if isinstance(v, _compat.Literal) else env[v] for v in e.invars]
     env.update(zip(e.outvars, _compat.eval_eqn(e, inputs)))
-  return [tuple(env[v] for v in p.smalls) for p in plans]
+  return tuple(env[v] for v in chain.smalls)
 
 
 def _program(plan: StreamPlan):
-  """The tile program: image windows, small operands per stage and offsets per stage -> the
-  output tile. Traced once per tile shape (all tiles share one)."""
-  stages = plan.stages
+  """The tile program: image windows, small operands and offsets per stage -> the output tile.
+  Traced once per tile shape (all tiles share one)."""
+  chain = plan.chain
 
   def run(windows, smalls, offsets):
-    fast = forms.for_backend()
-    x = region_lib.compute_tile(stages[0], offsets[0], windows, smalls[0], fast)
-    for k in range(1, len(stages)):
-      before = stages[k - 1]
-      x = region_lib._mask_outside(x, offsets[k - 1], before.tile, before.extent[before.output],
-                                   before.layout)
-      x = region_lib.compute_tile(stages[k], offsets[k], [x], smalls[k], fast)
-    return x
+    later = [[] for _ in chain.stages[1:]]  # stages after the first read only the one before
+    return chain.compute(offsets, [windows, *later], dict(zip(chain.smalls, smalls)),
+                         forms.for_backend())
   return jax.jit(run)
 
 
@@ -653,7 +633,7 @@ class Streamed:
       raise StreamError(f"stream: resume=True, but out (a {type(out).__name__}) is not on disk, so "
                         "there is no record of finished tiles. Pass journal=PATH, or write to a "
                         "zarr array or numpy.memmap.")
-    smalls = _smalls(analysis, leaves, plan.stages)
+    smalls = _smalls(analysis, leaves, plan.chain)
     log = None
     if journal_dir is not None:
       log = _Journal(journal_dir, _fingerprint(analysis, plan, leaves), resume, proc, n_proc,
@@ -693,8 +673,7 @@ def _compiled_bytes(program, plan: StreamPlan) -> int:
     for d, a in enumerate(first.layout.spatial):
       shape[a] = first.width[v][d]
     windows.append(jax.ShapeDtypeStruct(tuple(shape), v.aval.dtype))
-  smalls = [tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in p.smalls)
-            for p in plan.stages]
+  smalls = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in plan.chain.smalls)
   offsets = [jax.ShapeDtypeStruct((len(plan.tile),), jnp.int32) for _ in plan.stages]
   compiled = program.lower(windows, smalls, offsets).compile()
   m = compiled.memory_analysis()
