@@ -13,10 +13,6 @@ after one warm-up call each, the benchmark times:
 - streamed zarr -> zarr: `jaxtile.stream(network)(image, params, out=zarr_out, progress=False)`
   from the zarr image on disk into a fresh zarr store (created before the clock starts);
 - streamed numpy -> numpy (unless `--no-numpy`): the same from an in-memory image, `out=None`;
-- streamed zarr -> zarr with the tile program compiled once: an experiment. `stream` makes a new
-  `jax.jit` of the tile program on every call, so each call traces and compiles it again (inside
-  `last_stats.seconds`); this row replaces `stream._program` with a cache for its calls only
-  (where `stream` caches the program itself, the two zarr rows measure the same thing).
 
 The streamed times are the whole call (analysis, planning, tracing included); `loop s` is
 `last_stats.seconds`, the tile loop alone. Afterwards it times, one tile at a time on one thread,
@@ -61,7 +57,7 @@ def parse_args(argv):
   parser.add_argument("--data", type=pathlib.Path, default=None,
                       help="directory for the zarr stores (default: a temporary one)")
   parser.add_argument("--no-numpy", action="store_true", help="skip numpy -> numpy streaming")
-  parser.add_argument("--prefetch", type=int, default=2, help="jaxtile.stream's prefetch")
+  parser.add_argument("--prefetch", type=int, default=None, help="jaxtile.stream's prefetch")
   parser.add_argument("--uncompressed", action="store_true",
                       help="zarr stores without a compressor (default: zarr's, zstd)")
   return parser.parse_args(argv)
@@ -95,7 +91,6 @@ class Case:
     self.plan = stream_lib.make_plan(self.analysis, api.make_policy(max_bytes=max_bytes)(),
                                      out.chunks)
     self.program = stream_lib._program(self.plan)
-    self._original_program, self._programs = stream_lib._program, {}
     # The small operands as the tile program takes them (per stage, or per chain of stages).
     stages = getattr(self.plan, "chain", None) or self.plan.stages
     self.smalls = jax.device_put(stream_lib._smalls(self.analysis, leaves, stages))
@@ -125,22 +120,6 @@ class Case:
     start = time.perf_counter()
     self.streamed(self.image, self.params, out=out, progress=False)
     return time.perf_counter() - start, self.streamed.last_stats
-
-  def streamed_zarr_cached(self):
-    """The zarr run with the tile program compiled once for all calls (an experiment: the
-    shipped `stream` builds a new `jax.jit` per call, so every call traces and compiles it)."""
-    original = stream_lib._program
-    stream_lib._program = self._cached_program
-    try:
-      return self.streamed_zarr()
-    finally:
-      stream_lib._program = original
-
-  def _cached_program(self, plan):
-    key = (str(plan), plan.tile, plan.counts)
-    if key not in self._programs:
-      self._programs[key] = self._original_program(plan)
-    return self._programs[key]
 
   def streamed_numpy(self):
     start = time.perf_counter()
@@ -202,8 +181,6 @@ def main(argv=None):
                 ("streamed zarr -> zarr", case.streamed_zarr)]
     if not args.no_numpy:
       variants.append(("streamed numpy -> numpy", case.streamed_numpy))
-    variants.append(("streamed zarr -> zarr, program compiled once (patched)",
-                     case.streamed_zarr_cached))
     for _, run in variants:  # warm-up: compiles, first touches of the stores
       run()
     times = {name: [] for name, _ in variants}

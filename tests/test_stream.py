@@ -160,13 +160,15 @@ def test_resume_after_a_kill_mid_write(tmp_path):
                        timeout=300)
   assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
   journal = Path(str(path) + ".jaxtile")
-  done = (journal / "done-0.log").read_text().split()
-  assert len(done) == after - 1, done  # the tile cut short is not in the journal
+  done = set((journal / "done-0.log").read_text().split())
+  # The tile cut short is not in the journal (nor one another writer thread had written but
+  # not yet recorded when the kill came).
+  assert 1 <= len(done) <= after - 1, done
   out = np.load(path, mmap_mode="r+")
   assert np.isnan(out).any()  # the run really stopped midway
   streamed(x, out=out, journal=journal, resume=True)
   stats = streamed.last_stats
-  assert (stats.skipped, stats.tiles) == (after - 1, streamed.explain(x).n_tiles - after + 1)
+  assert (stats.skipped, stats.tiles) == (len(done), streamed.explain(x).n_tiles - len(done))
   np.testing.assert_array_equal(np.load(path), whole)  # the same bytes as one run
 
   # Resuming a finished run computes nothing; a different call refuses the journal.
@@ -310,3 +312,22 @@ def test_device_memory_does_not_grow_with_the_image():
   assert plans[0].tile == plans[1].tile
   assert plans[0].device_bytes == plans[1].device_bytes
   assert plans[1].device_bytes <= 3 * budget, plans[1].device_bytes
+
+
+def test_chunk_cache_windows_equal_plain_reads():
+  """Windows cut from cached whole chunks equal windows read directly, at the image's edges, past
+  them and across chunk borders; the cache stays within its bytes."""
+  zarr = pytest.importorskip("zarr")
+  from jaxtile._src import stream as stream_lib
+  data = np.random.default_rng(9).normal(size=(2, 37, 50, 3)).astype(np.float32)
+  z = zarr.open_array(zarr.storage.MemoryStore(), mode="w", shape=data.shape, dtype=data.dtype,
+                      chunks=(2, 8, 16, 3))
+  z[...] = data
+  cache = stream_lib._ChunkCache(z, (1, 2), max_bytes=6 * 8 * 16 * 3 * 2 * 4)
+  rng = np.random.default_rng(10)
+  for _ in range(60):
+    starts = [int(rng.integers(-12, 45)), int(rng.integers(-20, 60))]
+    widths = [int(rng.integers(1, 30)), int(rng.integers(1, 40))]
+    np.testing.assert_array_equal(cache.window(starts, widths),
+                                  stream_lib.read_window(data, starts, widths, (1, 2)))
+    assert cache._bytes <= cache.max_bytes

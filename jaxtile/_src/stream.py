@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -393,6 +394,75 @@ def read_window(source, starts, widths, spatial: Sequence[int]) -> np.ndarray:
   return np.ascontiguousarray(block)
 
 
+#: Host memory for decoded chunks of a chunked image (`_ChunkCache`).
+CHUNK_CACHE_BYTES = 256 * 2**20
+
+
+class _ChunkCache:
+  """Windows of a chunked source (a zarr array: `.chunks`), cut from whole chunks kept decoded.
+
+  A window with its halo spans parts of several chunks, and a store decodes every chunk it
+  touches whole; neighbouring tiles share chunks, so without a cache each chunk is decoded 3 to
+  6 times (`docs/benchmarks.md`, "Streaming"). Chunks are keyed by their index along the spatial
+  axes (the others read whole) and dropped least recently used past `max_bytes`; tiles run row
+  by row, so a row of chunks across the image is reused by the next row of tiles.
+  """
+
+  def __init__(self, source, spatial: Sequence[int], max_bytes: int = CHUNK_CACHE_BYTES):
+    self.source, self.spatial, self.max_bytes = source, tuple(spatial), max_bytes
+    self.chunks = tuple(int(source.chunks[a]) for a in spatial)
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._bytes = 0
+    self._lock = threading.Lock()
+
+  @staticmethod
+  def usable(source, spatial) -> bool:
+    chunks = getattr(source, "chunks", None)
+    return (isinstance(chunks, tuple) and len(chunks) == len(source.shape)
+            and all(isinstance(c, (int, np.integer)) for c in chunks)
+            and all(chunks[a] < source.shape[a] for a in spatial))
+
+  def _chunk(self, key) -> np.ndarray:
+    with self._lock:
+      block = self._cache.get(key)
+      if block is not None:
+        self._cache.move_to_end(key)
+        return block
+    index = [slice(None)] * len(self.source.shape)
+    for c, k, a in zip(self.chunks, key, self.spatial):
+      index[a] = slice(k * c, min((k + 1) * c, self.source.shape[a]))
+    block = np.asarray(self.source[tuple(index)])
+    with self._lock:
+      self._cache[key] = block
+      self._bytes += block.nbytes
+      while self._bytes > self.max_bytes and len(self._cache) > 1:
+        _, old = self._cache.popitem(last=False)
+        self._bytes -= old.nbytes
+    return block
+
+  def window(self, starts, widths) -> np.ndarray:
+    shape = list(self.source.shape)
+    for w, a in zip(widths, self.spatial):
+      shape[a] = w
+    out = np.zeros(shape, self.source.dtype)
+    ranges = []
+    for s, w, c, a in zip(starts, widths, self.chunks, self.spatial):
+      lo, hi = max(s, 0), min(s + w, self.source.shape[a])
+      if hi <= lo:
+        return out  # all outside the image: zeros
+      ranges.append(range(lo // c, (hi - 1) // c + 1))
+    for key in itertools.product(*ranges):
+      block = self._chunk(key)
+      src, dst = [slice(None)] * len(shape), [slice(None)] * len(shape)
+      for d, (s, w, c, a) in enumerate(zip(starts, widths, self.chunks, self.spatial)):
+        lo = max(s, key[d] * c, 0)
+        hi = min(s + w, key[d] * c + block.shape[a])
+        src[a] = slice(lo - key[d] * c, hi - key[d] * c)
+        dst[a] = slice(lo - s, hi - s)
+      out[tuple(dst)] = block[tuple(src)]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Journal: which tiles are written, so an interrupted run resumes
 # ---------------------------------------------------------------------------------------------
@@ -553,12 +623,14 @@ class _Progress:
 @dataclasses.dataclass
 class StreamStats:
   """What the last run did: tiles computed (skipped: already in the journal), output positions
-  written, seconds, the seconds the loop waited for reads, and output megapixels per second."""
+  written, seconds, the seconds the loop waited for reads and for the writer, and output
+  megapixels per second."""
   tiles: int = 0
   skipped: int = 0
   pixels: int = 0  # output positions written (spatial, times the batch)
   seconds: float = 0.0
   read_wait: float = 0.0
+  write_wait: float = 0.0  # seconds the loop waited for the writer (a slow `out`)
   megapixels_per_second: float = 0.0
 
 
@@ -566,7 +638,7 @@ class Streamed:
   """`stream(fun, ...)`: call it like `fun`, with `out=`, `resume=`, `progress=`."""
 
   def __init__(self, fun: Callable, policy: Callable[[], plan_lib.Policy], devices, argnums,
-               prefetch: int):
+               prefetch: Optional[int]):
     self.fun, self._policy, self._devices, self._argnums = fun, policy, devices, argnums
     self._prefetch = prefetch
     self._programs: dict = {}
@@ -704,9 +776,21 @@ def _check_aligned(out, plan: StreamPlan) -> None:
           "divide the tile (or pass tile_shape= as a multiple of them).")
 
 
+def _io_threads() -> int:
+  """Readers (and writers): half the host's cores, at least 2 and at most 8."""
+  return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
 def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progress, program,
          prefetch):
-  """Reads tile N+1 and writes tile N-1 on threads while the device computes tile N."""
+  """Reads the next tiles and writes the last ones on threads while the devices compute.
+
+  Reading and writing a store (decoding and encoding its chunks) is CPU work that the store
+  libraries do outside the GIL, so `io_threads` readers and as many writers run at once; with a
+  fast device they, not the device, set the pace (`docs/benchmarks.md`, "Streaming").
+  """
+  io_threads = _io_threads()
+  prefetch = prefetch or 2 * io_threads
   first = plan.stages[0]
   sources = [leaves[i] for i in analysis.image_leaves]
   by_var = dict(zip([analysis.closed.jaxpr.invars[i] for i in analysis.image_leaves], sources))
@@ -716,14 +800,22 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
   placed = {d: jax.device_put(smalls, d) for d in devices}
   start_time = time.perf_counter()
 
+  caches = {v: _ChunkCache(by_var[v], spatial) for v in first.inputs
+            if _ChunkCache.usable(by_var[v], spatial)}
+
   def read(t):
     offsets = plan.offsets(plan.tile_index(t))
-    windows = [read_window(by_var[v], first.start(v, offsets[0]), first.width[v], spatial)
-               for v in first.inputs]
+    windows = []
+    for v in first.inputs:
+      start = first.start(v, offsets[0])
+      windows.append(caches[v].window(start, first.width[v]) if v in caches else
+                     read_window(by_var[v], start, first.width[v], spatial))
     return windows, offsets
 
   errors: list[BaseException] = []
-  pending: queue.Queue = queue.Queue(maxsize=max(2, len(devices) + 1))
+  # Results waiting for a writer: each holds a tile on its device, so the queue bounds them.
+  pending: queue.Queue = queue.Queue(maxsize=len(devices) + io_threads)
+  done = threading.Lock()
 
   def write_loop():
     while True:
@@ -743,18 +835,21 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
           begin = start[d] - offsets[-1][d]
           cut[a] = slice(begin, begin + stop[d] - start[d])
           target[a] = slice(start[d], stop[d])
-        out[tuple(target)] = tile[tuple(cut)]
-        if log is not None:
-          log.add(t)
-        stats.tiles += 1
-        stats.pixels += math.prod(b - a for a, b in zip(start, stop)) * batch
-        progress.update(stats.pixels)
+        out[tuple(target)] = tile[tuple(cut)]  # tiles write disjoint boxes: no lock
+        with done:
+          if log is not None:
+            log.add(t)
+          stats.tiles += 1
+          stats.pixels += math.prod(b - a for a, b in zip(start, stop)) * batch
+          progress.update(stats.pixels)
       except BaseException as e:  # surfaced by the main thread
         errors.append(e)
 
-  writer = threading.Thread(target=write_loop, name="jaxtile-stream-writer", daemon=True)
-  writer.start()
-  reader = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+  writers = [threading.Thread(target=write_loop, name=f"jaxtile-stream-writer{i}", daemon=True)
+             for i in range(io_threads)]
+  for w in writers:
+    w.start()
+  reader = concurrent.futures.ThreadPoolExecutor(max_workers=io_threads,
                                                  thread_name_prefix="jaxtile-stream-reader")
   ahead = collections.deque()
   try:
@@ -776,13 +871,17 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
       device = devices[n % len(devices)]
       args = jax.device_put((windows, [np.asarray(o, np.int32) for o in offsets]), device)
       y = program(args[0], placed[device], args[1])  # dispatched; runs while we read on
-      pending.put((t, y, offsets))
+      waited = time.perf_counter()
+      pending.put((t, y, offsets))  # blocks while the writer is behind
+      stats.write_wait += time.perf_counter() - waited
   finally:
     for _, future in ahead:
       future.cancel()
     reader.shutdown(wait=True)
-    pending.put(None)
-    writer.join()
+    for _ in writers:
+      pending.put(None)
+    for w in writers:
+      w.join()
     progress.close()
   stats.seconds = time.perf_counter() - start_time
   stats.megapixels_per_second = stats.pixels / 1e6 / max(stats.seconds, 1e-9)
@@ -792,7 +891,7 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
 
 def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None,
            tile_shape=None, devices: Optional[Sequence[jax.Device]] = None,
-           argnums: Optional[Sequence[int]] = None, prefetch: int = 2):
+           argnums: Optional[Sequence[int]] = None, prefetch: Optional[int] = None):
   """Runs `fun` over images on the host or on disk, a tile at a time.
 
   `fun` is an ordinary JAX function of spatially local ops (convs of every form, pools,
@@ -811,7 +910,8 @@ def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None
     devices: where tiles run, dealt out in turn. Default: every local device. In a
       `jax.distributed` job each process takes every `process_count()`-th tile.
     argnums: positional arguments that are images, when the default rule does not fit.
-    prefetch: tiles read ahead of the one computing.
+    prefetch: tiles read ahead of the one computing (default: twice the I/O threads, which are
+      half the host's cores, 2 to 8).
 
   Returns:
     A callable `streamed(*args, out=None, resume=False, progress=None, journal=None)`. `out` is
@@ -843,6 +943,8 @@ def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None
     argnums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     if not all(isinstance(n, int) for n in argnums):
       raise TypeError(f"stream: argnums must be ints, but got argnums={argnums!r}.")
-  if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
-    raise ValueError(f"stream: prefetch must be a positive int, but got prefetch={prefetch!r}.")
+  if prefetch is not None and (not isinstance(prefetch, int) or isinstance(prefetch, bool)
+                               or prefetch < 1):
+    raise ValueError(f"stream: prefetch must be a positive int or None, but got "
+                     f"prefetch={prefetch!r}.")
   return Streamed(fun, policy, devices, argnums, prefetch)
