@@ -22,9 +22,9 @@ one channel, on `uint8 / 255`. The transposed conv starts a second stage of the 
 device memory; `--small` also runs the untiled network on the whole image and exits non-zero if
 the outputs differ.
 
-The image has a leading batch axis of 1 (1xHxWx3): a tile program holds the network's convs,
-which need one, and adding it inside the function (`x[None]`) is a reshape, which `stream` does
-not take.
+The image is stored with a leading batch axis of 1 (1xHxWx3), as the convs take it; an HxWx3
+store works as well with a function that adds the axis itself (`network(x[None], params)[0]`):
+`stream` reads and writes through unit axes added to an image or squeezed from the output.
 """
 
 import argparse

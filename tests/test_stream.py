@@ -331,3 +331,21 @@ def test_chunk_cache_windows_equal_plain_reads():
     np.testing.assert_array_equal(cache.window(starts, widths),
                                   stream_lib.read_window(data, starts, widths, (1, 2)))
     assert cache._bytes <= cache.max_bytes
+
+
+def test_unit_axes_added_to_the_image_and_squeezed_from_the_output(tmp_path):
+  """`fun(x)` on an HxWxC image that adds the batch axis its convs need (`x[None]`) and drops it
+  from the result (`[0]`): the image is read, and the output written, without that axis."""
+  zarr = pytest.importorskip("zarr")
+  f = worker.network()
+  g = lambda x: f(x[None])[0]
+  x = worker.image()[0]
+  whole = untiled(g, x)
+  out = zarr.open_array(tmp_path / "out.zarr", mode="w", shape=whole.shape, dtype=whole.dtype,
+                        chunks=(16, 16, 2))
+  streamed = jaxtile.stream(g, max_bytes=100_000)
+  plan = streamed.explain(x, out=out)
+  assert plan.tile == (32, 16) and "64x48x3 -> 64x48x2 float32" in str(plan)
+  streamed(x, out=out, progress=False)
+  assert_same(out[...], whole)
+  assert_same(jaxtile.stream(g, tile_shape=(7, 13))(x), whole)

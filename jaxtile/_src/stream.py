@@ -89,12 +89,13 @@ class StreamPlan:
   the device memory a tile takes. `str()` prints it."""
   chain: region_lib.Chain  # the stages, planned for `tile`
   image_shapes: tuple[tuple[int, ...], ...]
-  out_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]  # the tiled output's
   out_dtype: np.dtype
   tile: tuple[int, ...]  # output tile extent per spatial dim
   counts: tuple[int, ...]  # output tiles per spatial dim
   max_bytes: int
   device_bytes: Optional[int] = None  # compiled tile program: arguments + output + temporaries
+  result_shape: tuple[int, ...] = ()  # fun's output: out_shape less the unit axes it squeezes
 
   @property
   def stages(self) -> tuple[region_lib.RegionPlan, ...]:
@@ -138,7 +139,8 @@ class StreamPlan:
   def __str__(self) -> str:
     mib = lambda b: f"{b / 2**20:.1f} MiB"
     images = ", ".join("x".join(map(str, s)) for s in self.image_shapes)
-    lines = [f"stream: {images} -> {'x'.join(map(str, self.out_shape))} {self.out_dtype}",
+    result = self.result_shape or self.out_shape
+    lines = [f"stream: {images} -> {'x'.join(map(str, result))} {self.out_dtype}",
              f"  output tiles: {self.n_tiles} ({' x '.join(map(str, self.counts))}) of "
              f"{' x '.join(map(str, self.tile))}; recomputed halos {self.extra_macs_percent:.1f}% "
              f"extra multiply-adds",
@@ -162,7 +164,78 @@ class _Analysis:
   image_leaves: tuple[int, ...]  # flat indices of the images
   stages: tuple[tuple[int, ...], ...]  # equation indices per stage
   static_eqns: tuple[int, ...]  # equations that read no image: run once
-  out_aval: Any
+  out_aval: Any  # the tiled output's (before a `squeeze`)
+  image_vars: tuple[Any, ...]  # per image, the var the stages read (after an `expand`)
+  expand: dict  # image index (in image_leaves order) -> unit axes fun adds to it
+  squeeze: tuple[int, ...]  # unit axes fun removes from the tiled output
+  result_aval: Any  # fun's output
+
+
+def _inserted_axes(small, big, eqn) -> Optional[tuple[int, ...]]:
+  """The unit axes `eqn` (a reshape or broadcast_in_dim) inserts into `small` to make `big`, or
+  None when it does anything else."""
+  name = eqn.primitive.name
+  if name == "broadcast_in_dim":
+    dims = tuple(eqn.params["broadcast_dimensions"])
+    if list(dims) != sorted(dims) or any(big[d] != n for d, n in zip(dims, small)):
+      return None
+    axes = tuple(d for d in range(len(big)) if d not in dims)
+    return axes if axes and all(big[d] == 1 for d in axes) else None
+  if name == "reshape" and eqn.params.get("dimensions") is None:
+    axes, k = [], 0
+    for d, n in enumerate(big):
+      if k < len(small) and n == small[k]:
+        k += 1
+      elif n == 1:
+        axes.append(d)
+      else:
+        return None
+    return tuple(axes) if axes and k == len(small) else None
+  return None
+
+
+def _removed_axes(eqn) -> Optional[tuple[int, ...]]:
+  """The unit axes a squeeze (or reshape) removes, else None."""
+  small, big = eqn.outvars[0].aval.shape, eqn.invars[0].aval.shape
+  if eqn.primitive.name == "squeeze":
+    return tuple(eqn.params["dimensions"])
+  return _inserted_axes(small, big, eqn) if eqn.primitive.name == "reshape" else None
+
+
+class _Expanded:
+  """A source seen with unit axes inserted (what `x[None]` in fun makes of it)."""
+
+  def __init__(self, source, axes: tuple[int, ...]):
+    self.source, self.axes = source, axes
+    shape = list(source.shape)
+    for a in axes:
+      shape.insert(a, 1)
+    self.shape, self.dtype = tuple(shape), source.dtype
+    chunks = getattr(source, "chunks", None)
+    if isinstance(chunks, tuple) and len(chunks) == len(source.shape):
+      chunks = list(chunks)
+      for a in axes:
+        chunks.insert(a, 1)
+      self.chunks = tuple(chunks)
+
+  def __getitem__(self, index):
+    inner = tuple(ix for d, ix in enumerate(index) if d not in self.axes)
+    return np.expand_dims(np.asarray(self.source[inner]), self.axes)
+
+
+class _Squeezed:
+  """A sink seen with unit axes inserted: fun's output before its final squeeze (`y[0]`)."""
+
+  def __init__(self, out, axes: tuple[int, ...]):
+    self.out, self.axes = out, axes
+    expanded = _Expanded(out, axes)
+    self.shape, self.dtype = expanded.shape, out.dtype
+    if hasattr(expanded, "chunks"):
+      self.chunks = expanded.chunks
+
+  def __setitem__(self, index, block):
+    inner = tuple(ix for d, ix in enumerate(index) if d not in self.axes)
+    self.out[inner] = np.squeeze(block, self.axes)
 
 
 def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, list]:
@@ -207,10 +280,31 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
     raise StreamError(f"stream: fun must return one array (the streamed image), but it returns "
                       f"{len(jaxpr.outvars)} values.")
 
+  # Unit axes added to an image (`x[None]`: a batch axis for the convs) are not tiled: the image
+  # is read through a view with them (`_Expanded`), and likewise the output of a final squeeze
+  # (`y[0]`) is written through one (`_Squeezed`).
+  uses = region_lib._uses(jaxpr)
+  image_vars, expand, skipped = [], {}, set()
+  for k, i in enumerate(images):
+    v = jaxpr.invars[i]
+    readers = uses.get(v, [])
+    axes = None
+    if len(readers) == 1 and readers[0] < len(jaxpr.eqns):
+      e = jaxpr.eqns[readers[0]]
+      axes = _inserted_axes(v.aval.shape, e.outvars[0].aval.shape, e)
+    if axes:
+      image_vars.append(jaxpr.eqns[readers[0]].outvars[0])
+      expand[k] = axes
+      skipped.add(readers[0])
+    else:
+      image_vars.append(v)
+
   # Which equations read an image, directly or through another.
-  dependent = {jaxpr.invars[i] for i in images}
+  dependent = set(image_vars)
   dep_eqns, static_eqns = [], []
   for i, e in enumerate(jaxpr.eqns):
+    if i in skipped:
+      continue
     if any(not isinstance(v, _compat.Literal) and v in dependent for v in e.invars):
       dependent.update(e.outvars)
       dep_eqns.append(i)
@@ -219,6 +313,12 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
   out = jaxpr.outvars[0]
   if out not in dependent:
     raise StreamError("stream: fun's output does not depend on the image arguments.")
+  squeeze = ()
+  last = jaxpr.eqns[dep_eqns[-1]]
+  if last.outvars[0] is out and len(dep_eqns) > 1 and _removed_axes(last):
+    squeeze = _removed_axes(last)
+    dep_eqns.pop()
+    out = last.invars[0]
 
   # Stages: a new one at every transposed conv; every equation must be local, in the layout of
   # the first conv (the ops before it too).
@@ -257,7 +357,7 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
   # Each stage reads the previous stage's output alone (the first: the images) and only its
   # last value is read outside it.
   uses = region_lib._uses(jaxpr)
-  image_vars = {jaxpr.invars[i] for i in images}
+  image_set = set(image_vars)
   made_by = {}
   for k, members in enumerate(stages):
     for j in members:
@@ -275,13 +375,19 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
               f"stream: {_where(e)} reads a value made {k - source} stage(s) earlier, across a "
               "transposed conv (a skip connection spanning an upsampling). stream chains stages "
               "one after another and cannot carry that value yet.")
-        if k > 0 and not isinstance(v, _compat.Literal) and v in image_vars:
+        if k > 0 and not isinstance(v, _compat.Literal) and v in image_set:
           raise StreamError(f"stream: {_where(e)} reads the image after a transposed conv; "
                             "stream cannot carry the image into a later stage.")
       if e.outvars[0] is not last and any(u not in inside for u in uses.get(e.outvars[0], [])):
         raise StreamError(f"stream: the value {_where(e)} makes is read outside its stage.")
+  spatial = set(region_lib._conv_layout(first_conv)[0].spatial)
+  for k, axes in expand.items():
+    if spatial & set(axes):
+      raise StreamError(f"stream: fun adds a unit axis to image {k} along a spatial axis of its "
+                        "convs; stream reads images with their own spatial axes.")
   analysis = _Analysis(closed, treedef, tuple(images), tuple(map(tuple, stages)),
-                       tuple(static_eqns), out.aval)
+                       tuple(static_eqns), out.aval, tuple(image_vars), expand, squeeze,
+                       jaxpr.outvars[0].aval)
   return analysis, leaves
 
 
@@ -344,6 +450,7 @@ def make_plan(analysis: _Analysis, policy: plan_lib.Policy, chunks=None) -> Stre
   return StreamPlan(chain=chain,
                     image_shapes=tuple(tuple(jaxpr.invars[i].aval.shape)
                                        for i in analysis.image_leaves),
+                    result_shape=tuple(analysis.result_aval.shape),
                     out_shape=tuple(out.aval.shape), out_dtype=np.dtype(out.aval.dtype),
                     tile=tuple(tile), counts=counts, max_bytes=policy.max_bytes)
 
@@ -658,6 +765,9 @@ class Streamed:
 
   def _analyse_and_plan(self, args, out):
     analysis, leaves = _analyse(self.fun, args, self._argnums)
+    if out is not None and analysis.squeeze and getattr(out, "shape", None) is not None and len(
+        out.shape) + len(analysis.squeeze) == len(analysis.out_aval.shape):
+      out = _Squeezed(out, analysis.squeeze)
     chunks = getattr(out, "chunks", None)
     if chunks is not None and (not isinstance(chunks, tuple) or len(chunks) != len(
         analysis.out_aval.shape)):
@@ -692,13 +802,14 @@ class Streamed:
       if resume:
         raise StreamError("stream: resume=True needs out= on disk (a zarr array or a "
                           "numpy.memmap) to resume into.")
-      out = np.zeros(plan.out_shape, plan.out_dtype)
+      out = np.zeros(analysis.result_aval.shape, plan.out_dtype)
       returned = out
     else:
-      _check_out(out, plan)
+      _check_out(out, tuple(analysis.result_aval.shape), plan.out_dtype)
       returned = None
+    sink = _Squeezed(out, analysis.squeeze) if analysis.squeeze else out
     if n_proc > 1:
-      _check_aligned(out, plan)
+      _check_aligned(sink, plan)
     devices = self._devices or jax.local_devices()
     journal_dir = _journal_dir(out, journal)
     if resume and journal_dir is None:
@@ -714,7 +825,7 @@ class Streamed:
     todo = [t for t in mine if log is None or t not in log.done]
     stats = StreamStats(skipped=len(mine) - len(todo))
     try:
-      _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats,
+      _run(plan, analysis, leaves, smalls, sink, todo, devices, log, stats,
            _Progress(progress, len(mine), len(mine) - len(todo)), self._program(plan, analysis),
            self._prefetch)
     finally:
@@ -752,13 +863,13 @@ def _compiled_bytes(program, plan: StreamPlan) -> int:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
-def _check_out(out, plan: StreamPlan) -> None:
-  shape = tuple(getattr(out, "shape", ()))
-  if shape != plan.out_shape:
-    raise StreamError(f"stream: out has shape {shape}, but fun's output is {plan.out_shape}.")
-  dtype = getattr(out, "dtype", None)
-  if dtype is None or np.dtype(dtype) != plan.out_dtype:
-    raise StreamError(f"stream: out has dtype {dtype}, but fun's output is {plan.out_dtype}.")
+def _check_out(out, shape: tuple[int, ...], dtype) -> None:
+  got = tuple(getattr(out, "shape", ()))
+  if got != shape:
+    raise StreamError(f"stream: out has shape {got}, but fun's output is {shape}.")
+  got = getattr(out, "dtype", None)
+  if got is None or np.dtype(got) != dtype:
+    raise StreamError(f"stream: out has dtype {got}, but fun's output is {dtype}.")
   if not hasattr(out, "__setitem__"):
     raise StreamError(f"stream: out (a {type(out).__name__}) does not take out[index] = block.")
 
@@ -792,8 +903,9 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
   io_threads = _io_threads()
   prefetch = prefetch or 2 * io_threads
   first = plan.stages[0]
-  sources = [leaves[i] for i in analysis.image_leaves]
-  by_var = dict(zip([analysis.closed.jaxpr.invars[i] for i in analysis.image_leaves], sources))
+  sources = [_Expanded(leaves[i], analysis.expand[k]) if k in analysis.expand else leaves[i]
+             for k, i in enumerate(analysis.image_leaves)]
+  by_var = dict(zip(analysis.image_vars, sources))
   spatial = first.layout.spatial
   out_spatial = plan.layout.spatial
   batch = plan.out_shape[plan.layout.batch]
