@@ -4,10 +4,10 @@
     python benchmarks/per_piece.py --measure     # per-piece seconds and MAC/s of this backend
 
 The table times, in one process and alternating (`bench.timeit_alternating`), the monolithic
-conv, the plan of the halving rule alone (`plan.refine`, what `decide` chose before the per-piece
-model) and the plan `decide` chooses now (`plan.choose`), each at the same budget. `--measure`
+conv, the plan of the halving rule alone (`search.refine`, what `decide` chose before the per-piece
+model) and the plan `decide` chooses now (`search.choose`), each at the same budget. `--measure`
 tiles two small convs with `tile_shape`/`channel_block` overrides into 1..128 pieces and fits
-seconds = pieces * per_piece_s + MACs / macs_per_s (the constants of `plan._BACKEND_PIECE_COSTS`).
+seconds = pieces * per_piece_s + MACs / macs_per_s (the constants of `search._BACKEND_PIECE_COSTS`).
 Nothing here asserts on time.
 """
 
@@ -27,7 +27,9 @@ import bench  # pylint: disable=g-import-not-at-top
 
 import jaxtile
 from jaxtile._src import lower as lower_lib
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import decide as decide_lib
+from jaxtile._src import geometry
+from jaxtile._src import search
 
 KiB = 2**10
 DIMENSION_NUMBERS = {2: ("NHWC", "HWIO", "NHWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
@@ -62,14 +64,14 @@ def before_after(repeats: int) -> None:
     fn = _conv(len(lhs_shape) - 2)
     args = _inputs(lhs_shape, rhs_shape)
     spec = _spec(fn, args)
-    old = plan_lib.refine(plan_lib.monolithic_plan(spec), budget)
-    new = plan_lib.decide(spec, plan_lib.Policy(max_bytes=budget), warn=False).plan
+    old = search.refine(geometry.monolithic_plan(spec), budget)
+    new = decide_lib.decide(spec, decide_lib.Policy(max_bytes=budget), warn=False).plan
     fns = [fn, lower_lib.lower(old, "before"), lower_lib.lower(new, "after")]
     (mono, t_old, t_new), _ = bench.timeit_alternating(fns, args, repeats)
     for name, plan, t in (("before (refine)", old, t_old), ("after (choose)", new, t_new)):
       rows.append([f"{label} {spec.lhs_shape} -> {spec.out_shape[-1]}", f"{budget // KiB} KiB", name, plan.n_elemental,
                    f"{plan.tile_bytes() / KiB:.1f} KiB",
-                   f"{plan_lib.modelled_seconds(plan) * 1e3:.0f}",
+                   f"{search.modelled_seconds(plan) * 1e3:.0f}",
                    bench.ms(mono), bench.ms(t), bench.ratio(t, mono)])
   bench.print_table(
       "Per-piece cost: pieces and time, whole vs before/after (`per_piece.py`)",
@@ -91,8 +93,8 @@ def measure() -> None:
     spec = _spec(fn, args)
     fns, pieces = [], []
     for kw in overrides:
-      policy = plan_lib.Policy(max_bytes=2**40, tier="tiled", **kw)
-      plan = plan_lib.decide(spec, policy, warn=False).plan
+      policy = decide_lib.Policy(max_bytes=2**40, tier="tiled", **kw)
+      plan = decide_lib.decide(spec, policy, warn=False).plan
       fns.append(lower_lib.lower(plan, "measure"))
       pieces.append(plan.n_elemental)
     times, _ = bench.timeit_alternating(fns, args, repeats=5)

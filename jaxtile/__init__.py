@@ -6,6 +6,7 @@ from jaxtile import reference as reference
 from jaxtile._src.tune import TuneResult as TuneResult
 from jaxtile._src.tune import autotune as autotune
 from jaxtile._src.tune import load_tuning as load_tuning
+from jaxtile._src.tuning import Tuning as Tuning
 from jaxtile._src.api import default_max_bytes as default_max_bytes
 from jaxtile._src.api import explain as explain
 from jaxtile._src.api import tile_convs as tile_convs
@@ -16,8 +17,8 @@ from jaxtile._src.stream import stream as stream
 from jaxtile._src.verify import CheckResult as CheckResult
 from jaxtile._src.verify import ConvCheck as ConvCheck
 from jaxtile._src.verify import check as check
-from jaxtile._src.plan import BudgetError as BudgetError
-from jaxtile._src.plan import ConvPlan as ConvPlan
+from jaxtile._src.decide import BudgetError as BudgetError
+from jaxtile._src.geometry import ConvPlan as ConvPlan
 from jaxtile._src.report import ConvReport as ConvReport
 from jaxtile._src.report import RegionReport as RegionReport
 from jaxtile._src.report import Report as Report
@@ -38,6 +39,7 @@ __all__ = (
     "StreamError",
     "StreamPlan",
     "StreamStats",
+    "Tuning",
     "TuneResult",
     "autotune",
     "check",

@@ -3,10 +3,9 @@
 The blocks of one file run in order in one shared namespace, so a later block can use names an
 earlier one defined, as a reader following the page would. They run in this process, so with the
 8 host CPU devices `tests/conftest.py` sets up, and in a temporary working directory, so files a
-block writes (plots, tuning caches) do not land in the repository; plans a page's `autotune`
-remembers are forgotten after it. A failure names the file, the line of the block's opening
-fence and the line of the Markdown file that raised; the code is compiled at its own line
-numbers, so the traceback points into the page too.
+block writes (plots, tuning caches) do not land in the repository. A failure names the file, the
+line of the block's opening fence and the line of the Markdown file that raised; the code is
+compiled at its own line numbers, so the traceback points into the page too.
 
 A block opts out of running only by being fenced as ```text, ```console or ```bash (shell
 commands, program output, diagrams); every fenced block must carry one of those labels or
@@ -25,8 +24,6 @@ import re
 import traceback
 
 import pytest
-
-import jaxtile._src.plan
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
@@ -93,13 +90,8 @@ def test_every_block_is_labelled(path: pathlib.Path):
 
 @pytest.fixture
 def isolated_tuning(monkeypatch):
-  """Plans a page's `autotune` remembers are forgotten after it, so no other test sees them."""
+  """A page's `autotune` reads and writes no tuning cache the environment names."""
   monkeypatch.delenv("JAXTILE_AUTOTUNE_CACHE", raising=False)
-  table = jaxtile._src.plan.tuned_blocks()
-  saved = dict(table)
-  yield
-  table.clear()
-  table.update(saved)
 
 
 @pytest.mark.parametrize("path", DOCS, ids=_ids(DOCS))

@@ -20,7 +20,8 @@ import jaxtile
 from jaxtile._src import verify as verify_lib
 from jaxtile._src import cli
 from jaxtile._src import lower as lower_lib
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import geometry
+from jaxtile._src import spec as spec_lib
 from jaxtile import reference
 
 THIS_FILE = os.path.basename(__file__)
@@ -94,7 +95,7 @@ def test_untiled_conv_has_no_overhead():
   assert c.pieces_per_device == (1,)
 
 
-def _brute_costs(plan: plan_lib.ConvPlan):
+def _brute_costs(plan: geometry.ConvPlan):
   """(lhs elements read, MACs, MACs on padding), piece by piece, counting taps explicitly."""
   s = plan.spec
   pieces_per_axis = [[(run, k) for run in axis.runs for k in range(run.count)]
@@ -315,6 +316,23 @@ def test_check_a_model():
   assert "conv1" in text and "first of 2 calls" in text and f"{THIS_FILE}:" in text
 
 
+def test_check_runs_the_program_tile_convs_runs_regions_included():
+  """Convs fused into a region are not compared on their own (they exist a tile at a time); the
+  function's outputs are, through the same region loop `tile_convs` runs."""
+  def two_layers(x, w):
+    y = jax.nn.relu(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN))
+    return lax.conv_general_dilated(y, w, (1, 1), "SAME", dimension_numbers=DN)
+
+  x, w = _normal(0, (1, 32, 32, 8)), _normal(1, (3, 3, 8, 8), 0.2)
+  result = jaxtile.check(two_layers, max_bytes=2**14)(x, w)
+  assert result.report.regions and result.compared
+  assert all(c.ref_scope == "skipped" and c.max_abs_error is None for c in result.convs)
+  assert all("jaxtile/region0's loop" in c.note for c in result.convs)
+  assert result.output_rel_l2_error < 1e-6
+  unfused = jaxtile.check(two_layers, max_bytes=2**14, fuse=False)(x, w)
+  assert all(c.rel_l2_error < 1e-6 and c.ref_scope == "full" for c in unfused.convs)
+
+
 WINDOW_CASES = {
     "strided, asymmetric padding": dict(lhs=(2, 3, 11, 13), rhs=(5, 3, 3, 2),
                                         window_strides=(2, 1), padding=((1, 2), (-1, 1))),
@@ -408,16 +426,6 @@ def _conv2d_args():
   return _normal(0, (1, 32, 32, 4)), _normal(1, (3, 3, 4, 4), 0.3)
 
 
-@pytest.fixture
-def forget_tuning():
-  """Plans `autotune` remembers are forgotten after the test."""
-  table = plan_lib.tuned_blocks()
-  saved = dict(table)
-  yield
-  table.clear()
-  table.update(saved)
-
-
 @pytest.mark.parametrize("op, returns", [("explain", "Report"), ("check", "CheckResult"),
                                          ("autotune", "TuneResult")])
 def test_one_call_style_and_a_forgotten_call_says_what_to_do(op, returns):
@@ -441,7 +449,7 @@ def test_check_takes_keyword_arguments_like_the_function():
   assert result.compared and result.convs[0].rel_l2_error < 1e-6
 
 
-def test_a_decorated_function_is_explained_checked_and_tuned_undecorated(forget_tuning):
+def test_a_decorated_function_is_explained_checked_and_tuned_undecorated():
   x, w = _conv2d_args()
   where = f"{THIS_FILE}:{_line_of('CONV2D')} (conv2d)"
   report = jaxtile.explain(decorated)(x, w)
@@ -480,7 +488,7 @@ def test_explain_and_check_say_plainly_when_nothing_is_tiled():
   budget = report.max_bytes_to_tile()
   text = str(report)
   assert "nothing is tiled: every conv fits max_bytes=2147483648 (2 GiB)" in " ".join(text.split())
-  assert f"max_bytes={budget} ({plan_lib.format_bytes(budget)}) or less" in " ".join(text.split())
+  assert f"max_bytes={budget} ({spec_lib.format_bytes(budget)}) or less" in " ".join(text.split())
   assert "+read%:" not in text
   result = jaxtile.check(conv2d)(x, w)
   text = " ".join(str(result).split())

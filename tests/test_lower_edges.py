@@ -1,7 +1,7 @@
 """Pieces that meet the padding read zero-filled windows: one branch per conv, same numbers.
 
 The loops read each piece's input window unclamped, with zeros outside the input, and convolve it
-with the interior pieces' padding (`plan.ConvPlan.loop_axes`, `lower._select`), so edge tiles
+with the interior pieces' padding (`geometry.ConvPlan.loop_axes`, `lower._select`), so edge tiles
 no longer need branches of their own. These tests check the window arithmetic against the NumPy
 reference, that the branches are gone, and that the tiled programs still equal the untiled ones
 where edges are awkward: lhs dilation (transposed convs), strides, negative and large padding,
@@ -17,7 +17,7 @@ from jax import lax
 
 import jaxtile
 from jaxtile import reference
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import geometry
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -42,7 +42,7 @@ def test_zero_filled_window_reproduces_every_output_tile_and_kernel_block(n, k, 
   o1 = data.draw(st.integers(o0 + 1, o))
   j0 = data.draw(st.integers(0, k - 1))
   j1 = data.draw(st.integers(j0 + 1, k))
-  win = plan_lib.tile_window(o0, o1, j0, j1, n, s, (lo, hi), dl, dr, zero_fill=True)
+  win = geometry.tile_window(o0, o1, j0, j1, n, s, (lo, hi), dl, dr, zero_fill=True)
   w_block = np.zeros_like(w)
   w_block[j0:j1] = w[j0:j1]
   want = conv1d(x, w_block, s, (lo, hi), dl, dr)[o0:o1]
@@ -54,7 +54,7 @@ def test_zero_filled_window_reproduces_every_output_tile_and_kernel_block(n, k, 
     assert win.in_start >= 0
   if hi <= 0:
     assert win.in_start + win.in_size <= n
-  clamped = plan_lib.tile_window(o0, o1, j0, j1, n, s, (lo, hi), dl, dr)
+  clamped = geometry.tile_window(o0, o1, j0, j1, n, s, (lo, hi), dl, dr)
   if clamped.in_size:  # the loops read zero-filled windows only where some input is inside
     assert win.in_start <= clamped.in_start
     assert clamped.in_start + clamped.in_size <= win.in_start + win.in_size

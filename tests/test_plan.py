@@ -12,7 +12,9 @@ from hypothesis import assume, given, settings, strategies as st
 from jax import lax
 
 import jaxtile
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import decide as decide_lib
+from jaxtile._src import geometry
+from jaxtile._src import search
 from jaxtile import reference
 
 
@@ -36,7 +38,7 @@ def test_tile_window_reproduces_every_output_tile_and_kernel_block(n, k, s, lo, 
   o1 = data.draw(st.integers(o0 + 1, o))
   j0 = data.draw(st.integers(0, k - 1))
   j1 = data.draw(st.integers(j0 + 1, k))
-  win = plan_lib.tile_window(o0, o1, j0, j1, n, s, (lo, hi), dl, dr)
+  win = geometry.tile_window(o0, o1, j0, j1, n, s, (lo, hi), dl, dr)
   # The partial sum over taps [j0, j1) of the monolithic conv: zero the other taps.
   w_block = np.zeros_like(w)
   w_block[j0:j1] = w[j0:j1]
@@ -61,7 +63,7 @@ def _spec(lhs_shape, rhs_shape, **kw):
 def test_refine_fits_budget_and_prefers_full_width_strips():
   spec = _spec((1, 128, 512, 512), (128, 128, 3, 3), window_strides=(1, 1), padding="SAME")
   budget = spec.working_bytes() // 8
-  plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=budget)).plan
+  plan = decide_lib.decide(spec, decide_lib.Policy(max_bytes=budget)).plan
   assert plan.tile_bytes() <= budget
   assert plan.spatial_tiles[0] > 1 and plan.spatial_tiles[1] == 1  # strips, full width
   assert plan.in_channel_blocks == plan.out_channel_blocks == 1
@@ -71,13 +73,13 @@ def test_refine_splits_batch_before_space():
   spec = _spec((8, 16, 64, 64), (16, 16, 3, 3), window_strides=(1, 1), padding="SAME")
   rhs_bytes = 16 * 16 * 3 * 3 * 4  # every piece holds the whole kernel
   budget = (spec.working_bytes() - rhs_bytes) // 4 + rhs_bytes
-  plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=budget)).plan
+  plan = decide_lib.decide(spec, decide_lib.Policy(max_bytes=budget)).plan
   assert plan.batch_blocks == 4 and plan.spatial_tiles == (1, 1)
 
 
 def test_refine_splits_channels_when_the_kernel_dominates():
   spec = _spec((1, 1024, 4, 4), (1024, 1024, 1, 1), window_strides=(1, 1), padding="VALID")
-  plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=spec.working_bytes() // 4)).plan
+  plan = decide_lib.decide(spec, decide_lib.Policy(max_bytes=spec.working_bytes() // 4)).plan
   assert plan.out_channel_blocks * plan.in_channel_blocks > 1
   assert plan.tile_bytes() <= spec.working_bytes() // 4
 
@@ -88,15 +90,15 @@ def test_small_3d_conv_at_a_small_budget_gets_fewer_larger_pieces():
   spec = _spec((1, 8, 14, 14, 64), (3, 3, 3, 64, 96), window_strides=(1, 1, 1), padding="SAME",
                dimension_numbers=dn)
   budget = 96 * 2**10
-  halving_only = plan_lib.refine(plan_lib.monolithic_plan(spec), budget)
-  decision = plan_lib.decide(spec, plan_lib.Policy(max_bytes=budget), warn=False)
+  halving_only = search.refine(geometry.monolithic_plan(spec), budget)
+  decision = decide_lib.decide(spec, decide_lib.Policy(max_bytes=budget), warn=False)
   assert decision.tiled and not decision.over_budget
   assert decision.plan.tile_bytes() <= budget
   assert decision.plan.n_elemental < halving_only.n_elemental  # 192 pieces instead of 256
-  assert (plan_lib.modelled_seconds(decision.plan)
-          < plan_lib.modelled_seconds(halving_only))
+  assert (search.modelled_seconds(decision.plan)
+          < search.modelled_seconds(halving_only))
   # Which convs are tiled does not change: the conv fits whole at its working set.
-  assert not plan_lib.decide(spec, plan_lib.Policy(max_bytes=spec.working_bytes())).tiled
+  assert not decide_lib.decide(spec, decide_lib.Policy(max_bytes=spec.working_bytes())).tiled
 
 
 def test_fewer_larger_pieces_compute_the_same_conv():
@@ -107,23 +109,23 @@ def test_fewer_larger_pieces_compute_the_same_conv():
   w = jax.random.normal(jax.random.key(1), (3, 3, 3, 32, 48))
   budget = 24 * 2**10
   spec = _spec(x.shape, w.shape, window_strides=(1, 1, 1), padding="SAME", dimension_numbers=dn)
-  plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=budget), warn=False).plan
-  assert plan.n_elemental < plan_lib.refine(plan_lib.monolithic_plan(spec), budget).n_elemental
+  plan = decide_lib.decide(spec, decide_lib.Policy(max_bytes=budget), warn=False).plan
+  assert plan.n_elemental < search.refine(geometry.monolithic_plan(spec), budget).n_elemental
   got = jax.jit(jaxtile.tile_convs(f, max_bytes=budget))(x, w)
   np.testing.assert_allclose(got, f(x, w), rtol=2e-5, atol=2e-4)
 
 
 def test_plan_never_exceeds_int32_elements():
   spec = _spec((1, 4, 32768, 32768), (4, 4, 1, 1), window_strides=(1, 1), padding="VALID")
-  decision = plan_lib.decide(spec, plan_lib.Policy(max_bytes=2**62))
+  decision = decide_lib.decide(spec, decide_lib.Policy(max_bytes=2**62))
   assert decision.tiled and decision.plan.max_piece_elements() <= 2**31 - 1
 
 
 def test_budget_error_when_strict_and_unreachable():
   spec = _spec((1, 4, 16, 16), (4, 4, 3, 3), window_strides=(1, 1), padding="SAME")
   with pytest.raises(jaxtile.BudgetError, match="max_bytes=16"):
-    plan_lib.decide(spec, plan_lib.Policy(max_bytes=16, strict=True))
-  decision = plan_lib.decide(spec, plan_lib.Policy(max_bytes=16))
+    decide_lib.decide(spec, decide_lib.Policy(max_bytes=16, strict=True))
+  decision = decide_lib.decide(spec, decide_lib.Policy(max_bytes=16))
   assert decision.over_budget and decision.tiled
 
 
@@ -132,9 +134,9 @@ def test_runs_stay_few_whatever_the_piece_count(lhs_dilation, stride):
   """Interior tiles share one run: the count of runs does not grow with the number of tiles."""
   spec = _spec((1, 2, 700), (2, 2, 5), window_strides=(stride,), padding=((3, -1),),
                lhs_dilation=(lhs_dilation,), rhs_dilation=(2,))
-  quantum = plan_lib.tile_quantum(spec, 0)
+  quantum = geometry.tile_quantum(spec, 0)
   for tile in (quantum, 4 * quantum, 16 * quantum):
-    plan = plan_lib.ConvPlan(spec, 1, 1, 2, 2, (tile,), spec.kernel_spatial)
+    plan = geometry.ConvPlan(spec, 1, 1, 2, 2, (tile,), spec.kernel_spatial)
     (axis,) = [a for a in plan.axes() if a.name == "spatial0"]
     assert axis.count == -(-spec.out_spatial[0] // tile)
     assert len(axis.runs) <= 6
@@ -144,8 +146,8 @@ def test_channel_block_must_cover_whole_groups():
   spec = _spec((1, 12, 8, 8), (12, 4, 3, 3), window_strides=(1, 1), padding="SAME",
                feature_group_count=3)
   with pytest.raises(ValueError, match=r"channel_block\[0\].*multiple of the group size 4"):
-    plan_lib.decide(spec, plan_lib.Policy(max_bytes=2**30, channel_block=(6, None)))
-  plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=2**30, channel_block=(4, 4))).plan
+    decide_lib.decide(spec, decide_lib.Policy(max_bytes=2**30, channel_block=(6, None)))
+  plan = decide_lib.decide(spec, decide_lib.Policy(max_bytes=2**30, channel_block=(4, 4))).plan
   assert plan.group_block == 1 and plan.out_channel_blocks == 3
 
 
@@ -169,7 +171,7 @@ def test_none_tile_dims_are_chosen_within_the_budget(case):
   n = len(shapes["lhs"]) - 2
   shapes.setdefault("window_strides", (1,) * n)
   spec = _spec(shapes.pop("lhs"), shapes.pop("rhs"), padding="SAME", **shapes)
-  decision = plan_lib.decide(spec, plan_lib.Policy(max_bytes=budget, tile_shape=tile_shape))
+  decision = decide_lib.decide(spec, decide_lib.Policy(max_bytes=budget, tile_shape=tile_shape))
   plan = decision.plan
   assert not decision.over_budget and plan.fits(budget), decision.reason
   assert plan.tile_bytes() <= budget
@@ -182,7 +184,7 @@ def test_none_tile_dims_are_chosen_within_the_budget(case):
 
 def test_none_tile_dims_stay_whole_when_the_conv_fits():
   spec = _spec((1, 4, 64, 64), (4, 4, 3, 3), window_strides=(1, 1), padding="SAME")
-  plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=2**30, tile_shape=(None, 16))).plan
+  plan = decide_lib.decide(spec, decide_lib.Policy(max_bytes=2**30, tile_shape=(None, 16))).plan
   assert plan.tile_shape == (64, 16) and plan.spatial_tiles == (1, 4)
 
 
@@ -196,7 +198,7 @@ def test_a_wasteful_budget_warns_once_with_the_numbers_and_a_better_budget(caplo
   not wasteful."""
   spec = _spec((1, 8, 64, 64), (8, 8, 3, 3), window_strides=(1, 1), padding="SAME")
   with caplog.at_level(logging.WARNING):
-    plan = plan_lib.decide(spec, plan_lib.Policy(max_bytes=100)).plan
+    plan = decide_lib.decide(spec, decide_lib.Policy(max_bytes=100)).plan
   (message,) = _warnings(caplog)
   extra = plan.extra_input_percent()
   assert plan.n_elemental == 262144 and extra > 6000
@@ -204,9 +206,9 @@ def test_a_wasteful_budget_warns_once_with_the_numbers_and_a_better_budget(caplo
   assert f"+{extra:.0f}% input reads" in message and f"{plan.n_elemental} pieces" in message
   budget, better = re.search(r"max_bytes=(\d+) \([^)]*\) gives (\d+) pieces", message).groups()
   with caplog.at_level(logging.WARNING):
-    other = plan_lib.decide(spec, plan_lib.Policy(max_bytes=int(budget))).plan
+    other = decide_lib.decide(spec, decide_lib.Policy(max_bytes=int(budget))).plan
   assert len(_warnings(caplog)) == 1 and other.n_elemental == int(better)  # no new warning
-  assert not plan_lib.wasteful(other)
+  assert not decide_lib.wasteful(other)
 
 
 def test_sensible_and_forced_splits_do_not_warn(caplog):
@@ -214,26 +216,26 @@ def test_sensible_and_forced_splits_do_not_warn(caplog):
                        padding="VALID")  # out-channel blocks re-read a tiny input: fine
   strips = _spec((1, 128, 512, 512), (128, 128, 3, 3), window_strides=(1, 1), padding="SAME")
   with caplog.at_level(logging.WARNING):
-    assert plan_lib.decide(kernel_heavy,
-                           plan_lib.Policy(max_bytes=kernel_heavy.working_bytes() // 4)).tiled
-    assert plan_lib.decide(strips, plan_lib.Policy(max_bytes=strips.working_bytes() // 8)).tiled
+    assert decide_lib.decide(kernel_heavy,
+                           decide_lib.Policy(max_bytes=kernel_heavy.working_bytes() // 4)).tiled
+    assert decide_lib.decide(strips, decide_lib.Policy(max_bytes=strips.working_bytes() // 8)).tiled
     # Asked for by tile_shape: the user's choice, not the budget's.
-    assert plan_lib.decide(strips, plan_lib.Policy(max_bytes=2**30, tile_shape=(2, 2))).tiled
+    assert decide_lib.decide(strips, decide_lib.Policy(max_bytes=2**30, tile_shape=(2, 2))).tiled
   assert _warnings(caplog) == []
 
 
 def test_over_budget_says_which_rule_forced_it():
   spec = _spec((1, 4, 16, 16), (4, 4, 3, 3), window_strides=(1, 1), padding="SAME")
-  decision = plan_lib.decide(spec, plan_lib.Policy(max_bytes=16))
+  decision = decide_lib.decide(spec, decide_lib.Policy(max_bytes=16))
   assert decision.over_budget
   assert "leaves pieces of 84 bytes (84 B), above the budget max_bytes=16 (16 B)" in decision.reason
   assert "2**31-1 element limit" not in decision.reason
   with pytest.raises(jaxtile.BudgetError, match="raise max_bytes to 84 or more") as info:
-    plan_lib.decide(spec, plan_lib.Policy(max_bytes=16, strict=True))
+    decide_lib.decide(spec, decide_lib.Policy(max_bytes=16, strict=True))
   assert (info.value.max_bytes, info.value.smallest_bytes, info.value.element_limit) == (16, 84,
                                                                                          False)
   # A tile_shape the user fixed keeps a piece operand above 2**31-1 elements, whatever the budget.
   huge = _spec((1, 1, 65536, 65536), (1, 1, 1, 1), window_strides=(1, 1), padding="VALID")
-  decision = plan_lib.decide(huge, plan_lib.Policy(max_bytes=2**62, tile_shape=(65536, 65536)))
+  decision = decide_lib.decide(huge, decide_lib.Policy(max_bytes=2**62, tile_shape=(65536, 65536)))
   assert decision.over_budget and "above the 2**31-1 element limit" in decision.reason
   assert "above the budget" not in decision.reason

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import inspect
 import numbers
+import os
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -15,9 +16,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxtile._src import _compat
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import decide as decide_lib
 from jaxtile._src import report as report_lib
 from jaxtile._src import rewrite as rewrite_lib
+from jaxtile._src import tuning as tuning_lib
 
 #: Fraction of a device's memory one elemental conv may use by default (see `default_max_bytes`).
 DEVICE_MEMORY_FRACTION = 8
@@ -111,16 +113,36 @@ def _mesh(devices, mesh_axis) -> tuple[Optional[Mesh], Optional[str]]:
   return Mesh(np.array(devices), (MESH_AXIS,)), MESH_AXIS
 
 
+def _tuning(value: Any) -> Optional[tuning_lib.Tuning]:
+  """`tuning=` as a `Tuning`: given as one, as a `TuneResult`, or as the path of a file that
+  `autotune(..., cache=path)` or `Tuning.save` wrote."""
+  if value is None or isinstance(value, tuning_lib.Tuning):
+    return value
+  if isinstance(value, (str, os.PathLike)):
+    if not os.path.exists(value):
+      raise FileNotFoundError(
+          f"tile_convs: tuning={value!r} names no file; pass the path a previous "
+          "jaxtile.autotune(..., cache=path) wrote, or its TuneResult.")
+    return tuning_lib.load(value, "tile_convs")
+  inner = getattr(value, "tuning", None)  # a TuneResult
+  if isinstance(inner, tuning_lib.Tuning):
+    return inner
+  raise TypeError(f"tile_convs: tuning must be a jaxtile.Tuning, a jaxtile.TuneResult or the path "
+                  f"of a tuning file, but got tuning={value!r} of type {type(value).__name__}.")
+
+
 #: Name of the mesh axis made from a list of devices.
 MESH_AXIS = "jaxtile"
 
 
 def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block=None,
                 tier="auto", strict=False, devices=None, mesh_axis=None,
-                shard_output=False, fuse="auto") -> Callable[[], plan_lib.Policy]:
+                shard_output=False, fuse="auto",
+                tuning=None) -> Callable[[], decide_lib.Policy]:
   """Validates the policy arguments now; returns a thunk giving the `Policy` at trace time.
 
   `max_bytes=None` resolves on the device at trace time, so the default follows the device.
+  `tuning` is resolved now (a path is read now): nothing the process tunes later changes it.
   """
   max_bytes = _positive_int("max_bytes", max_bytes)
   tile_shape = _int_tuple("tile_shape", tile_shape)
@@ -128,8 +150,8 @@ def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block
     channel_block = (channel_block, channel_block)
   channel_block = _int_tuple("channel_block", channel_block, length=2)
   batch_block = _positive_int("batch_block", batch_block)
-  if tier not in plan_lib.TIERS:
-    raise ValueError(f"tile_convs: tier must be one of {plan_lib.TIERS}, but got tier={tier!r}.")
+  if tier not in decide_lib.TIERS:
+    raise ValueError(f"tile_convs: tier must be one of {decide_lib.TIERS}, but got tier={tier!r}.")
   if not isinstance(strict, bool):
     raise TypeError(f"tile_convs: strict must be a bool, but got strict={strict!r}.")
   if not isinstance(shard_output, bool):
@@ -138,13 +160,14 @@ def make_policy(max_bytes=None, tile_shape=None, channel_block=None, batch_block
   if not (isinstance(fuse, bool) or fuse == "auto"):
     raise ValueError(f"tile_convs: fuse must be True, False or 'auto', but got fuse={fuse!r}.")
   mesh, mesh_axis = _mesh(devices, mesh_axis)
+  tuning = _tuning(tuning)
   if shard_output and mesh is None:
     raise ValueError("tile_convs: shard_output=True needs devices=, but got devices=None.")
 
-  def resolve() -> plan_lib.Policy:
-    return plan_lib.Policy(max_bytes or default_max_bytes(), tile_shape, channel_block,
+  def resolve() -> decide_lib.Policy:
+    return decide_lib.Policy(max_bytes or default_max_bytes(), tile_shape, channel_block,
                            batch_block, tier, strict, mesh, mesh_axis, shard_output,
-                           jax.devices()[0].device_kind, fuse)
+                           jax.devices()[0].device_kind, fuse, tuning)
   return resolve
 
 
@@ -243,7 +266,7 @@ class Recorder(rewrite_lib.Rewriter):
   not entered: its convs are jaxtile's own pieces, not the user's layers.
   """
 
-  def __init__(self, policy: plan_lib.Policy):
+  def __init__(self, policy: decide_lib.Policy):
     super().__init__(policy)
     self.layers: list[report_lib.Layer] = []
     self.already_tiled: list[str] = []
@@ -303,7 +326,7 @@ class Target:
   """What `explain`, `check` or `autotune` analyse: the function, its policy, and in words which."""
   fun: Callable
   policy_kwargs: dict[str, Any]
-  policy: Callable[[], plan_lib.Policy]
+  policy: Callable[[], decide_lib.Policy]
   static_argnums: tuple[int, ...]
   static_argnames: tuple[str, ...]
   described: str
@@ -355,6 +378,8 @@ def _policy_text(policy_kwargs: dict[str, Any]) -> str:
     if k == "devices" and not isinstance(v, Mesh):
       n = len(v) if isinstance(v, Sequence) else 1
       parts.append(f"devices=<{n} device{'s' if n != 1 else ''}>")
+    elif k == "tuning" and isinstance(getattr(v, "tuning", None), tuning_lib.Tuning):
+      parts.append(f"tuning={v.tuning!r}")  # a TuneResult: its plans, not its whole repr
     else:
       parts.append(f"{k}={v!r}")
   return ", ".join(parts)
@@ -369,7 +394,7 @@ class Traced(NamedTuple):
 
 
 def trace_and_record(tgt: Target, args, kwargs,
-                     recorder: Callable[[plan_lib.Policy], Recorder] = Recorder) -> Traced:
+                     recorder: Callable[[decide_lib.Policy], Recorder] = Recorder) -> Traced:
   """Traces `tgt.fun(*args, **kwargs)` and walks it with a `recorder` of `tgt.policy`."""
   dynamic, static = _split_call(args, kwargs, tgt.static_argnums, tgt.static_argnames)
   closed, _ = _trace(tgt.fun, static, dynamic)
@@ -405,6 +430,7 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
                devices: Union[Sequence[jax.Device], Mesh, None] = None,
                mesh_axis: Optional[str] = None, shard_output: bool = False,
                fuse: Union[bool, str] = "auto",
+               tuning: Union[tuning_lib.Tuning, str, os.PathLike, Any, None] = None,
                static_argnums: Union[int, Sequence[int]] = (),
                static_argnames: Union[str, Sequence[str]] = ()) -> Callable:
   """Rewrites every oversized convolution in `fun` into tiles that fit `max_bytes`.
@@ -445,6 +471,10 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
       at a time (`jaxtile._src.region`). "auto" (default) fuses regions that hold an oversized conv,
       True every region of two or more convs, cutting where recomputed halos would more than
       double a region's multiply-adds; False tiles every conv on its own.
+    tuning: plans `jaxtile.autotune` measured, used instead of the planner's rule for the convs
+      they were measured for (same signature, `max_bytes` and device kind): a `Tuning`, a
+      `TuneResult`, or the path of a file `autotune(..., cache=path)` wrote (read now, when
+      `tile_convs` is called). Default: none, every conv planned by the rule.
     static_argnums, static_argnames: arguments treated as static whole, as in `jax.jit`.
 
   Returns:
@@ -459,15 +489,16 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
     >>> f(x, w).shape
     (1, 8, 64, 64)
   """
+  tuning = _tuning(tuning)  # read once, now: `explain` of the result sees the same plans
   policy = make_policy(max_bytes, tile_shape, channel_block, batch_block, tier, strict, devices,
-                       mesh_axis, shard_output, fuse)
+                       mesh_axis, shard_output, fuse, tuning)
   static_argnums, static_argnames = _static_args(static_argnums, static_argnames)
   if fun is None:
     return functools.partial(
         tile_convs, max_bytes=max_bytes, tile_shape=tile_shape, channel_block=channel_block,
         batch_block=batch_block, tier=tier, strict=strict, devices=devices,
-        mesh_axis=mesh_axis, shard_output=shard_output, fuse=fuse, static_argnums=static_argnums,
-        static_argnames=static_argnames)
+        mesh_axis=mesh_axis, shard_output=shard_output, fuse=fuse, tuning=tuning,
+        static_argnums=static_argnums, static_argnames=static_argnames)
   if not callable(fun):
     raise TypeError(f"tile_convs: fun must be callable, but got {fun!r}.")
 
@@ -489,7 +520,8 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
   wrapper.__jaxtile_tiled__ = _Tiled(
       wrapper, fun, dict(max_bytes=max_bytes, tile_shape=tile_shape, channel_block=channel_block,
                          batch_block=batch_block, tier=tier, strict=strict, devices=devices,
-                         mesh_axis=mesh_axis, shard_output=shard_output, fuse=fuse),
+                         mesh_axis=mesh_axis, shard_output=shard_output, fuse=fuse,
+                         tuning=tuning),
       static_argnums, static_argnames)
   return wrapper
 

@@ -42,7 +42,8 @@ import numpy as np
 
 from jaxtile._src import api
 from jaxtile._src import verify as verify_lib
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import decide as decide_lib
+from jaxtile._src import spec as spec_lib
 from jaxtile._src import stream as stream_lib
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30,
@@ -110,16 +111,16 @@ def _split_message(message: str) -> tuple[str, str]:
   return summary.rstrip("."), detail
 
 
-def _budget_error(e: plan_lib.BudgetError, ns: argparse.Namespace) -> str:
+def _budget_error(e: decide_lib.BudgetError, ns: argparse.Namespace) -> str:
   """`--strict` and a conv that cannot be split within `--max-bytes`: the remedies are flags."""
   if e.element_limit:
     summary = "a conv cannot be split below the 2**31-1 element limit"
     why = "even its finest split reachable keeps a piece operand above 2**31-1 elements"
   else:
     summary = (f"a conv cannot be split within --max-bytes {e.max_bytes} "
-               f"({plan_lib.format_bytes(e.max_bytes)})")
+               f"({spec_lib.format_bytes(e.max_bytes)})")
     why = (f"even its finest split reachable leaves pieces of {e.smallest_bytes} bytes "
-           f"({plan_lib.format_bytes(e.smallest_bytes)})")
+           f"({spec_lib.format_bytes(e.smallest_bytes)})")
   remedies = ["drop --strict to run it at that split (with a warning)"]
   if not e.element_limit:
     remedies.append(f"pass --max-bytes {e.smallest_bytes} or more")
@@ -551,12 +552,12 @@ def _stream(ns: argparse.Namespace) -> int:
       print(f"jaxtile stream: interrupted; the tiles written to {ns.output} are recorded: "
             "rerun the command with --resume to finish", file=sys.stderr)
       return 130
-  except plan_lib.BudgetError as e:  # even a tile of one output position is above the budget
+  except decide_lib.BudgetError as e:  # even a tile of one output position is above the budget
     budget = ns.max_bytes or api.default_max_bytes()
     match = re.search(r"needs (\d+) bytes", str(e))
     need = e.smallest_bytes or (int(match.group(1)) if match else 0)
     raise UsageError(f"no output tile fits within --max-bytes {budget} "
-                     f"({plan_lib.format_bytes(budget)})",
+                     f"({spec_lib.format_bytes(budget)})",
                      _stream_words(e, ns.function).rstrip("."),
                      f"pass --max-bytes {need} or more" if need else
                      "pass a larger --max-bytes") from e
@@ -594,7 +595,7 @@ def _parser() -> argparse.ArgumentParser:
                      metavar="IN,OUT", help="input and output channels per piece")
     sub.add_argument("--batch-block", type=int, default=None, metavar="N",
                      help="batch rows per piece")
-    sub.add_argument("--tier", choices=plan_lib.TIERS, default="auto")
+    sub.add_argument("--tier", choices=decide_lib.TIERS, default="auto")
     sub.add_argument("--strict", action="store_true",
                      help="fail when a conv cannot be split within max-bytes")
     sub.add_argument("--wide", action="store_true",
@@ -648,7 +649,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return ns.run(ns)
   except UsageError as e:
     sys.stderr.write(_error_text(e.summary, e.detail, e.remedy))
-  except plan_lib.BudgetError as e:
+  except decide_lib.BudgetError as e:
     sys.stderr.write(_budget_error(e, ns))
   except (ValueError, TypeError, ImportError) as e:
     # What the pass rejects (a tile_shape that does not fit a conv, shapes that do not

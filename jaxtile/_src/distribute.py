@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtile._src import _compat
 from jaxtile._src import lower as lower_lib
-from jaxtile._src.plan import ConvPlan
+from jaxtile._src.geometry import ConvPlan
 
 
 def lower(plan: ConvPlan, name: str, mesh: Mesh, axis_name: str,

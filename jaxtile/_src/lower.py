@@ -1,7 +1,7 @@
 """Emits a planned conv as one select -> process -> reassemble loop over its output pieces.
 
-Output pieces all have one shape (see `plan._block_starts`); what differs between them is the
-input window, its padding and its group count, which are static per *run* (`plan.Run`). The loop
+Output pieces all have one shape (see `geometry._block_starts`); what differs between them is the
+input window, its padding and its group count, which are static per *run* (`geometry.Run`). The loop
 runs over every output piece and reads the plan's `loop_axes`: pieces that meet the padding read
 a zero-filled window of the interior pieces' shape (clamped `dynamic_slice`, zero `pad`,
 `dynamic_slice`: `_select`) and share their padding, so runs along an axis mostly differ in
@@ -30,7 +30,8 @@ from jax import lax
 
 from jaxtile._src import _compat
 from jaxtile._src import forms
-from jaxtile._src.plan import Axis, ConvPlan, DimKey, Policy, Run, decide
+from jaxtile._src.decide import Policy, decide
+from jaxtile._src.geometry import Axis, ConvPlan, DimKey, Run
 from jaxtile._src.spec import ConvSpec
 
 Index = Union[int, jax.Array]  # a piece index: a Python int when static
@@ -62,7 +63,7 @@ def _emit(lhs, rhs, *, plan: ConvPlan, name: str, policy, **params):
 # copied once per loop at program start: a tiled network's gradient held more than the untiled
 # one. Instead the conv's own rules apply: the conv is bilinear (JVP: the same tiled conv of
 # each tangent), and its transposes and its vmap are the convs JAX's rules emit, each planned
-# under the same policy as the user's convs (one decision point: `plan.decide`) and tiled as
+# under the same policy as the user's convs (one decision point: `decide.decide`) and tiled as
 # loops of their own. `jax.grad(tile_convs(f))` thus runs what `tile_convs(jax.grad(f))` runs.
 tiled_conv_p = _compat.Primitive("jaxtile_tiled_conv")
 
@@ -294,7 +295,7 @@ def _span_offsets(axis: Axis, run: Index, local: Index) -> list[Index]:
 
 def _run_reach(run: Run, lhs_shape: Sequence[int]) -> dict[int, tuple[int, int]]:
   """How far the run's lhs windows reach below 0 and past the end, per lhs dim where they do
-  (zero-filled windows: `plan.ConvPlan.loop_axes`)."""
+  (zero-filled windows: `geometry.ConvPlan.loop_axes`)."""
   reach = {}
   for span in run.spans:
     if span.dim[0] != "lhs" or span.size is None:

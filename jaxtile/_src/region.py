@@ -30,7 +30,7 @@ from jax import lax
 from jaxtile._src import _compat
 from jaxtile._src import forms
 from jaxtile._src import lower as lower_lib
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import decide as decide_lib
 from jaxtile._src.spec import ConvSpec
 
 # Primitives that act on each element alone (with operands broadcast along size-1 dims).
@@ -79,7 +79,7 @@ class RegionPlan:
   width: dict  # var -> per-dim window extent
   extent: dict  # var -> per-dim full extent
   dilation: dict  # var -> per-dim lhs dilation of the transposed conv reading it (see _windows)
-  policy: plan_lib.Policy
+  policy: decide_lib.Policy
   name: str
   tile_bytes: int
   extra_macs_percent: float
@@ -127,7 +127,7 @@ class Chain:
   """
   stages: tuple[RegionPlan, ...]
   name: str
-  policy: plan_lib.Policy
+  policy: decide_lib.Policy
 
   @functools.cached_property
   def eqns(self) -> tuple[Any, ...]:
@@ -567,7 +567,7 @@ def _macs(eqn, widths=None) -> int:
   return out_elems * spec.in_per_group * math.prod(spec.kernel_spatial)
 
 
-def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: str,
+def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: str,
                 tile: Optional[Sequence[int]] = None) -> Optional[RegionPlan]:
   """Tiles for the chain `members` of `jaxpr` within `policy.max_bytes`, or None when a tile of
   one output row (per dim) does not fit or the halos cost more than `MAX_EXTRA_MACS`.
@@ -644,7 +644,7 @@ def plan_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: st
       extra_macs_percent=100 * extra)
 
 
-def plan_chain(jaxpr, members: Sequence[int], policy: plan_lib.Policy, name: str,
+def plan_chain(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: str,
                tile: Optional[Sequence[int]] = None) -> Optional[Chain]:
   """`plan_region` for a region of stages (`Chain`): the last stage's output tile halved until
   every stage's tile fits `policy.max_bytes` (or `tile`, whatever it costs)."""
@@ -692,7 +692,7 @@ def _next_halved(tile: Sequence[int], halo: int) -> Optional[int]:
   return None if tile[d] == 1 else d
 
 
-def split_region(jaxpr, members: Sequence[int], policy: plan_lib.Policy, first_index: int
+def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first_index: int
                 ) -> list[Chain]:
   """Regions covering as much of the chain as can be tiled within the halo cost: the longest
   prefix from each conv that plans, greedily. They are named `jaxtile/region<i>` from

@@ -15,7 +15,8 @@ from typing import Optional, Union
 import numpy as np
 
 from jaxtile._src import _compat
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import decide as decide_lib
+from jaxtile._src import geometry
 from jaxtile._src import spec as spec_lib
 
 
@@ -29,7 +30,7 @@ from jaxtile._src import spec as spec_lib
 # factor per spatial dim: (out positions * taps inside the input) per dim, times the rest. Along
 # one dim a piece has `tile` outputs and `taps` taps; output o and tap j read position
 # q = o * s + j * dr of the piece's padded line, whose input part (lhs dilation holes included)
-# is [lo', lo' + (w - 1) * dl + 1) (see the halo arithmetic in plan.py). For a fixed j, the o
+# is [lo', lo' + (w - 1) * dl + 1) (see the halo arithmetic in geometry.py). For a fixed j, the o
 # inside are ceil((lo' - j * dr) / s) <= o < ceil((end - j * dr) / s), clipped to [0, tile):
 # one vectorised count over taps (or over outputs, whichever is shorter) per run.
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ class _Costs:
   padding_macs: int
 
   @classmethod
-  def of(cls, plan: plan_lib.ConvPlan) -> _Costs:
+  def of(cls, plan: geometry.ConvPlan) -> _Costs:
     s = plan.spec
     lhs_read = macs = padding_macs = 0
     for count, shapes, pads in plan.piece_families():
@@ -70,7 +71,7 @@ class _Costs:
         tile, taps = out[s.out_axes[2 + d]], rhs[s.rhs_axes[2 + d]]
         width = lhs[s.lhs_axes[2 + d]]
         # A dim no axis splits: the piece's window is the whole dim's.
-        lo = pads[d][0] if d in pads else plan_lib.tile_window(
+        lo = pads[d][0] if d in pads else geometry.tile_window(
             0, tile, 0, taps, width, s.window_strides[d], s.padding[d], s.lhs_dilation[d],
             s.rhs_dilation[d]).padding[0]
         pairs *= tile * taps
@@ -146,7 +147,7 @@ class ConvReport:
   pieces_per_device: tuple[int, ...]
   scope: str = ""  # module path from JAX's name stack ("UNet/ConvBlock_0/Conv_1"), "" if none
   call_site: str = ""  # the innermost user frame that is not a helper (see "Which layer")
-  plan: Optional[plan_lib.ConvPlan] = dataclasses.field(repr=False, compare=False, default=None)
+  plan: Optional[geometry.ConvPlan] = dataclasses.field(repr=False, compare=False, default=None)
   region: Optional[str] = None  # the region whose fused loop computes this conv (see `regions`)
 
   @property
@@ -158,7 +159,7 @@ class ConvReport:
   def from_record(cls, record, layer: Optional[Layer] = None,
                   call_site: Optional[str] = None) -> ConvReport:
     spec, decision = record.spec, record.decision
-    plan = decision.plan if decision.tiled else plan_lib.monolithic_plan(spec)
+    plan = decision.plan if decision.tiled else geometry.monolithic_plan(spec)
     costs = _Costs.of(plan)
     return cls(
         name=record.name, lhs_shape=spec.lhs_shape, rhs_shape=spec.rhs_shape,
@@ -212,7 +213,7 @@ class RegionReport:
             f"and {self.n_eqns - len(self.convs)} elementwise ops fused"
             f"{f' in {self.stages} stages' if self.stages > 1 else ''}, "
             f"{'x'.join(map(str, self.tiles))} tiles of {'x'.join(map(str, self.tile_shape))}, "
-            f"halo {'x'.join(map(str, self.halo))}, {plan_lib.format_bytes(self.tile_bytes)} "
+            f"halo {'x'.join(map(str, self.halo))}, {spec_lib.format_bytes(self.tile_bytes)} "
             f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos)")
 
 
@@ -281,7 +282,7 @@ class Report:
   regions: tuple[RegionReport, ...] = ()
 
   @classmethod
-  def from_records(cls, records, policy: plan_lib.Policy,
+  def from_records(cls, records, policy: decide_lib.Policy,
                    layers: Optional[list[Optional[Layer]]] = None, described: str = "",
                    already_tiled: tuple[str, ...] = (), regions=()) -> Report:
     layers = layers or [None] * len(records)
@@ -306,7 +307,7 @@ class Report:
     if self.tiled or self.tier in ("native", "reference"):
       return None
     sizes = [c.working_bytes for c in self.convs if c.plan is not None
-             and plan_lib.is_splittable(c.plan.spec) and c.working_bytes > 1]
+             and geometry.is_splittable(c.plan.spec) and c.working_bytes > 1]
     return 1 << (max(sizes) - 1).bit_length() - 1 if sizes else None
 
   def nothing_tiled(self) -> Optional[str]:
@@ -325,9 +326,9 @@ class Report:
       return "nothing is tiled: every conv has a zero-size operand."
     biggest = max(self.convs, key=lambda c: c.working_bytes)
     return (f"nothing is tiled: every conv fits max_bytes={self.max_bytes} "
-            f"({plan_lib.format_bytes(self.max_bytes)}). The largest, "
-            f"{short_name(biggest)} ({plan_lib.format_bytes(biggest.working_bytes)}), would be "
-            f"tiled with max_bytes={budget} ({plan_lib.format_bytes(budget)}) or less.")
+            f"({spec_lib.format_bytes(self.max_bytes)}). The largest, "
+            f"{short_name(biggest)} ({spec_lib.format_bytes(biggest.working_bytes)}), would be "
+            f"tiled with max_bytes={budget} ({spec_lib.format_bytes(budget)}) or less.")
 
   def plot(self, path: Union[str, os.PathLike]) -> Union[str, os.PathLike]:
     """Draws each tiled conv's pieces to a PNG or SVG file (by `path`'s suffix); returns `path`.
@@ -379,7 +380,7 @@ class Report:
     """The lines above the table: counts, tier, budget, policy, and what is not listed."""
     lines = [f"jaxtile report: {len(self.convs)} conv(s), {len(self.tiled)} tiled, "
              f"tier={self.tier!r}, max_bytes={self.max_bytes} "
-             f"({plan_lib.format_bytes(self.max_bytes)})"]
+             f"({spec_lib.format_bytes(self.max_bytes)})"]
     if self.policy:
       lines += textwrap.wrap(f"policy: {self.policy}", width, subsequent_indent="  ")
     if self.already_tiled:
@@ -405,7 +406,7 @@ class Report:
                 "pieces/device", "layer")
       rows = [(short_name(c), spec_lib.short_aval(c.lhs_shape, c.dtype),
                spec_lib.short_aval(c.rhs_shape, c.dtype),
-               spec_lib.short_aval(c.out_shape, c.dtype), plan_lib.format_bytes(c.working_bytes),
+               spec_lib.short_aval(c.out_shape, c.dtype), spec_lib.format_bytes(c.working_bytes),
                "yes" if c.tiled else "no", "x".join(map(str, c.spatial_tiles)) or "-",
                f"{c.in_channel_blocks}/{c.out_channel_blocks}/{c.batch_blocks}/"
                + "x".join(map(str, c.kernel_blocks)), str(c.n_elemental), _piece(c),
@@ -416,7 +417,7 @@ class Report:
       columns = {
           "conv": [short_name(c) for c in self.convs],
           "out": [spec_lib.short_aval(c.out_shape, c.dtype) for c in self.convs],
-          "size": [plan_lib.format_bytes(c.working_bytes) for c in self.convs],
+          "size": [spec_lib.format_bytes(c.working_bytes) for c in self.convs],
           "pieces": [str(c.n_elemental) if not c.region else "-" for c in self.convs],
           "split": [_split(c) for c in self.convs],
           "piece": [_piece(c) if not c.region else "-" for c in self.convs],
@@ -461,7 +462,7 @@ def short_name_of(name: str) -> str:
 
 
 def _piece(c: ConvReport) -> str:
-  return plan_lib.format_bytes(c.tile_bytes) + (" over" if c.over_budget else "")
+  return spec_lib.format_bytes(c.tile_bytes) + (" over" if c.over_budget else "")
 
 
 def _split(c: ConvReport) -> str:
@@ -551,7 +552,7 @@ class _Piece1D:
   tile: Optional[tuple[float, float]]  # where its outputs sit (None for kernel-tap blocks)
 
 
-def _spatial_pieces(plan: plan_lib.ConvPlan, d: int) -> list[_Piece1D]:
+def _spatial_pieces(plan: geometry.ConvPlan, d: int) -> list[_Piece1D]:
   """Pieces along spatial dim d; `tile` only where the dim's output is split into tiles."""
   s = plan.spec
   axis = next(a for a in plan.axes() if a.name in (f"spatial{d}", f"kernel{d}"))
@@ -583,7 +584,7 @@ def _sample(items: list, limit: int = _MAX_DRAWN) -> list:
   return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
 
 
-def _intervals(plan: plan_lib.ConvPlan, dim: plan_lib.DimKey, extent: int):
+def _intervals(plan: geometry.ConvPlan, dim: geometry.DimKey, extent: int):
   """(start, size) of the pieces along one array dim: offsets add up across axes, sizes are the
   last axis's (groups give an offset, channel blocks inside a group the size)."""
   per_axis = []
@@ -621,11 +622,11 @@ def _draw_conv(subfig, c: ConvReport, mpl: _Mpl) -> None:
   _draw_blocks(bar, plan, mpl)
 
 
-def _count(plan: plan_lib.ConvPlan, d: int) -> int:
+def _count(plan: geometry.ConvPlan, d: int) -> int:
   return next(a.count for a in plan.axes() if a.name in (f"spatial{d}", f"kernel{d}"))
 
 
-def _draw_plane(ax, plan: plan_lib.ConvPlan, dims, mpl: _Mpl) -> None:
+def _draw_plane(ax, plan: geometry.ConvPlan, dims, mpl: _Mpl) -> None:
   s = plan.spec
   dy, dx = dims
   ny, nx = s.in_spatial[dy], s.in_spatial[dx]
@@ -666,7 +667,7 @@ def _draw_plane(ax, plan: plan_lib.ConvPlan, dims, mpl: _Mpl) -> None:
       fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
 
 
-def _draw_line(ax, plan: plan_lib.ConvPlan, d: int, mpl: _Mpl) -> None:
+def _draw_line(ax, plan: geometry.ConvPlan, d: int, mpl: _Mpl) -> None:
   n = plan.spec.in_spatial[d]
   pieces = _sample(_spatial_pieces(plan, d))
   for row, p in enumerate(pieces):
@@ -685,7 +686,7 @@ def _draw_line(ax, plan: plan_lib.ConvPlan, d: int, mpl: _Mpl) -> None:
       loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
 
 
-def _draw_blocks(ax, plan: plan_lib.ConvPlan, mpl: _Mpl) -> None:
+def _draw_blocks(ax, plan: geometry.ConvPlan, mpl: _Mpl) -> None:
   s = plan.spec
   bars = (("batch", ("out", s.out_axes[0]), s.out_shape[s.out_axes[0]]),
           ("in ch", ("lhs", s.lhs_axes[1]), s.lhs_shape[s.lhs_axes[1]]),

@@ -9,7 +9,7 @@ equations stay valid as they are.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -18,7 +18,8 @@ from absl import logging
 from jaxtile._src import _compat
 from jaxtile._src import distribute
 from jaxtile._src import lower as lower_lib
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import decide as decide_lib
+from jaxtile._src import geometry
 from jaxtile import reference
 from jaxtile._src import region as region_lib
 from jaxtile._src.spec import ConvSpec
@@ -29,7 +30,7 @@ class ConvRecord:
   """One conv equation the pass met: its spec and what was decided."""
   index: int
   spec: ConvSpec
-  decision: plan_lib.Decision
+  decision: decide_lib.Decision
   region: Optional[str] = None  # the region whose loop computes this conv, if any
 
   @property
@@ -40,7 +41,7 @@ class ConvRecord:
 class Rewriter:
   """Rewrites jaxprs under one policy, recording every conv it meets in walk order."""
 
-  def __init__(self, policy: plan_lib.Policy):
+  def __init__(self, policy: decide_lib.Policy):
     self.policy = policy
     self.records: list[ConvRecord] = []
     self.regions: list[region_lib.Chain] = []
@@ -72,7 +73,7 @@ class Rewriter:
     for members in region_lib.find_regions(jaxpr):
       convs = [jaxpr.eqns[i] for i in members if _compat.is_conv(jaxpr.eqns[i])]
       if policy.tier == "auto" and policy.fuse == "auto" and all(
-          not plan_lib.decide(ConvSpec.from_eqn(e), policy, warn=False).tiled for e in convs):
+          not decide_lib.decide(ConvSpec.from_eqn(e), policy, warn=False).tiled for e in convs):
         continue
       regions += region_lib.split_region(jaxpr, members, policy,
                                         len(self.regions) + len(regions))
@@ -84,7 +85,7 @@ class Rewriter:
     for e in plan.convs:
       spec = ConvSpec.from_eqn(e)
       self.records.append(ConvRecord(len(self.records), spec,
-                                     plan_lib.decide(spec, self.policy, warn=False),
+                                     decide_lib.decide(spec, self.policy, warn=False),
                                      region=plan.name))
     logging.info("jaxtile: %s: %d equations (%d convs) in %d tiles of %s, %.1f%% extra MACs",
                  plan.name, len(plan.eqns), len(plan.convs), plan.n_tiles, plan.tile,
@@ -118,34 +119,46 @@ class Rewriter:
     return value
 
   def conv(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
+    record, fun = self.plan_conv(eqn)
+    return eqn if fun is None else self._bind(eqn, fun, record.name)
+
+  def plan_conv(self, eqn: _compat.JaxprEqn, warn: bool = True
+                ) -> tuple[ConvRecord, Optional[Callable]]:
+    """Decides one conv equation under the policy, records it, and returns the function bound in
+    its place (None: the equation stays as it is).
+
+    The one place that turns a conv equation into what runs: `tile_convs` binds the function,
+    `check` binds it too and compares its output with the conv's. `warn` logs the warnings
+    (wasteful or over-budget splits, explicit out_sharding).
+    """
     spec = ConvSpec.from_eqn(eqn)
     policy = self.policy
     if self._spmd_depth and policy.mesh is not None:
       # Already per-device code: tile its convs, leave the distribution to the user's program.
       policy = dataclasses.replace(policy, mesh=None, mesh_axis=None)
-    record = ConvRecord(len(self.records), spec, plan_lib.decide(spec, policy))
-    self.records.append(record)
-    decision = record.decision
-    if self.policy.tier == "reference":
-      return self._bind(eqn, _reference_conv(spec), record.name)
+    decision = decide_lib.decide(spec, policy, warn=warn)
     if eqn.params.get("out_sharding") is not None and decision.tiled:
-      logging.warning("jaxtile: %s has an explicit out_sharding; it runs monolithic.",
-                      spec.describe())
-      return eqn
-    if decision.over_budget:
+      if warn:
+        logging.warning("jaxtile: %s has an explicit out_sharding; it runs monolithic.",
+                        spec.describe())
+      decision = decide_lib.Decision(None, "explicit out_sharding: runs monolithic")
+    record = ConvRecord(len(self.records), spec, decision)
+    self.records.append(record)
+    if self.policy.tier == "reference":
+      return record, _reference_conv(spec)
+    if decision.over_budget and warn:
       logging.warning("%s Running at that split.", decision.reason)
     if not decision.tiled:
-      return eqn
+      return record, None
     logging.info("jaxtile: %s %s -> %s, pieces of <= %d bytes (%s)", record.name,
-                 spec.describe(), plan_lib.describe_plan(decision.plan),
+                 spec.describe(), geometry.describe_plan(decision.plan),
                  decision.plan.tile_bytes(), decision.reason)
     plan = decision.plan
     if plan.distributed_axis is not None:
-      fun = distribute.lower(plan, record.name, self.policy.mesh, self.policy.mesh_axis,
-                             self.policy.shard_output)
-    else:
-      fun = lower_lib.lower(plan, record.name, None if policy.mesh is not None else policy)
-    return self._bind(eqn, fun, record.name)
+      return record, distribute.lower(plan, record.name, self.policy.mesh,
+                                      self.policy.mesh_axis, self.policy.shard_output)
+    return record, lower_lib.lower(plan, record.name,
+                                   None if policy.mesh is not None else policy)
 
   @staticmethod
   def _bind(eqn, fun, name: str) -> _compat.JaxprEqn:
@@ -170,7 +183,7 @@ def _reference_conv(spec: ConvSpec):
   return conv
 
 
-def rewrite(closed: _compat.ClosedJaxpr, policy: plan_lib.Policy):
+def rewrite(closed: _compat.ClosedJaxpr, policy: decide_lib.Policy):
   """Returns the rewritten closed jaxpr and the record of every conv found."""
   rewriter = Rewriter(policy)
   return rewriter.closed_jaxpr(closed), rewriter.records

@@ -139,6 +139,14 @@ def array_bytes(shape, dtype) -> int:
   return math.prod(shape) * np.dtype(dtype).itemsize
 
 
+def format_bytes(n: int) -> str:
+  """`100 B`, `1.5 KiB`, `548 KiB`, `16 MiB`, `2 GiB`: three significant digits at most."""
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.3g} {unit}"
+  return f"{n} B"
+
+
 def short_aval(shape, dtype) -> str:
   return f"{_short_dtype(np.dtype(dtype))}[{','.join(map(str, shape))}]"
 

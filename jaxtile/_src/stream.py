@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxtile._src import _compat
 from jaxtile._src import forms
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import decide as plan_lib  # Policy, BudgetError
 from jaxtile._src import region as region_lib
 
 

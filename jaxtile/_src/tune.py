@@ -1,18 +1,18 @@
 """`autotune`: time the planner's candidate piece shapes per tiled conv, remember the fastest.
 
-The planner's rule (`plan.refine`) is a good default; which piece shape a backend runs fastest is
-an empirical fact of that backend. For every conv `tile_convs` would tile, `autotune` builds the
-plan of each variation of the rule (`plan.RULES`) that fits the budget, times each lowered on
+The planner's rule (`search.refine`) is a good default; which piece shape a backend runs fastest
+is an empirical fact of that backend. For every conv `tile_convs` would tile, `autotune` builds the
+plan of each variation of the rule (`search.RULES`) that fits the budget, times each lowered on
 the current device (median of `repeats` runs after a warm-up, on random operands of the conv's
-shapes), and remembers the fastest under the conv's signature, the budget and the device kind.
-Later `tile_convs` calls with the same signature use it. Remembered plans live in memory and,
-with `cache=path`, in a small JSON file that later processes load with `cache=` or `load_tuning`.
+shapes), and keeps the fastest under the conv's signature, the budget and the device kind, in
+the `Tuning` it returns (`TuneResult.tuning`). `tile_convs(..., tuning=)` runs those plans. With
+`cache=path` the plans are also read from and written to a small JSON file, which
+`load_tuning(path)` (or `tile_convs(..., tuning=path)`) reads in later processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -21,9 +21,11 @@ from typing import Callable, Optional
 import jax
 
 from jaxtile._src import api
+from jaxtile._src import decide as decide_lib
+from jaxtile._src import geometry
 from jaxtile._src import lower as lower_lib
-from jaxtile._src import plan as plan_lib
 from jaxtile._src import report as report_lib
+from jaxtile._src import tuning as tuning_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +41,16 @@ class TunedConv:
 @dataclasses.dataclass(frozen=True)
 class TuneResult:
   """Every tuned conv signature, the device kind the times were measured on, the cache file
-  used, and the policy keywords planned with and where they came from."""
+  used, the policy keywords planned with and where they came from, and the plans chosen.
+
+  `tuning` holds every plan chosen here, with those given as `tuning=` and read from `cache`:
+  pass it (or this result) to `tile_convs(..., tuning=)`.
+  """
   convs: list[TunedConv]
   device_kind: str
   cache: Optional[str]
   policy: str = ""
+  tuning: tuning_lib.Tuning = dataclasses.field(default_factory=tuning_lib.Tuning)
 
   def __str__(self) -> str:
     lines = [f"jaxtile autotune on {self.device_kind!r}: {len(self.convs)} tiled conv(s)"
@@ -59,35 +66,16 @@ class TuneResult:
     return "\n".join(lines)
 
 
-def load_tuning(path: str) -> int:
-  """Loads remembered plans from a JSON file written by `autotune(..., cache=path)`.
+def load_tuning(path: str) -> tuning_lib.Tuning:
+  """The plans a previous `autotune(..., cache=path)` (or `Tuning.save`) wrote to `path`.
 
-  Returns the number of entries loaded; a missing file loads nothing.
+  Returns a `Tuning` for `tile_convs(..., tuning=)`; an empty one for a missing file. Raises
+  ValueError for a file that is not a tuning cache.
   """
-  if not os.path.exists(path):
-    return 0
-  try:
-    with open(path) as f:
-      entries = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"jaxtile.load_tuning: cannot read the tuning cache path={path!r}: {e}") from e
-  if not isinstance(entries, dict):
-    raise ValueError(f"jaxtile.load_tuning: path={path!r} does not hold a tuning cache (a JSON "
-                     f"object), but a {type(entries).__name__}.")
-  plan_lib.tuned_blocks().update(entries)
-  return len(entries)
+  return tuning_lib.load(path)
 
 
-def _save(path: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(plan_lib.tuned_blocks(), f, indent=1, sort_keys=True)
-  os.replace(tmp, path)  # atomic: concurrent processes never read half a file
-
-
-def _time(plan: plan_lib.ConvPlan, operands, repeats: int) -> float:
+def _time(plan: geometry.ConvPlan, operands, repeats: int) -> float:
   fn = jax.jit(lower_lib.lower(plan, "autotune"))
   jax.block_until_ready(fn(*operands))  # compile and warm up
   times = []
@@ -102,17 +90,19 @@ def autotune(fun: Callable, /, *args, repeats: int = 3, cache: Optional[str] = N
              static_argnums=(), static_argnames=(), **policy_kwargs) -> Callable[..., TuneResult]:
   """Transforms `fun` into `f(*args, **kwargs) -> TuneResult`, tuning its tiled convs at those args.
 
-  Takes the policy keywords of `tile_convs` (the budget above all: plans are remembered per
+  Takes the policy keywords of `tile_convs` (the budget above all: plans are kept per
   `max_bytes`). Convs with explicit `tile_shape`/`channel_block`/`batch_block` are not tuned. A
   function decorated with `tile_convs` is tuned undecorated, under the decorator's policy with the
-  keywords given here on top (`TuneResult.policy` says which).
+  keywords given here on top (`TuneResult.policy` says which). Convs whose plan is already known
+  (from `tuning=` or `cache`) are not timed again. The plans chosen are in `TuneResult.tuning`;
+  nothing else remembers them: pass the result to `tile_convs(..., tuning=)`.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxtile
     >>> f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")
     >>> x, w = jnp.ones((1, 8, 64, 64)), jnp.ones((8, 8, 3, 3))
     >>> result = jaxtile.autotune(f, max_bytes=2**17, repeats=1)(x, w)
-    >>> jaxtile.tile_convs(f, max_bytes=2**17)(x, w).shape  # uses the remembered plan
+    >>> jaxtile.tile_convs(f, max_bytes=2**17, tuning=result)(x, w).shape  # the tuned plan
     (1, 8, 64, 64)
   """
   if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -122,24 +112,26 @@ def autotune(fun: Callable, /, *args, repeats: int = 3, cache: Optional[str] = N
   tgt = api.target("autotune", fun, policy_kwargs, static_argnums, static_argnames, args)
 
   def tuned(*args, **kwargs) -> TuneResult:
-    if cache:
-      load_tuning(cache)
     recorder = api.trace_and_record(tgt, args, kwargs).recorder
     resolved = recorder.policy
+    known = tuning_lib.load(cache, "jaxtile.autotune") if cache else tuning_lib.Tuning()
+    if resolved.tuning is not None:
+      known = known.merge(resolved.tuning)
+    tuning = known
     sites = report_lib.call_sites(recorder.layers)
     results, seen = [], set()
     for record, site in zip(recorder.records, sites):
       if not record.decision.tiled or resolved.has_overrides:
         continue
-      key = plan_lib.tuning_key(record.spec, resolved)
+      key = tuning_lib.key(record.spec, resolved.max_bytes, resolved.device_kind)
       if key in seen:  # the same conv signature met twice: tuned once
         continue
       seen.add(key)
       spec = record.spec
       where = site or spec.source
-      candidates = plan_lib.candidate_plans(spec, resolved)
-      describe = {rule: plan_lib.describe_plan(p) for rule, p in candidates.items()}
-      if key in plan_lib.tuned_blocks():
+      candidates = decide_lib.candidate_plans(spec, resolved)
+      describe = {rule: geometry.describe_plan(p) for rule, p in candidates.items()}
+      if key in known:
         results.append(TunedConv(record.name, where, {}, describe, "cached"))
         continue
       keys = jax.random.split(jax.random.key(0), 2)
@@ -147,10 +139,11 @@ def autotune(fun: Callable, /, *args, repeats: int = 3, cache: Optional[str] = N
                   zip(keys, (spec.lhs_shape, spec.rhs_shape), (spec.lhs_dtype, spec.rhs_dtype))]
       seconds = {rule: _time(p, operands, repeats) for rule, p in candidates.items()}
       chosen = min(seconds, key=seconds.get)
-      plan_lib.remember(key, candidates[chosen])
+      tuning = tuning.with_plan(key, candidates[chosen])
       results.append(TunedConv(record.name, where, seconds, describe, chosen))
     if cache:
-      _save(cache)
-    return TuneResult(results, resolved.device_kind, cache, tgt.described)
+      # Read again: plans another process saved meanwhile are kept (ours win on a clash).
+      tuning_lib.load(cache, "jaxtile.autotune").merge(tuning).save(cache)
+    return TuneResult(results, resolved.device_kind, cache, tgt.described, tuning)
 
   return api.Staged("autotune", tgt, tuned, "TuneResult")

@@ -21,11 +21,10 @@ import numpy as np
 
 from jaxtile._src import _compat
 from jaxtile._src import api
-from jaxtile._src import lower as lower_lib
-from jaxtile._src import plan as plan_lib
+from jaxtile._src import decide as decide_lib
+from jaxtile._src import geometry
 from jaxtile import reference
 from jaxtile._src import report as report_lib
-from jaxtile._src import rewrite as rewrite_lib
 from jaxtile._src import spec as spec_lib
 from jaxtile._src.spec import ConvSpec
 
@@ -88,7 +87,7 @@ class CheckResult:
     """The result as text; fits `width` columns unless `wide` (full source paths)."""
     r = self.report
     lines = [f"jaxtile check: {len(self.convs)} tiled conv(s) of {len(r.convs)}, tier={r.tier!r}, "
-             f"max_bytes={r.max_bytes} ({plan_lib.format_bytes(r.max_bytes)})"]
+             f"max_bytes={r.max_bytes} ({spec_lib.format_bytes(r.max_bytes)})"]
     lines += r.header(width)[1:]
     if not self.compared:
       return "\n".join(lines + textwrap.wrap(
@@ -171,14 +170,16 @@ def check(fun: Callable, /, *args, static_argnums=(), static_argnames=(), window
   """Transforms `fun` into `f(*args, **kwargs) -> CheckResult`: runs it tiled and whole, compares.
 
   Three programs run: `tile_convs(fun, **policy)` and `jax.jit(fun)`, whose outputs are
-  compared; and `fun` with each tiled conv computed both tiled (the pass's own lowering) and
-  monolithic on the same inputs, the tiled result flowing on. There each call of a tiled conv is
+  compared; and the program `tile_convs` runs (`Rewriter.plan_conv`: the same decisions, the same
+  loops, regions included) with each tiled conv outside a region also computed monolithic on the
+  same inputs, the tiled result flowing on. There each call of a tiled conv is
   compared with the monolithic conv (every call, for a conv inside a loop), and the first call's
   operands and output come to the host for the float64 NumPy reference: whole when the output has
   fewer than `FULL_REFERENCE_ELEMENTS` elements and the conv at most `FULL_REFERENCE_MACS`
   multiply-adds; otherwise only `windows` random output windows (`WINDOW_EXTENT` positions per
   spatial dim, one batch row, up to `WINDOW_CHANNELS` output channels of one group) and the input
-  windows they read, cut by the pass's halo arithmetic (`plan.tile_window`).
+  windows they read, cut by the pass's halo arithmetic (`geometry.tile_window`). Convs inside a
+  region (`fuse`) exist one tile at a time; they are compared through the outputs only.
 
   When no conv is tiled nothing is compared; the result says so (`CheckResult.compared` is
   False) and names the budget that would tile one.
@@ -241,14 +242,14 @@ class _Window:
 
 
 class _Capture(api.Recorder):
-  """The pass's walk (same order, same records), but each tiled conv runs tiled and whole.
+  """The pass's walk (same order, same records, same program), each tiled conv also run whole.
 
   The tiled result flows on. A `jax.debug.callback` hands the comparison, and on the first call
   what the reference needs, to the host; it runs wherever the conv runs (inside jit, scan, while,
   cond, remat and custom_jvp/vjp bodies alike).
   """
 
-  def __init__(self, policy: plan_lib.Policy, windows: int, rng: np.random.Generator):
+  def __init__(self, policy: decide_lib.Policy, windows: int, rng: np.random.Generator):
     super().__init__(policy)
     self.windows, self.rng = windows, rng
     self.scope: dict[int, tuple[str, list[_Window]]] = {}
@@ -257,13 +258,12 @@ class _Capture(api.Recorder):
 
   def conv(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
     self.note_layer(eqn)
-    spec = ConvSpec.from_eqn(eqn)
-    index = len(self.records)
-    # No warnings here: `tile_convs`, run next on the same function, logs them once.
-    record = rewrite_lib.ConvRecord(index, spec, plan_lib.decide(spec, self.policy, warn=False))
-    self.records.append(record)
-    if not record.decision.tiled:
-      return eqn
+    # What `tile_convs` binds for this conv, decided the same way. No warnings here:
+    # `tile_convs`, run next on the same function, logs them once.
+    record, tiled_conv = self.plan_conv(eqn, warn=False)
+    spec, index = record.spec, record.index
+    if tiled_conv is None or not record.decision.tiled:  # left whole, or the reference tier
+      return eqn if tiled_conv is None else self._bind(eqn, tiled_conv, record.name)
     macs = math.prod(spec.out_shape) * spec.in_per_group * math.prod(spec.kernel_spatial)
     if math.prod(spec.out_shape) < FULL_REFERENCE_ELEMENTS and macs <= FULL_REFERENCE_MACS:
       scope, chosen = "full", []
@@ -272,7 +272,6 @@ class _Capture(api.Recorder):
     else:
       scope, chosen = "skipped", []
     self.scope[index] = scope, chosen
-    tiled_conv = lower_lib.lower(record.decision.plan, record.name)
     params = dict(eqn.params)
 
     def keep(errors, operands):
@@ -296,11 +295,17 @@ class _Capture(api.Recorder):
 
   def result(self, record, conv: report_lib.ConvReport) -> ConvCheck:
     spec, index = record.spec, record.index
-    scope, chosen = self.scope[index]
     calls = len(self.errors[index])
     base = dict(name=record.name, source=spec.source, out_shape=spec.out_shape,
                 dtype=spec.out_dtype, n_elemental=record.decision.plan.n_elemental, calls=calls,
                 scope=conv.scope, call_site=conv.call_site)
+    if record.region is not None:
+      # Its values exist one tile at a time inside the region's loop: not compared on its own.
+      return ConvCheck(max_abs_error=None, rel_l2_error=None, ref_max_abs_error=None,
+                       ref_rel_l2_error=None, ref_scope="skipped",
+                       note=f"computed in {record.region}'s loop: compared through the "
+                            "function's outputs only", **base)
+    scope, chosen = self.scope[index]
     if not calls:
       return ConvCheck(max_abs_error=None, rel_l2_error=None, ref_max_abs_error=None,
                        ref_rel_l2_error=None, ref_scope="skipped",
@@ -343,7 +348,7 @@ def _choose_window(spec: ConvSpec, rng: np.random.Generator) -> _Window:
   """A random output window, and what it reads.
 
   The window lies in one group, so it is a plain conv of that group's slice of lhs and rhs; its
-  input window along each spatial dim, and that window's padding, are `plan.tile_window`'s.
+  input window along each spatial dim, and that window's padding, are `geometry.tile_window`'s.
   """
   lhs_index, rhs_index = [slice(None)] * len(spec.lhs_shape), [slice(None)] * len(spec.rhs_shape)
   out_index = [slice(None)] * len(spec.out_shape)
@@ -363,7 +368,7 @@ def _choose_window(spec: ConvSpec, rng: np.random.Generator) -> _Window:
     extent = spec.out_spatial[d]
     size = min(WINDOW_EXTENT, extent)
     o0 = int(rng.integers(extent - size + 1))
-    win = plan_lib.tile_window(o0, o0 + size, 0, spec.kernel_spatial[d], spec.in_spatial[d],
+    win = geometry.tile_window(o0, o0 + size, 0, spec.kernel_spatial[d], spec.in_spatial[d],
                                spec.window_strides[d], spec.padding[d], spec.lhs_dilation[d],
                                spec.rhs_dilation[d])
     lhs_index[spec.lhs_axes[2 + d]] = slice(win.in_start, win.in_start + win.in_size)
