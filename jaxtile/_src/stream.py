@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxtile._src import _compat
 from jaxtile._src import forms
-from jaxtile._src import decide as plan_lib  # Policy, BudgetError
+from jaxtile._src import decide as decide_lib
 from jaxtile._src import region as region_lib
 
 
@@ -391,7 +391,7 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
   return analysis, leaves
 
 
-def _plan_chain(analysis: _Analysis, policy: plan_lib.Policy, tile) -> region_lib.Chain:
+def _plan_chain(analysis: _Analysis, policy: decide_lib.Policy, tile) -> region_lib.Chain:
   """The stages planned for output tile `tile` (`region.plan_chain`)."""
   members = [i for stage in analysis.stages for i in stage]
   chain = region_lib.plan_chain(analysis.closed.jaxpr, members, policy, "jaxtile/stream",
@@ -403,7 +403,7 @@ def _plan_chain(analysis: _Analysis, policy: plan_lib.Policy, tile) -> region_li
   return chain
 
 
-def make_plan(analysis: _Analysis, policy: plan_lib.Policy, chunks=None) -> StreamPlan:
+def make_plan(analysis: _Analysis, policy: decide_lib.Policy, chunks=None) -> StreamPlan:
   """The output tile: the largest within `policy.max_bytes` (every stage's `tile_bytes`), halving
   the largest dim; or `policy.tile_shape`. Rounded down to whole chunks of `chunks` (the
   output store's) where a tile spans at least one."""
@@ -432,7 +432,7 @@ def make_plan(analysis: _Analysis, policy: plan_lib.Policy, chunks=None) -> Stre
       d = max(range(len(tile)), key=lambda d: tile[d])
       if tile[d] == 1:
         need = chain.tile_bytes
-        raise plan_lib.BudgetError(
+        raise decide_lib.BudgetError(
             f"stream: one output position needs {need} bytes on the device (windows through "
             f"every stage), above max_bytes={policy.max_bytes}. Raise max_bytes.",
             max_bytes=policy.max_bytes, smallest_bytes=need)
@@ -744,7 +744,7 @@ class StreamStats:
 class Streamed:
   """`stream(fun, ...)`: call it like `fun`, with `out=`, `resume=`, `progress=`."""
 
-  def __init__(self, fun: Callable, policy: Callable[[], plan_lib.Policy], devices, argnums,
+  def __init__(self, fun: Callable, policy: Callable[[], decide_lib.Policy], devices, argnums,
                prefetch: Optional[int]):
     self.fun, self._policy, self._devices, self._argnums = fun, policy, devices, argnums
     self._prefetch = prefetch
