@@ -504,3 +504,28 @@ def test_transposed_convs_inside_a_region_chain_stages():
     assert [r.stages for r in report.regions] == [3], report
     np.testing.assert_allclose(jax.jit(tiled)(x, skip), jax.jit(f)(x, skip), rtol=1e-6,
                                atol=1e-5)
+
+
+def test_elementwise_ops_making_a_transposed_convs_input_start_its_stage():
+  """A region that starts with elementwise ops (an activation, a bias) on its input and then a
+  transposed conv: the ops run on the transposed conv's input window (whose start is a ceiling
+  division of the tile offset), and the window is zeroed outside the input before the conv."""
+  keys = jax.random.split(jax.random.key(13), 3)
+  wt = jax.random.normal(keys[0], (3, 3, 4, 4)) * 0.3
+  w = jax.random.normal(keys[1], (3, 3, 4, 4)) * 0.3
+  b = jax.random.normal(keys[2], (4,))
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def f(x):
+    y = jnp.exp(x) + b  # nonzero where the window reaches past the input: must be masked
+    y = lax.conv_transpose(y, wt, (2, 2), "SAME", dimension_numbers=dn)
+    y = lax.conv_general_dilated(jax.nn.relu(y), w, (1, 1), "SAME", dimension_numbers=dn)
+    return lax.conv_general_dilated(y, w, (1, 1), ((1, 1), (0, 2)), dimension_numbers=dn)
+
+  x = jnp.asarray(np.random.default_rng(14).normal(size=(1, 13, 17, 4)), jnp.float32)
+  for budget in (8_000, 20_000):
+    tiled = jaxtile.tile_convs(f, max_bytes=budget, fuse=True)
+    report = jaxtile.explain(tiled)(x)
+    first = report.regions[0]  # exp, add, the transposed conv, relu, a conv (and the last)
+    assert first.convs[0] == "jaxtile/conv0" and first.n_eqns >= 5, report
+    np.testing.assert_allclose(jax.jit(tiled)(x), jax.jit(f)(x), rtol=1e-6, atol=1e-5)

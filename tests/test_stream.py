@@ -209,7 +209,7 @@ def test_a_global_op_is_named_with_its_line():
 
   with pytest.raises(jaxtile.StreamError, match=r"not spatially local: `reduce_sum` at "
                      r".*test_stream.py:\d+"):
-    jaxtile.stream(f)(np.zeros((1, 16, 16, 3), np.float32))
+    jaxtile.stream(f, spill=False)(np.zeros((1, 16, 16, 3), np.float32))
 
 
 def test_a_skip_across_an_upsampling_is_refused():
@@ -349,3 +349,44 @@ def test_unit_axes_added_to_the_image_and_squeezed_from_the_output(tmp_path):
   streamed(x, out=out, progress=False)
   assert_same(out[...], whole)
   assert_same(jaxtile.stream(g, tile_shape=(7, 13))(x), whole)
+
+
+def test_a_norm_between_convs_spills_to_the_host(tmp_path):
+  """A GroupNorm-like norm (statistics over the image) between convs: the convs before it and
+  the ones after stream tile by tile, the statistics are computed whole on the host, and the
+  full-size activation between them is a temporary file; the result is the untiled function's,
+  into a memmap, resumable (the last segment's journal)."""
+  keys = jax.random.split(jax.random.key(11), 3)
+  w1 = jax.random.normal(keys[0], (3, 3, 3, 8)) * 0.3
+  w2 = jax.random.normal(keys[1], (3, 3, 8, 8)) * 0.3
+  w3 = jax.random.normal(keys[2], (3, 3, 8, 2)) * 0.3
+
+  def norm(y):
+    mean = y.mean(axis=(1, 2), keepdims=True)
+    var = ((y - mean) ** 2).mean(axis=(1, 2), keepdims=True)
+    return (y - mean) * lax.rsqrt(var + 1e-5)
+
+  def f(x):
+    y = _conv(jax.nn.relu(_conv(x, w1)), w2, stride=2)
+    y = jax.nn.silu(norm(y))
+    y = lax.conv_transpose(y, w2, (2, 2), "SAME", dimension_numbers=DN)
+    return _conv(jax.nn.relu(y), w3)
+
+  x = np.random.default_rng(12).normal(size=(2, 40, 36, 3)).astype(np.float32)
+  whole = untiled(f, x)
+  streamed = jaxtile.stream(f, max_bytes=60_000)
+  text = str(streamed.explain(x))
+  assert "needs the whole image" in text and "to a temporary file" in text, text
+  assert text.count("streamed on the device") == 2, text
+  out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32,
+                                  shape=whole.shape)
+  streamed(x, out=out, progress=False)
+  assert_same(np.asarray(out), whole)
+  first = streamed.last_stats.tiles
+  assert first > 2
+  # Resumed: the segments before the last run again (their spills are temporary), the last
+  # one's tiles are all in the journal.
+  streamed(x, out=out, progress=False, resume=True)
+  stats = streamed.last_stats
+  assert stats.skipped > 0 and stats.tiles == first - stats.skipped, stats
+  assert_same(np.asarray(out), whole)

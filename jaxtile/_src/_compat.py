@@ -180,6 +180,16 @@ def _eval_inlining(jaxpr: Jaxpr, consts, args) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
+def eval_eqns(eqns, env: dict) -> None:
+  """Evaluates `eqns` in order, reading and writing `env` (var -> value), each bound with its
+  equation's source line, as `jax.core.eval_jaxpr` does."""
+  read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
+  for eqn in eqns:
+    name_stack = _source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with _source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack):
+      env.update(zip(eqn.outvars, eval_eqn(eqn, [read(v) for v in eqn.invars])))
+
+
 def inline_calls(closed: ClosedJaxpr) -> ClosedJaxpr:
   """`closed` retraced with the bodies of its `jit` calls spliced in, at every depth; each
   equation keeps the user's source line."""

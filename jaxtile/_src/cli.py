@@ -527,7 +527,9 @@ def _stream(ns: argparse.Namespace) -> int:
     raise UsageError("stream needs --output", "the output image is written there",
                      "pass --output PATH.zarr (or PATH.npy), or --explain to print the plan only")
   try:
-    streamed = stream_lib.stream(fun, max_bytes=ns.max_bytes, tile_shape=ns.tile_shape)
+    # spill=False: the command creates its output from the plan of one chain of tiles.
+    streamed = stream_lib.stream(fun, max_bytes=ns.max_bytes, tile_shape=ns.tile_shape,
+                                 spill=False)
     out = None if ns.output is None else open_output(ns.output, needed, pathlib.Path(ns.input),
                                                      writable=not ns.explain)
     if ns.explain:

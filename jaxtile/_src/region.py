@@ -427,10 +427,10 @@ def find_regions(jaxpr) -> list[list[int]]:
 
 
 def stages_of(jaxpr, members: Sequence[int]) -> list[list[int]]:
-  """`members` cut before every transposed conv but a first one."""
+  """`members` cut before every transposed conv that follows a conv."""
   stages = [[]]
   for i in members:
-    if stages[-1] and _is_transposed(jaxpr.eqns[i]):
+    if _is_transposed(jaxpr.eqns[i]) and any(_compat.is_conv(jaxpr.eqns[j]) for j in stages[-1]):
       stages.append([])
     stages[-1].append(i)
   return stages
@@ -473,12 +473,17 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
   k = len(tile)
   scale, shift, width = {output: (1,) * k}, {output: (0,) * k}, {output: tuple(tile)}
 
-  def need(v, sc, sh, w):
-    if v in dilation:
-      raise _NotARegion  # a transposed conv's input read by another op too
+  def need(v, sc, sh, w, dil=None):
+    """`v`'s window for a reader; `dil`: the reader's is a transposed conv's input window (or
+    an elementwise op's making one), in its units (below)."""
     if v not in scale:
       scale[v], shift[v], width[v] = sc, sh, w
+      if dil is not None:
+        dilation[v] = dil
       return
+    if dilation.get(v) != dil or (dil is not None and (scale[v], shift[v], width[v]) != (
+        sc, sh, w)):
+      raise _NotARegion  # a transposed conv's input read otherwise too
     assert scale[v] == sc, (scale[v], sc)  # one grid per value
     lo = tuple(min(a, b) for a, b in zip(shift[v], sh))
     hi = tuple(max(a + x, b + y) for a, x, b, y in zip(shift[v], width[v], sh, w))
@@ -497,18 +502,21 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
       # with its width in inputs; the loop computes i0 per tile (`emit`).
       d = tuple(e.params["lhs_dilation"])
       sc, sh, wd = _window_through(op, scale[out], shift[out], width[out])
-      lhs = e.invars[0]
-      scale[lhs], shift[lhs], dilation[lhs] = sc, sh, d
-      width[lhs] = tuple(_ceil_div(w + di - 1, di) for w, di in zip(wd, d))
+      if out in dilation:
+        raise _NotARegion
+      need(e.invars[0], sc, sh, tuple(_ceil_div(w + di - 1, di) for w, di in zip(wd, d)), d)
     elif op is not None:
+      if out in dilation:
+        raise _NotARegion  # a conv or pool making a transposed conv's input: a stage ends first
       need(e.invars[0], *_window_through(op, scale[out], shift[out], width[out]))
     else:  # elementwise or a feature concatenation: every full-size operand, the same window
+      # (for ops making a transposed conv's input, in its units: they run on that window)
       spatial = lambda v: tuple(v.aval.shape[a] for a in layout.spatial)
       for v in e.invars:
         if (not isinstance(v, _compat.Literal)
             and not _is_small(v.aval, layout, len(out.aval.shape))
             and spatial(v) == spatial(out)):
-          need(v, scale[out], shift[out], width[out])
+          need(v, scale[out], shift[out], width[out], dilation.get(out))
   return scale, shift, width, dilation
 
 
@@ -833,7 +841,12 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None)
 
   for e in plan.eqns:
     if _compat.is_conv(e) and e.invars[0] in plan.dilation:
-      env[e.outvars[0]] = _transposed(e, env[e.invars[0]], env[e.invars[1]], o, plan, fast)
+      lhs = e.invars[0]
+      window = env[lhs]
+      if lhs not in plan.inputs:  # made by elementwise ops from the inputs: zeros outside
+        window = _mask_outside(window, plan.start(lhs, o), plan.width[lhs], plan.extent[lhs],
+                               layout)
+      env[e.outvars[0]] = _transposed(e, window, env[e.invars[1]], o, plan, fast)
       continue
     args = [v.val if isinstance(v, _compat.Literal) else
             operand(e, v) if v in full else env[v] for v in e.invars]

@@ -238,7 +238,45 @@ class _Squeezed:
     self.out[inner] = np.squeeze(block, self.axes)
 
 
+class NotLocalError(StreamError):
+  """`fun` holds an op that needs the whole image (`eqn`): it cannot be one chain of tiles."""
+
+  def __init__(self, message: str, eqn):
+    super().__init__(message)
+    self.eqn = eqn
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Traced:
+  """`fun` traced on its images' shapes: which equations read an image (`dep_eqns`, in order)."""
+  closed: Any
+  treedef: Any
+  leaves: list
+  images: tuple[int, ...]
+  image_vars: tuple[Any, ...]
+  expand: dict
+  dep_eqns: tuple[int, ...]
+  static_eqns: tuple[int, ...]
+
+
 def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, list]:
+  traced = _trace(fun, args, argnums)
+  closed, jaxpr = traced.closed, traced.closed.jaxpr
+  treedef, leaves, images = traced.treedef, traced.leaves, traced.images
+  image_vars, expand = list(traced.image_vars), traced.expand
+  dep_eqns, static_eqns = list(traced.dep_eqns), list(traced.static_eqns)
+  out = jaxpr.outvars[0]
+  squeeze = ()
+  last = jaxpr.eqns[dep_eqns[-1]]
+  if last.outvars[0] is out and len(dep_eqns) > 1 and _removed_axes(last):
+    squeeze = _removed_axes(last)
+    dep_eqns.pop()
+    out = last.invars[0]
+  return _stages(fun, closed, treedef, leaves, images, image_vars, expand, dep_eqns, static_eqns,
+                 out, squeeze)
+
+
+def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
   leaves, treedef = jax.tree_util.tree_flatten(tuple(args))
   if argnums is None:
     images = [i for i, x in enumerate(leaves) if _is_image(x)]
@@ -263,7 +301,8 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
         "(numpy arrays and memmaps, zarr, tensorstore, h5py or dask arrays) but are not "
         f"jax.Arrays; got {[type(x).__name__ for x in leaves]}. Pass the image as a host array, "
         "or name it with argnums=.")
-  avals = [jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype)) if i in images else
+  avals = [jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
+           if i in images or isinstance(x, _Abstract) else
            (x if isinstance(x, jax.Array) else jnp.asarray(x)) for i, x in enumerate(leaves)]
 
   def flat(*leaves):
@@ -310,16 +349,16 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
       dep_eqns.append(i)
     else:
       static_eqns.append(i)
-  out = jaxpr.outvars[0]
-  if out not in dependent:
+  if jaxpr.outvars[0] not in dependent:
     raise StreamError("stream: fun's output does not depend on the image arguments.")
-  squeeze = ()
-  last = jaxpr.eqns[dep_eqns[-1]]
-  if last.outvars[0] is out and len(dep_eqns) > 1 and _removed_axes(last):
-    squeeze = _removed_axes(last)
-    dep_eqns.pop()
-    out = last.invars[0]
+  return _Traced(closed, treedef, leaves, tuple(images), tuple(image_vars), expand,
+                 tuple(dep_eqns), tuple(static_eqns))
 
+
+def _stages(fun, closed, treedef, leaves, images, image_vars, expand, dep_eqns, static_eqns, out,
+            squeeze) -> tuple[_Analysis, list]:
+  """The image equations cut into stages of one chain, or `NotLocalError`."""
+  jaxpr = closed.jaxpr
   # Stages: a new one at every transposed conv; every equation must be local, in the layout of
   # the first conv (the ops before it too).
   stages, current = [], []
@@ -329,17 +368,14 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
     e = jaxpr.eqns[i]
     kind = _stage_kind(e, layout)
     if kind is None:
-      raise StreamError(
+      raise NotLocalError(
           f"stream: fun is not spatially local: {_where(e)} mixes positions of the image "
           f"(output {e.outvars[0].aval.str_short()}). A tile program holds convs, pools, "
           "elementwise ops and channel concatenations; norms, reductions over space, reshapes "
-          "and gathers need the whole image. Stream the local part of the network and run the "
-          "rest on its output.")
-    if kind == "transposed" and current:
-      if not any(_compat.is_conv(jaxpr.eqns[j]) for j in current):
-        raise StreamError(f"stream: {_where(e)}, a transposed conv, follows elementwise ops "
-                          "of the image with no conv before them; stream cannot tile that.")
-      stages.append(current)
+          "and gathers need the whole image. With spill=True (the default) stream runs such a "
+          "function in segments, spilling full-size values to the host.", e)
+    if kind == "transposed" and any(_compat.is_conv(jaxpr.eqns[j]) for j in current):
+      stages.append(current)  # as `region.stages_of` cuts
       current = []
     if _compat.is_conv(e):
       layout = region_lib._conv_layout(e)[1]
@@ -745,9 +781,9 @@ class Streamed:
   """`stream(fun, ...)`: call it like `fun`, with `out=`, `resume=`, `progress=`."""
 
   def __init__(self, fun: Callable, policy: Callable[[], decide_lib.Policy], devices, argnums,
-               prefetch: Optional[int]):
+               prefetch: Optional[int], spill: bool = True):
     self.fun, self._policy, self._devices, self._argnums = fun, policy, devices, argnums
-    self._prefetch = prefetch
+    self._prefetch, self._spill = prefetch, spill
     self._programs: dict = {}
     self.last_stats: Optional[StreamStats] = None
     self.__wrapped__ = fun
@@ -778,7 +814,13 @@ class Streamed:
     """The plan for these arguments (images as host arrays or `jax.ShapeDtypeStruct`), with the
     compiled tile program's device memory; computes no tile."""
     args = tuple(_Abstract(a) if isinstance(a, jax.ShapeDtypeStruct) else a for a in args)
-    analysis, leaves, plan = self._analyse_and_plan(args, out)
+    try:
+      analysis, leaves, plan = self._analyse_and_plan(args, out)
+    except NotLocalError as e:
+      if not self._spill:
+        raise
+      from jaxtile._src import spill as spill_lib  # it builds on this module
+      return spill_lib.Spilled(self, args, e).plan(args)
     memory = _compiled_bytes(self._program(plan, analysis), plan)
     return dataclasses.replace(plan, device_bytes=memory)
 
@@ -789,7 +831,13 @@ class Streamed:
     if progress is not None and not isinstance(progress, bool):
       raise TypeError(f"stream: progress must be True, False or None, but got "
                       f"progress={progress!r}.")
-    analysis, leaves, plan = self._analyse_and_plan(args, out)
+    try:
+      analysis, leaves, plan = self._analyse_and_plan(args, out)
+    except NotLocalError as e:
+      if not self._spill:
+        raise
+      from jaxtile._src import spill as spill_lib  # it builds on this module
+      return spill_lib.Spilled(self, args, e).run(out, resume, progress, journal)
     for i in analysis.image_leaves:
       if isinstance(leaves[i], _Abstract):
         raise StreamError("stream: an image given as jax.ShapeDtypeStruct has no data to "
@@ -1003,7 +1051,8 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
 
 def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None,
            tile_shape=None, devices: Optional[Sequence[jax.Device]] = None,
-           argnums: Optional[Sequence[int]] = None, prefetch: Optional[int] = None):
+           argnums: Optional[Sequence[int]] = None, prefetch: Optional[int] = None,
+           spill: bool = True):
   """Runs `fun` over images on the host or on disk, a tile at a time.
 
   `fun` is an ordinary JAX function of spatially local ops (convs of every form, pools,
@@ -1024,6 +1073,10 @@ def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None
     argnums: positional arguments that are images, when the default rule does not fit.
     prefetch: tiles read ahead of the one computing (default: twice the I/O threads, which are
       half the host's cores, 2 to 8).
+    spill: a function with ops that need the whole image (a norm's statistics, a reduction
+      over space) runs in segments: its local parts streamed, the rest whole on the host's CPU,
+      full-size values between them in host memory or temporary files (`jaxtile._src.spill`;
+      `explain` returns a `SpillPlan`). False: such a function raises `StreamError`.
 
   Returns:
     A callable `streamed(*args, out=None, resume=False, progress=None, journal=None)`. `out` is
@@ -1036,7 +1089,7 @@ def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None
   """
   if fun is None:
     return lambda f: stream(f, max_bytes=max_bytes, tile_shape=tile_shape, devices=devices,
-                            argnums=argnums, prefetch=prefetch)
+                            argnums=argnums, prefetch=prefetch, spill=spill)
   if not callable(fun):
     raise TypeError(f"stream: fun must be callable, but got {fun!r}.")
   from jaxtile._src import api  # the policy's validation, shared with tile_convs
@@ -1059,4 +1112,6 @@ def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None
                                or prefetch < 1):
     raise ValueError(f"stream: prefetch must be a positive int or None, but got "
                      f"prefetch={prefetch!r}.")
-  return Streamed(fun, policy, devices, argnums, prefetch)
+  if not isinstance(spill, bool):
+    raise TypeError(f"stream: spill must be a bool, but got spill={spill!r}.")
+  return Streamed(fun, policy, devices, argnums, prefetch, spill)

@@ -1,0 +1,219 @@
+"""Spilling: `stream` for a function that is not one chain of tiles.
+
+When the image's equations hold an op that needs the whole image (a norm's statistics, a
+reduction over space, a reshape), `stream` cuts them into *segments* at such ops, in order: runs
+of local equations and runs of the others. A local segment with one output streams tile by tile
+on the device (`Streamed`, its own tile program), into a temporary `.npy` file on the host's
+disk, or into `out` when it is the last; any other segment runs whole on the host's CPU
+(`jax.devices("cpu")`), its results in host memory. A full-size value between segments thus
+lives on the host, in memory or a temporary file, never on the device; `explain` says which.
+Only the last segment writes `out` and keeps a journal, so a resumed run computes the segments
+before it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import tempfile
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from jaxtile._src import _compat
+from jaxtile._src import region as region_lib
+from jaxtile._src import stream as stream_lib
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Segment:
+  """Consecutive image equations of one kind: `local` ones stream, the others run whole."""
+  eqns: tuple[int, ...]
+  local: bool
+  inputs: tuple[Any, ...]  # full-size values it reads: images or earlier segments' outputs
+  smalls: tuple[Any, ...]  # values of no image: parameters and what is computed from them
+  outputs: tuple[Any, ...]  # its values read by later segments, or fun's output
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SpillPlan:
+  """What `stream` does with a function that needs the whole image somewhere: its segments, how
+  each runs (a `StreamPlan`, or None: whole, on the host's CPU), and the full-size values kept on
+  the host between them. `str()` prints it."""
+  segments: tuple[Segment, ...]
+  plans: tuple[Optional[stream_lib.StreamPlan], ...]
+  first_global: str  # the first op that needs the whole image, with its source line
+  result: Any  # fun's output aval
+  _names: tuple = ()  # per segment, its equations' primitives
+
+  def __str__(self) -> str:
+    mib = lambda aval: math.prod(aval.shape) * np.dtype(aval.dtype).itemsize / 2**20
+    lines = [f"stream: -> {'x'.join(map(str, self.result.shape))} {self.result.dtype} in "
+             f"{len(self.segments)} segments: {self.first_global} needs the whole image, so "
+             "full-size values between segments are spilled to the host, never to the device"]
+    for k, (segment, plan) in enumerate(zip(self.segments, self.plans)):
+      if plan is not None:
+        body = str(plan).replace("\n", "\n    ")
+        lines.append(f"  segment {k}: streamed on the device, tile by tile\n    {body}")
+      else:
+        ops = ", ".join(dict.fromkeys(self._names[k]))
+        lines.append(f"  segment {k}: whole, on the host's CPU ({ops})")
+      last = k == len(self.segments) - 1
+      for v in segment.outputs:
+        where = "out" if last else ("a temporary file" if plan is not None else "host memory")
+        lines.append(f"    -> {v.aval.str_short()} ({mib(v.aval):.1f} MiB) to {where}")
+    return "\n".join(lines)
+
+
+def segments(traced: stream_lib._Traced) -> list[Segment]:
+  """The image equations cut into runs of local and other equations (see the module)."""
+  jaxpr = traced.closed.jaxpr
+  eqns = [jaxpr.eqns[i] for i in traced.dep_eqns]
+  first_conv = next((e for e in eqns if _compat.is_conv(e)), None)
+  layout = None if first_conv is None else region_lib._conv_layout(first_conv)[0]
+  runs: list[list[int]] = []
+  kinds: list[bool] = []
+  for i in traced.dep_eqns:
+    local = stream_lib._stage_kind(jaxpr.eqns[i], layout) is not None
+    if not runs or kinds[-1] != local:
+      runs.append([])
+      kinds.append(local)
+    runs[-1].append(i)
+  # Full-size values: an image's or what an image equation makes, unless it is small (a norm's
+  # statistics: size 1 along every spatial dim), which segments take like parameters.
+  dependent = set(traced.image_vars)
+  for i in traced.dep_eqns:
+    dependent.update(jaxpr.eqns[i].outvars)
+  if layout is not None:
+    dependent = {v for v in dependent if len(v.aval.shape) != len(layout.spatial) + 2
+                 or not region_lib._is_small(v.aval, layout, len(v.aval.shape))}
+  uses = region_lib._uses(jaxpr)
+  out = []
+  for run, local in zip(runs, kinds):
+    made = {v for i in run for v in jaxpr.eqns[i].outvars}
+    reads = dict.fromkeys(v for i in run for v in jaxpr.eqns[i].invars
+                          if not isinstance(v, _compat.Literal) and v not in made)
+    later = run[-1]
+    outputs = tuple(v for v in dict.fromkeys(v for i in run for v in jaxpr.eqns[i].outvars)
+                    if any(u > later for u in uses.get(v, [])))
+    out.append(Segment(tuple(run), local, tuple(v for v in reads if v in dependent),
+                       tuple(v for v in reads if v not in dependent), outputs))
+  return out
+
+
+def _segment_fun(jaxpr, segment: Segment):
+  """`segment` as a function of its inputs, then its small operands."""
+  def fun(*values):
+    env = dict(zip((*segment.inputs, *segment.smalls), values))
+    _compat.eval_eqns([jaxpr.eqns[i] for i in segment.eqns], env)
+    outs = tuple(env[v] for v in segment.outputs)
+    return outs[0] if len(outs) == 1 else outs
+  return fun
+
+
+def _statics(traced: stream_lib._Traced) -> dict:
+  """Every value of no image: parameters, constants and the equations computing from them."""
+  jaxpr, closed = traced.closed.jaxpr, traced.closed
+  env = dict(zip(jaxpr.constvars, closed.consts))
+  for i, (v, x) in enumerate(zip(jaxpr.invars, traced.leaves)):
+    if i not in traced.images:
+      env[v] = x
+  _compat.eval_eqns([jaxpr.eqns[i] for i in traced.static_eqns], env)
+  return env
+
+
+class Spilled:
+  """The segments of one call, with a sub-`Streamed` per local segment."""
+
+  def __init__(self, streamed: stream_lib.Streamed, args, error: stream_lib.NotLocalError):
+    self.streamed = streamed
+    self.traced = stream_lib._trace(streamed.fun, args, streamed._argnums)
+    self.segments = segments(self.traced)
+    self.statics = _statics(self.traced)
+    self.first_global = stream_lib._where(error.eqn)
+    jaxpr = self.traced.closed.jaxpr
+    self.subs = [stream_lib.Streamed(_segment_fun(jaxpr, s), streamed._policy,
+                                     streamed._devices, tuple(range(len(s.inputs))),
+                                     streamed._prefetch, spill=False)
+                 if s.local and len(s.outputs) == 1 else None for s in self.segments]
+
+  def _smalls(self, segment: Segment, host: Optional[dict] = None) -> list:
+    """Its small operands: parameters and their casts (computed once), and small values of the
+    image (a norm's statistics) that earlier segments computed (`host`)."""
+    if host is None:  # planning: a value of the image only as its shape
+      return [self.statics[v] if v in self.statics else
+              jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in segment.smalls]
+    return [host[v] if v in host else self.statics[v] for v in segment.smalls]
+
+  def plan(self, abstract_images) -> SpillPlan:
+    """Each local segment's `StreamPlan` (None where it cannot stream), at abstract shapes."""
+    plans = []
+    for segment, sub in zip(self.segments, self.subs):
+      plan = None
+      if sub is not None:
+        inputs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in segment.inputs]
+        try:
+          plan = sub.explain(*inputs, *self._smalls(segment))
+        except stream_lib.StreamError:
+          plan = None
+      plans.append(plan)
+    jaxpr = self.traced.closed.jaxpr
+    names = tuple(tuple(jaxpr.eqns[i].primitive.name for i in s.eqns) for s in self.segments)
+    return SpillPlan(tuple(self.segments), tuple(plans), self.first_global,
+                     jaxpr.outvars[0].aval, names)
+
+  def run(self, out, resume: bool, progress, journal):
+    jaxpr = self.traced.closed.jaxpr
+    if jax.process_count() > 1:
+      raise stream_lib.StreamError(
+          f"stream: {self.first_global} needs the whole image, and spilling to the host runs in "
+          "one process; run it in one process, or stream its local part.")
+    result_aval = jaxpr.outvars[0].aval
+    if out is None:
+      if resume:
+        raise stream_lib.StreamError("stream: resume=True needs out= on disk (a zarr array or "
+                                     "a numpy.memmap) to resume into.")
+      out = returned = np.zeros(result_aval.shape, result_aval.dtype)
+    else:
+      stream_lib._check_out(out, tuple(result_aval.shape), np.dtype(result_aval.dtype))
+      returned = None
+    host = {}
+    for k, i in enumerate(self.traced.images):
+      source = self.traced.leaves[i]
+      host[self.traced.image_vars[k]] = (
+          stream_lib._Expanded(source, self.traced.expand[k]) if k in self.traced.expand
+          else source)
+    cpu = jax.devices("cpu")[0]
+    stats = stream_lib.StreamStats()
+    with tempfile.TemporaryDirectory(prefix="jaxtile-spill-") as tmp:
+      for k, (segment, sub) in enumerate(zip(self.segments, self.subs)):
+        last = k == len(self.segments) - 1
+        inputs = [host[v] for v in segment.inputs]
+        if sub is not None:
+          (v,) = segment.outputs
+          target = out if last else np.lib.format.open_memmap(
+              pathlib.Path(tmp) / f"segment{k}.npy", mode="w+", dtype=v.aval.dtype,
+              shape=v.aval.shape)
+          try:
+            sub(*inputs, *self._smalls(segment, host), out=target, progress=progress,
+                resume=resume and last, journal=journal if last else None)
+          except stream_lib.StreamError:
+            pass  # not a chain of tiles after all: whole, on the host
+          else:
+            host[v] = target
+            for field in ("tiles", "skipped", "pixels", "seconds", "read_wait", "write_wait"):
+              setattr(stats, field, getattr(stats, field) + getattr(sub.last_stats, field))
+            continue
+        whole = [np.asarray(x[(slice(None),) * len(x.shape)]) for x in inputs]
+        values = jax.device_put([*whole, *self._smalls(segment, host)], cpu)
+        outs = jax.jit(_segment_fun(jaxpr, segment))(*values)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        for v, value in zip(segment.outputs, outs):
+          host[v] = np.asarray(value)
+        if last:
+          out[(slice(None),) * len(out.shape)] = host[jaxpr.outvars[0]]
+    stats.megapixels_per_second = stats.pixels / 1e6 / max(stats.seconds, 1e-9)
+    self.streamed.last_stats = stats
+    return returned
