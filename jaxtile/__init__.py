@@ -10,6 +10,7 @@ from jaxtile._src.tuning import Tuning as Tuning
 from jaxtile._src.api import default_max_bytes as default_max_bytes
 from jaxtile._src.api import explain as explain
 from jaxtile._src.api import tile_convs as tile_convs
+from jaxtile._src.spill import SpillPlan as SpillPlan
 from jaxtile._src.stream import StreamError as StreamError
 from jaxtile._src.stream import StreamPlan as StreamPlan
 from jaxtile._src.stream import StreamStats as StreamStats
@@ -36,6 +37,7 @@ __all__ = (
     "ConvReport",
     "RegionReport",
     "Report",
+    "SpillPlan",
     "StreamError",
     "StreamPlan",
     "StreamStats",
