@@ -134,10 +134,19 @@ class Spilled:
     self.statics = _statics(self.traced)
     self.first_global = stream_lib._where(error.eqn)
     jaxpr = self.traced.closed.jaxpr
-    self.subs = [stream_lib.Streamed(_segment_fun(jaxpr, s), streamed._policy,
-                                     streamed._devices, tuple(range(len(s.inputs))),
-                                     streamed._prefetch, spill=False)
-                 if s.local and len(s.outputs) == 1 else None for s in self.segments]
+    # One sub-`Streamed` per segment, kept by `streamed` for calls of the same function at the
+    # same shapes, so that their compiled tile programs are reused too.
+    text = str(jaxpr)
+    self.subs = []
+    for k, s in enumerate(self.segments):
+      sub = None
+      if s.local and len(s.outputs) == 1:
+        sub = streamed._segments.get((text, k))
+        if sub is None:
+          sub = streamed._segments[text, k] = stream_lib.Streamed(
+              _segment_fun(jaxpr, s), streamed._policy, streamed._devices,
+              tuple(range(len(s.inputs))), streamed._prefetch, spill=False)
+      self.subs.append(sub)
 
   def _smalls(self, segment: Segment, host: Optional[dict] = None) -> list:
     """Its small operands: parameters and their casts (computed once), and small values of the
