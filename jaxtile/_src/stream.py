@@ -811,9 +811,10 @@ class Streamed:
       chunks = None
     return analysis, leaves, make_plan(analysis, self._policy(), chunks)
 
-  def explain(self, *args, out=None) -> StreamPlan:
-    """The plan for these arguments (images as host arrays or `jax.ShapeDtypeStruct`), with the
-    compiled tile program's device memory; computes no tile."""
+  def explain(self, *args, out=None):
+    """The `StreamPlan` for these arguments (images as host arrays or `jax.ShapeDtypeStruct`),
+    with the compiled tile program's device memory, or a `SpillPlan` for a function that
+    spills; computes no tile."""
     args = tuple(_Abstract(a) if isinstance(a, jax.ShapeDtypeStruct) else a for a in args)
     try:
       analysis, leaves, plan = self._analyse_and_plan(args, out)
@@ -1086,7 +1087,8 @@ def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None
     `out` on disk records finished tiles in a journal beside it (or at `journal`); with
     `resume=True` a rerun of the same call computes only the missing tiles. `progress` shows a
     bar (tqdm when installed): None shows it on a terminal. `streamed.explain(*args)` returns the
-    `StreamPlan` without computing, and `streamed.last_stats` the last run's `StreamStats`.
+    `StreamPlan` (a `SpillPlan` for a function that spills) without computing, and
+    `streamed.last_stats` the last run's `StreamStats`.
   """
   if fun is None:
     return lambda f: stream(f, max_bytes=max_bytes, tile_shape=tile_shape, devices=devices,
