@@ -113,17 +113,6 @@ def _segment_fun(jaxpr, segment: Segment):
   return fun
 
 
-def _statics(traced: stream_lib._Traced) -> dict:
-  """Every value of no image: parameters, constants and the equations computing from them."""
-  jaxpr, closed = traced.closed.jaxpr, traced.closed
-  env = dict(zip(jaxpr.constvars, closed.consts))
-  for i, (v, x) in enumerate(zip(jaxpr.invars, traced.leaves)):
-    if i not in traced.images:
-      env[v] = x
-  _compat.eval_eqns([jaxpr.eqns[i] for i in traced.static_eqns], env)
-  return env
-
-
 class Spilled:
   """The segments of one call, with a sub-`Streamed` per local segment."""
 
@@ -131,7 +120,8 @@ class Spilled:
     self.streamed = streamed
     self.traced = stream_lib._trace(streamed.fun, args, streamed._argnums)
     self.segments = segments(self.traced)
-    self.statics = _statics(self.traced)
+    self.statics = stream_lib.static_values(self.traced.closed, self.traced.leaves,
+                                            self.traced.images, self.traced.static_eqns)
     self.first_global = stream_lib._where(error.eqn)
     jaxpr = self.traced.closed.jaxpr
     # One sub-`Streamed` per segment, kept by `streamed` for calls of the same function at the

@@ -106,10 +106,6 @@ class StreamPlan:
     return self.stages[-1].layout
 
   @property
-  def in_layout(self) -> region_lib.Layout:
-    return self.stages[0].layout
-
-  @property
   def n_tiles(self) -> int:
     return math.prod(self.counts)
 
@@ -160,7 +156,6 @@ class StreamPlan:
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Analysis:
   closed: Any  # the inlined ClosedJaxpr of fun on flat arguments
-  treedef: Any
   image_leaves: tuple[int, ...]  # flat indices of the images
   stages: tuple[tuple[int, ...], ...]  # equation indices per stage
   static_eqns: tuple[int, ...]  # equations that read no image: run once
@@ -250,7 +245,6 @@ class NotLocalError(StreamError):
 class _Traced:
   """`fun` traced on its images' shapes: which equations read an image (`dep_eqns`, in order)."""
   closed: Any
-  treedef: Any
   leaves: list
   images: tuple[int, ...]
   image_vars: tuple[Any, ...]
@@ -262,7 +256,7 @@ class _Traced:
 def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, list]:
   traced = _trace(fun, args, argnums)
   closed, jaxpr = traced.closed, traced.closed.jaxpr
-  treedef, leaves, images = traced.treedef, traced.leaves, traced.images
+  leaves, images = traced.leaves, traced.images
   image_vars, expand = list(traced.image_vars), traced.expand
   dep_eqns, static_eqns = list(traced.dep_eqns), list(traced.static_eqns)
   out = jaxpr.outvars[0]
@@ -272,8 +266,7 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
     squeeze = _removed_axes(last)
     dep_eqns.pop()
     out = last.invars[0]
-  return _stages(fun, closed, treedef, leaves, images, image_vars, expand, dep_eqns, static_eqns,
-                 out, squeeze)
+  return _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, out, squeeze)
 
 
 def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
@@ -351,11 +344,11 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
       static_eqns.append(i)
   if jaxpr.outvars[0] not in dependent:
     raise StreamError("stream: fun's output does not depend on the image arguments.")
-  return _Traced(closed, treedef, leaves, tuple(images), tuple(image_vars), expand,
+  return _Traced(closed, leaves, tuple(images), tuple(image_vars), expand,
                  tuple(dep_eqns), tuple(static_eqns))
 
 
-def _stages(fun, closed, treedef, leaves, images, image_vars, expand, dep_eqns, static_eqns, out,
+def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, out,
             squeeze) -> tuple[_Analysis, list]:
   """The image equations cut into stages of one chain, or `NotLocalError`."""
   jaxpr = closed.jaxpr
@@ -421,7 +414,7 @@ def _stages(fun, closed, treedef, leaves, images, image_vars, expand, dep_eqns, 
     if spatial & set(axes):
       raise StreamError(f"stream: fun adds a unit axis to image {k} along a spatial axis of its "
                         "convs; stream reads images with their own spatial axes.")
-  analysis = _Analysis(closed, treedef, tuple(images), tuple(map(tuple, stages)),
+  analysis = _Analysis(closed, tuple(images), tuple(map(tuple, stages)),
                        tuple(static_eqns), out.aval, tuple(image_vars), expand, squeeze,
                        jaxpr.outvars[0].aval)
   return analysis, leaves
@@ -494,18 +487,21 @@ def make_plan(analysis: _Analysis, policy: decide_lib.Policy, chunks=None) -> St
 # ---------------------------------------------------------------------------------------------
 # The tile program
 # ---------------------------------------------------------------------------------------------
-def _smalls(analysis: _Analysis, leaves, chain: region_lib.Chain) -> tuple:
-  """The tile program's small operands (`chain.smalls`): the equations that read no image, run
-  once now."""
-  jaxpr, closed = analysis.closed.jaxpr, analysis.closed
+def static_values(closed, leaves, images, static_eqns) -> dict:
+  """Every value that reads no image (parameters, constants and what is computed from them),
+  computed once now, by var."""
+  jaxpr = closed.jaxpr
   env = dict(zip(jaxpr.constvars, closed.consts))
   for i, (v, x) in enumerate(zip(jaxpr.invars, leaves)):
-    if i not in analysis.image_leaves:
+    if i not in images:
       env[v] = x
-  for i in analysis.static_eqns:
-    e = jaxpr.eqns[i]
-    inputs = [v.val if isinstance(v, _compat.Literal) else env[v] for v in e.invars]
-    env.update(zip(e.outvars, _compat.eval_eqn(e, inputs)))
+  _compat.eval_eqns([jaxpr.eqns[i] for i in static_eqns], env)
+  return env
+
+
+def _smalls(analysis: _Analysis, leaves, chain: region_lib.Chain) -> tuple:
+  """The tile program's small operands (`chain.smalls`)."""
+  env = static_values(analysis.closed, leaves, analysis.image_leaves, analysis.static_eqns)
   return tuple(env[v] for v in chain.smalls)
 
 
