@@ -116,9 +116,9 @@ def _segment_fun(jaxpr, segment: Segment):
 class Spilled:
   """The segments of one call, with a sub-`Streamed` per local segment."""
 
-  def __init__(self, streamed: stream_lib.Streamed, args, error: stream_lib.NotLocalError):
+  def __init__(self, streamed: stream_lib.Streamed, error: stream_lib.NotLocalError):
     self.streamed = streamed
-    self.traced = stream_lib._trace(streamed.fun, args, streamed._argnums)
+    self.traced = error.traced
     self.segments = segments(self.traced)
     self.statics = stream_lib.static_values(self.traced.closed, self.traced.leaves,
                                             self.traced.images, self.traced.static_eqns)
@@ -146,7 +146,7 @@ class Spilled:
               jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in segment.smalls]
     return [host[v] if v in host else self.statics[v] for v in segment.smalls]
 
-  def plan(self, abstract_images) -> SpillPlan:
+  def plan(self) -> SpillPlan:
     """Each local segment's `StreamPlan` (None where it cannot stream), at abstract shapes."""
     plans = []
     for segment, sub in zip(self.segments, self.subs):

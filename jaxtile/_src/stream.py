@@ -238,7 +238,7 @@ class NotLocalError(StreamError):
 
   def __init__(self, message: str, eqn):
     super().__init__(message)
-    self.eqn = eqn
+    self.eqn, self.traced = eqn, None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -266,7 +266,12 @@ def _analyse(fun: Callable, args: Sequence[Any], argnums) -> tuple[_Analysis, li
     squeeze = _removed_axes(last)
     dep_eqns.pop()
     out = last.invars[0]
-  return _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, out, squeeze)
+  try:
+    return _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, out,
+                   squeeze)
+  except NotLocalError as e:
+    e.traced = traced  # what `spill` segments, without tracing again
+    raise
 
 
 def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
@@ -818,7 +823,7 @@ class Streamed:
       if not self._spill:
         raise
       from jaxtile._src import spill as spill_lib  # it builds on this module
-      return spill_lib.Spilled(self, args, e).plan(args)
+      return spill_lib.Spilled(self, e).plan()
     memory = _compiled_bytes(self._program(plan, analysis), plan)
     return dataclasses.replace(plan, device_bytes=memory)
 
@@ -835,7 +840,7 @@ class Streamed:
       if not self._spill:
         raise
       from jaxtile._src import spill as spill_lib  # it builds on this module
-      return spill_lib.Spilled(self, args, e).run(out, resume, progress, journal)
+      return spill_lib.Spilled(self, e).run(out, resume, progress, journal)
     for i in analysis.image_leaves:
       if isinstance(leaves[i], _Abstract):
         raise StreamError("stream: an image given as jax.ShapeDtypeStruct has no data to "
