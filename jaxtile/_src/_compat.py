@@ -135,18 +135,22 @@ def define_bilinear_primitive(prim, *, impl_lowering: Callable, abstract_eval: C
 
 
 def define_primitive(prim, *, impl_lowering: Callable, abstract_eval: Callable, jvp: Callable,
-                     batch_rule: Callable) -> None:
+                     batch_rule: Callable, transpose: Callable | None = None) -> None:
   """Registers a primitive with its impl and lowering (`impl_lowering` traced), JVP and
-  batching rules."""
+  batching rules, and for a primitive linear in some operands its transpose rule
+  (`transpose(ct, *operands, **params)`, operands to transpose as `UndefinedPrimal`s)."""
   prim.def_impl(functools.partial(_dispatch.apply_primitive, prim))
   prim.def_effectful_abstract_eval(abstract_eval)
   _mlir.register_lowering(prim, _mlir.lower_fun(impl_lowering, multiple_results=False))
   _ad.primitive_jvps[prim] = jvp
   _batching.primitive_batchers[prim] = batch_rule
+  if transpose is not None:
+    _ad.primitive_transposes[prim] = transpose
 
 
 Literal = jex.core.Literal
 Zero = _ad.Zero
+is_undefined_primal = _ad.is_undefined_primal
 
 
 def eval_eqn(eqn: JaxprEqn, inputs) -> list:
@@ -213,3 +217,24 @@ def eval_jaxpr_rebinding(closed: ClosedJaxpr, rebind: dict, *args) -> list:
       outs = eval_eqn(eqn, inputs)
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
+
+
+def custom_jvp_rule(eqn: JaxprEqn):
+  """The JVP rule of a `custom_jvp_call` equation as `(jaxpr, consts)`, the jaxpr taking the
+  non-const primals and then a tangent for each of them and returning the primal outputs and
+  then their tangents; None where the rule is not available as such (a rule returning symbolic
+  zeros, or a JAX that keeps it elsewhere).
+
+  `jvp_jaxpr_fun` is the memoised thunk the tracer stores (`partial_eval._memoize`), traced on
+  the equation's own avals."""
+  thunk = eqn.params.get("jvp_jaxpr_fun")
+  if thunk is None or "num_consts" not in eqn.params:
+    return None
+  n = len(eqn.invars) - eqn.params["num_consts"]
+  try:
+    jaxpr, consts, out_zeros = thunk.call_wrapped(*[False] * n)
+  except Exception:  # noqa: BLE001 -- a rule that cannot be traced alone: no rule
+    return None
+  if any(out_zeros) or len(jaxpr.invars) != 2 * n:
+    return None
+  return jaxpr, consts

@@ -236,17 +236,47 @@ def _is_small(aval, layout: Layout, rank: int) -> bool:
       shape[layout.batch] == 1)
 
 
-def _elementwise_body(eqn) -> Optional[Any]:
-  """The jaxpr of a call equation whose body is elementwise throughout, else None."""
+def _elementwise_body(eqn, rule: bool = True) -> Optional[Any]:
+  """The jaxpr of a call equation whose body is elementwise throughout, else None.
+
+  A `custom_jvp` call (`jax.nn.relu`) qualifies only with its own JVP rule elementwise too
+  (`_rule_is_elementwise`; not checked for the calls inside a rule, which windows only
+  evaluate): a window's derivative runs that rule, never the derivative of the body (relu's is 0
+  at 0, its body `max(x, 0)`'s would be 1/2).
+  """
   key = _CALLS.get(eqn.primitive.name)
   if key is None or key not in eqn.params:
     return None
   closed = eqn.params[key]
   jaxpr = getattr(closed, "jaxpr", closed)
   for e in jaxpr.eqns:
-    if e.primitive.name not in ELEMENTWISE and _elementwise_body(e) is None:
+    if e.primitive.name not in ELEMENTWISE and _elementwise_body(e, rule) is None:
       return None
+  if rule and eqn.primitive.name == "custom_jvp_call" and not _rule_is_elementwise(eqn):
+    return None
   return closed
+
+
+def _rule_is_elementwise(eqn) -> bool:
+  """Whether a custom_jvp call's JVP rule (`_compat.custom_jvp_rule`) can run on windows: every
+  equation elementwise, or a broadcast of a scalar or small operand to the call's full shape
+  (zeros for a masked tangent), which on a window becomes a broadcast to the window's shape."""
+  if eqn.params.get("num_consts", 0) or len(eqn.outvars) != 1:
+    return False
+  rule = _compat.custom_jvp_rule(eqn)
+  if rule is None:
+    return False
+  jaxpr, consts = rule
+  full = tuple(eqn.outvars[0].aval.shape)
+  if any(np.ndim(c) for c in consts):
+    return False
+  for e in jaxpr.eqns:
+    if e.primitive.name == "broadcast_in_dim":
+      if tuple(e.params["shape"]) != full or e.invars[0].aval.ndim not in (0, len(full)):
+        return False
+    elif e.primitive.name not in ELEMENTWISE and _elementwise_body(e, rule=False) is None:
+      return False
+  return True
 
 
 def _is_concat(eqn, layout: Layout) -> bool:
@@ -728,29 +758,30 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-def _read_window(x, starts, widths, layout: Layout, low_pad, high_pad):
-  """`x` over `[start, start + width)` per spatial dim, zeros outside `x`. Starts are traced;
-  `low_pad`/`high_pad` bound how far any window reaches outside `x` (static)."""
-  begin = [0] * x.ndim
-  size = list(x.shape)
-  clamped = []
+def _piece_box(x_shape, starts, widths, layout: Layout):
+  """Where the in-bounds part of a window lies: per axis the start of the slice of `x` that
+  covers `[start, start + width)` (clamped into `x`; traced) and its size (static)."""
+  begin, size = [0] * len(x_shape), list(x_shape)
   for d, a in enumerate(layout.spatial):
-    n = x.shape[a]
-    size[a] = min(widths[d], n)
-    c = jnp.clip(starts[d], 0, n - size[a])
-    begin[a] = c
-    clamped.append(c)
-  piece = lax.dynamic_slice(x, begin, size)
-  config = [(0, 0, 0)] * x.ndim
+    size[a] = min(widths[d], x_shape[a])
+    begin[a] = jnp.clip(starts[d], 0, x_shape[a] - size[a])
+  return begin, size
+
+
+def _window_of(piece, begin, starts, widths, layout: Layout, low_pad, high_pad):
+  """The window `[start, start + width)` per spatial dim from the `piece` of `x` at `begin`
+  (`_piece_box`), zeros outside `x`; `low_pad`/`high_pad` bound how far any window reaches
+  outside `x` (static). Linear in `piece`: its transpose gives a window's cotangent back as the
+  piece's, added into `x`'s at `begin` (`emit_transpose`)."""
+  config = [(0, 0, 0)] * piece.ndim
   for d, a in enumerate(layout.spatial):
-    config[a] = (low_pad[d], high_pad[d] + widths[d] - size[a], 0)
-  padded = lax.pad(piece, jnp.zeros((), x.dtype), config)
-  begin = [0] * x.ndim
-  out_size = list(x.shape)
+    config[a] = (low_pad[d], high_pad[d] + widths[d] - piece.shape[a], 0)
+  padded = lax.pad(piece, jnp.zeros((), piece.dtype), config)
+  at, out_size = [0] * piece.ndim, list(piece.shape)
   for d, a in enumerate(layout.spatial):
-    begin[a] = starts[d] - clamped[d] + low_pad[d]
+    at[a] = starts[d] - begin[a] + low_pad[d]
     out_size[a] = widths[d]
-  return lax.dynamic_slice(padded, begin, out_size)
+  return lax.dynamic_slice(padded, at, out_size)
 
 
 def _mask_outside(v, starts, widths, extent, layout: Layout, fill=0):
@@ -767,20 +798,51 @@ def _mask_outside(v, starts, widths, extent, layout: Layout, fill=0):
   return jnp.where(valid, v, jnp.asarray(fill, v.dtype))
 
 
-def _eval_elementwise(eqn, args):
+def _eval_elementwise(eqn, args, reshape=None):
+  """An elementwise equation (`ELEMENTWISE`, or a call `_elementwise_body` accepts) on windows:
+  its primitives bound again on the windows' shapes. `reshape`: (full, window) shapes, for a JVP
+  rule's broadcasts to the full shape (`_rule_is_elementwise`)."""
+  if eqn.primitive.name == "custom_jvp_call":
+    return _custom_elementwise(eqn, args)
   body = _elementwise_body(eqn)
   if body is None:
     return eqn.primitive.bind(*args, **eqn.params)
-  (out,) = _eval_eqns(getattr(body, "jaxpr", body), getattr(body, "consts", ()), args)
+  (out,) = _eval_eqns(getattr(body, "jaxpr", body), getattr(body, "consts", ()), args, reshape)
   return out
 
 
-def _eval_eqns(jaxpr, consts, args):
+def _custom_elementwise(eqn, args):
+  """A custom_jvp call on windows, again a custom_jvp: its body for the value, its own JVP rule
+  for derivatives, both evaluated on the windows' shapes."""
+  body = eqn.params["call_jaxpr"]
+  rule, rule_consts = _compat.custom_jvp_rule(eqn)
+  full = tuple(eqn.outvars[0].aval.shape)
+
+  @jax.custom_jvp
+  def call(*xs):
+    return _eval_eqns(body.jaxpr, body.consts, xs)[0]
+
+  @call.defjvp
+  def _(primals, tangents):
+    window = np.broadcast_shapes(*(np.shape(x) for x in primals))
+    out, tangent = _eval_eqns(rule, rule_consts, [*primals, *tangents], (full, window))
+    return out, tangent
+
+  return call(*args)
+
+
+def _eval_eqns(jaxpr, consts, args, reshape=None):
   env = dict(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
   read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
   for e in jaxpr.eqns:
-    env[e.outvars[0]] = _eval_elementwise(e, [read(v) for v in e.invars])
+    ins = [read(v) for v in e.invars]
+    if reshape is not None and e.primitive.name == "broadcast_in_dim":
+      assert tuple(e.params["shape"]) == reshape[0], e  # `_rule_is_elementwise`
+      out = lax.broadcast_in_dim(ins[0], reshape[1], e.params["broadcast_dimensions"])
+    else:
+      out = _eval_elementwise(e, ins, reshape)
+    env[e.outvars[0]] = out
   return [read(v) for v in jaxpr.outvars]
 
 
@@ -861,71 +923,257 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None)
   return env[plan.output]
 
 
-def emit(chain: Chain, *operands):
-  """The region's output, computed tile by tile in one loop (piece 0 peeled, as in `lower`)."""
-  xs = dict(zip(chain.inputs, operands[:len(chain.inputs)]))
-  smalls = dict(zip(chain.smalls, operands[len(chain.inputs):]))
-  last, layout, k = chain.stages[-1], chain.layout, len(chain.tile)
-  out_extent = last.extent[last.output]
-  # Every tile's offsets, per stage and dim (offsets along one dim do not depend on the others').
-  offsets = chain.offsets([_offsets(n, t) for n, t in zip(out_extent, last.tile)])
-  counts = [len(o) for o in offsets[-1]]
-  fast = forms.for_backend()
+class _Loop:
+  """A chain's loop over output tiles, static throughout: per tile (a flat index, traced) the
+  offsets of every stage, the pieces of the full-size inputs its windows cover, and the output
+  tile computed from them. The forward loop (`emit`), its tangent (`emit_jvp`) and its transpose
+  (`emit_transpose`) all run these same tiles."""
 
-  def reach(p, at, v, shift, width):
-    """How far, over all tiles, a window of v reaches below 0 and beyond v's extent."""
-    lo, hi = [], []
-    starts = p.start(v, at, shift)
-    for d in range(k):
-      lo.append(max(0, -int(np.min(starts[d]))))
-      hi.append(max(0, int(np.max(starts[d])) + width[d] - p.extent[v][d]))
-    return lo, hi
+  def __init__(self, chain: Chain):
+    self.chain = chain
+    last, k = chain.stages[-1], len(chain.tile)
+    self.extent = last.extent[last.output]
+    # Every tile's offsets, per stage and dim (offsets along one dim do not depend on the others').
+    offsets = chain.offsets([_offsets(n, t) for n, t in zip(self.extent, last.tile)])
+    self.counts = [len(o) for o in offsets[-1]]
+    self.n = math.prod(self.counts)
+    self.fast = forms.for_backend()
 
-  reaches = [[reach(p, offsets[n], v, p.shift[v], p.width[v]) for v in chain.read_by(n)]
-             for n, p in enumerate(chain.stages)]
-  outside = [functools.partial(lambda p, at, v, shift, width: any(sum(
-      reach(p, at, v, shift, width), [])), p, offsets[n]) for n, p in enumerate(chain.stages)]
-  tables = [[jnp.asarray(o, jnp.int32) for o in at] for at in offsets]
+    def reach(p, at, v, shift, width):
+      """How far, over all tiles, a window of v reaches below 0 and beyond v's extent."""
+      lo, hi = [], []
+      starts = p.start(v, at, shift)
+      for d in range(k):
+        lo.append(max(0, -int(np.min(starts[d]))))
+        hi.append(max(0, int(np.max(starts[d])) + width[d] - p.extent[v][d]))
+      return lo, hi
 
-  def tile_at(flat):
+    self.reaches = [[reach(p, offsets[n], v, p.shift[v], p.width[v]) for v in chain.read_by(n)]
+                    for n, p in enumerate(chain.stages)]
+    self.outside = [functools.partial(lambda p, at, v, shift, width: any(sum(
+        reach(p, at, v, shift, width), [])), p, offsets[n]) for n, p in enumerate(chain.stages)]
+    self.tables = offsets
+
+  def index(self, flat):
+    """The tile's index per spatial dim."""
     index, rest = [], flat
-    for n in reversed(counts):
+    for n in reversed(self.counts):
       index.append(rest % n)
       rest = rest // n
-    index = index[::-1]
-    o = [[table[d][index[d]] for d in range(k)] for table in tables]
+    return index[::-1]
+
+  def offsets(self, index) -> list:
+    """Per stage, the tile's offsets per spatial dim."""
+    k = len(self.counts)
+    return [[jnp.asarray(table[d], jnp.int32)[index[d]] for d in range(k)]
+            for table in self.tables]
+
+  def boxes(self, o) -> list:
+    """Per stage and value it reads, the box of the value its window covers (`_piece_box`)."""
+    chain = self.chain
+    return [[_piece_box(v.aval.shape, p.start(v, o[n]), p.width[v], chain.layout)
+             for v in chain.read_by(n)] for n, p in enumerate(chain.stages)]
+
+  def pieces(self, xs: dict, boxes) -> list:
+    chain = self.chain
+    return [[lax.dynamic_slice(xs[v], *box) for v, box in zip(chain.read_by(n), boxes[n])]
+            for n in range(len(chain.stages))]
+
+  def tile(self, o, boxes, pieces, smalls: dict):
+    """The output tile at offsets `o` from the pieces of the inputs and the small operands."""
+    chain = self.chain
     with jax.named_scope("select"):
-      windows = [[_read_window(xs[v], p.start(v, o[n]), p.width[v], layout, low, high)
-                  for v, (low, high) in zip(chain.read_by(n), reaches[n])]
+      windows = [[_window_of(piece, begin, p.start(v, o[n]), p.width[v], chain.layout, lo, hi)
+                  for v, piece, (begin, _), (lo, hi)
+                  in zip(chain.read_by(n), pieces[n], boxes[n], self.reaches[n])]
                  for n, p in enumerate(chain.stages)]
     with jax.named_scope("process"):
-      tile = chain.compute(o, windows, smalls, fast, outside)
-    begin = [0] * last.output.aval.ndim
-    for d, a in enumerate(layout.spatial):
+      return chain.compute(o, windows, smalls, self.fast, self.outside)
+
+  def out_box(self, o) -> tuple[list, list]:
+    """Where the output tile at offsets `o` lies in the output: begin and size per axis."""
+    out = self.chain.output
+    begin, size = [0] * out.aval.ndim, list(out.aval.shape)
+    for d, a in enumerate(self.chain.layout.spatial):
       begin[a] = o[-1][d]
-    return tile, begin
+      size[a] = self.chain.tile[d]
+    return begin, size
+
+  def owned(self, index, o, ct):
+    """`ct` (an output tile's cotangent) zero where an earlier tile also wrote: the last tile
+    along a dim is shifted back to end at the extent (`_offsets`), and each output position's
+    cotangent must reach the inputs once."""
+    valid = None
+    for d, a in enumerate(self.chain.layout.spatial):
+      if self.extent[d] % self.chain.tile[d] == 0:
+        continue
+      pos = o[-1][d] + lax.broadcasted_iota(jnp.int32, ct.shape, a)
+      ok = pos >= index[d] * self.chain.tile[d]
+      valid = ok if valid is None else valid & ok
+    return ct if valid is None else jnp.where(valid, ct, jnp.zeros((), ct.dtype))
+
+  def run(self, body, init):
+    """`init` through `body(flat, carry)` for every tile, tile 0 peeled (as in `lower`)."""
+    carry = body(0, init)
+    return carry if self.n == 1 else lax.fori_loop(1, self.n, body, carry)
+
+
+def emit(chain: Chain, *operands):
+  """The region's output, computed tile by tile in one loop."""
+  loop = _Loop(chain)
+  xs = dict(zip(chain.inputs, operands[:len(chain.inputs)]))
+  smalls = dict(zip(chain.smalls, operands[len(chain.inputs):]))
 
   def body(i, out):
-    tile, begin = tile_at(i)
+    o = loop.offsets(loop.index(i))
+    boxes = loop.boxes(o)
+    tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
     with jax.named_scope("reassemble"):
-      return lax.dynamic_update_slice(out, tile, begin)
+      return lax.dynamic_update_slice(out, tile, loop.out_box(o)[0])
 
-  out = jnp.zeros(last.output.aval.shape, last.output.aval.dtype)
   with jax.named_scope(chain.name):
-    out = body(0, out)
-    n = math.prod(counts)
-    return out if n == 1 else lax.fori_loop(1, n, body, out)
+    return loop.run(body, jnp.zeros(chain.output.aval.shape, chain.output.aval.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
-# The primitive: fused forward, per-conv derivatives
+# Derivatives: a region's tangent and its transpose are loops over the same tiles
 # ---------------------------------------------------------------------------------------------
+# The tangent of a region is linear in the tangents of its operands. It is bound as its own
+# primitive, `jaxtile_region_jvp`, over the primals and the nonzero tangents: forward mode runs it
+# as a loop whose tiles push the tangent windows through the tile's computation (`jax.jvp` of
+# `_Loop.tile`); reverse mode transposes it into a loop that, per tile, recomputes the tile's
+# forward from the primal pieces and pulls the tile's cotangent back (`jax.vjp`), adding each
+# piece's cotangent into its input's at the piece's box and summing the small operands'
+# (kernels, biases). Every intermediate of the region lives a tile at a time in both directions,
+# and the residuals the backward pass keeps are the region's operands, nothing inside it: exact
+# tiled backpropagation, with the forward recomputed once per tile.
+def _split(chain: Chain, operands) -> tuple[dict, dict]:
+  n = len(chain.inputs)
+  return dict(zip(chain.inputs, operands[:n])), dict(zip(chain.smalls, operands[n:]))
+
+
 region_p = _compat.Primitive("jaxtile_region")
+region_jvp_p = _compat.Primitive("jaxtile_region_jvp")
 
 
+def bind(plan: Chain, *operands):
+  """The region's output from its inputs and then its small operands, in plan order."""
+  return region_p.bind(*operands, plan=plan)
+
+
+def _region_jvp(primals, tangents, *, plan):
+  out = region_p.bind(*primals, plan=plan)
+  nonzero = tuple(type(t) is not _compat.Zero and t.dtype != jax.dtypes.float0
+                  for t in tangents)
+  if not any(nonzero):
+    return out, _compat.Zero(plan.output.aval.to_tangent_aval())
+  tangents = [t for t, nz in zip(tangents, nonzero) if nz]
+  return out, region_jvp_p.bind(*primals, *tangents, plan=plan, nonzero=nonzero)
+
+
+def _tile_fun(loop: _Loop, o, boxes, pieces, smalls: dict, wrt):
+  """The output tile as a function of the pieces and small operands of the values in `wrt`
+  (the others fixed), with those pieces' (stage, position) slots and those smalls."""
+  chain = loop.chain
+  slots = [(n, j) for n in range(len(pieces)) for j, v in enumerate(chain.read_by(n)) if v in wrt]
+  small_vars = [v for v in chain.smalls if v in wrt]
+
+  def fun(piece_args, small_args):
+    ps = [list(row) for row in pieces]
+    for (n, j), piece in zip(slots, piece_args):
+      ps[n][j] = piece
+    return loop.tile(o, boxes, ps, {**smalls, **dict(zip(small_vars, small_args))})
+
+  args = ([pieces[n][j] for n, j in slots], [smalls[v] for v in small_vars])
+  return fun, args, slots, small_vars
+
+
+def emit_jvp(*operands, plan: Chain, nonzero):
+  """The region's tangent, tile by tile: each tile's forward pushed forward (`jax.jvp`) on the
+  tangents' pieces."""
+  chain, loop = plan, _Loop(plan)
+  xs, smalls = _split(chain, operands[:len(nonzero)])
+  keys = [v for v, nz in zip((*chain.inputs, *chain.smalls), nonzero) if nz]
+  tangents = dict(zip(keys, operands[len(nonzero):]))
+
+  def body(i, out):
+    o = loop.offsets(loop.index(i))
+    boxes = loop.boxes(o)
+    fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
+                                             tangents)
+    targs = ([lax.dynamic_slice(tangents[chain.read_by(n)[j]], *boxes[n][j]) for n, j in slots],
+             [tangents[v] for v in small_vars])
+    _, tile = jax.jvp(fun, args, targs)
+    return lax.dynamic_update_slice(out, tile, loop.out_box(o)[0])
+
+  with jax.named_scope(f"{chain.name}/jvp"):
+    return loop.run(body, jnp.zeros(chain.output.aval.shape, chain.output.aval.dtype))
+
+
+def _accumulator_dtype(dtype):
+  """Small operands' cotangents sum over every tile: in float32 at least."""
+  return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def emit_transpose(chain: Chain, primals, ct, wrt) -> dict:
+  """The cotangents of the operands in `wrt` (vars) given the output's `ct`, tile by tile: each
+  tile's forward recomputed from the primal pieces and pulled back (`jax.vjp`) from the tile's
+  cotangent; a piece's cotangent is added into its input's at the piece's box, the small
+  operands' summed over tiles."""
+  loop = _Loop(chain)
+  xs, smalls = _split(chain, primals)
+  inputs = [v for v in chain.inputs if v in wrt]
+  small_vars = [v for v in chain.smalls if v in wrt]
+
+  def body(i, carry):
+    acc_in, acc_small = carry
+    index = loop.index(i)
+    o = loop.offsets(index)
+    boxes = loop.boxes(o)
+    fun, args, slots, _ = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls, wrt)
+    begin, size = loop.out_box(o)
+    with jax.named_scope("select"):
+      ct_tile = loop.owned(index, o, lax.dynamic_slice(ct, begin, size))
+    _, pull = jax.vjp(fun, *args)
+    ct_pieces, ct_smalls = pull(ct_tile)
+    with jax.named_scope("reassemble"):
+      acc_in = list(acc_in)
+      for (n, j), g in zip(slots, ct_pieces):
+        k = inputs.index(chain.read_by(n)[j])
+        at, shape = boxes[n][j]
+        acc_in[k] = lax.dynamic_update_slice(
+            acc_in[k], lax.dynamic_slice(acc_in[k], at, shape) + g, at)
+      acc_small = [a + g.astype(a.dtype) for a, g in zip(acc_small, ct_smalls)]
+    return acc_in, acc_small
+
+  init = ([jnp.zeros(v.aval.shape, v.aval.dtype) for v in inputs],
+          [jnp.zeros(v.aval.shape, _accumulator_dtype(v.aval.dtype)) for v in small_vars])
+  with jax.named_scope(f"{chain.name}/transpose"):
+    acc_in, acc_small = loop.run(body, init)
+  return {**dict(zip(inputs, acc_in)),
+          **{v: a.astype(v.aval.dtype) for v, a in zip(small_vars, acc_small)}}
+
+
+def _region_transpose(ct, *operands, plan, nonzero):
+  primals, tangents = operands[:len(nonzero)], operands[len(nonzero):]
+  assert not any(_compat.is_undefined_primal(p) for p in primals), "nonlinear in the primals"
+  keys = [v for v, nz in zip((*plan.inputs, *plan.smalls), nonzero) if nz]
+  linear = [v for v, t in zip(keys, tangents) if _compat.is_undefined_primal(t)]
+  if type(ct) is _compat.Zero or not linear:
+    cts = {}
+  else:
+    cts = emit_transpose(plan, primals, ct, set(linear))
+  return [None] * len(primals) + [
+      (cts[v] if v in cts else _compat.Zero(t.aval.to_tangent_aval()))
+      if _compat.is_undefined_primal(t) else None for v, t in zip(keys, tangents)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched and higher-order: the region's equations at full size, each conv tiled on its own
+# ---------------------------------------------------------------------------------------------
 def unfused(plan: Chain, *operands):
-  """The region's equations at full size, each conv tiled on its own: what derivatives and
-  vmap see (see `lower.tiled_conv_p`)."""
+  """The region's equations at full size, each conv tiled on its own: what vmap and second
+  derivatives see (see `lower.tiled_conv_p`)."""
   env = dict(zip((*plan.inputs, *plan.smalls), operands))
   read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
   for e in plan.eqns:
@@ -934,26 +1182,38 @@ def unfused(plan: Chain, *operands):
       env[e.outvars[0]] = lower_lib.derived_conv(*args, policy=plan.policy, name=plan.name,
                                                  **e.params)
     else:
-      env[e.outvars[0]] = _eval_elementwise(e, args)
+      (env[e.outvars[0]],) = _compat.eval_eqn(e, args)
   return env[plan.output]
 
 
-def _region_jvp(primals, tangents, *, plan):
-  tangents = [jnp.zeros(p.shape, p.dtype) if type(t) is _compat.Zero else t
-              for p, t in zip(primals, tangents)]
-  return jax.jvp(functools.partial(unfused, plan), tuple(primals), tuple(tangents))
+def _unfused_tangent(plan: Chain, nonzero, *operands):
+  primals, tangents = operands[:len(nonzero)], iter(operands[len(nonzero):])
+  tangents = [next(tangents) if nz else _zero_tangent(p) for p, nz in zip(primals, nonzero)]
+  return jax.jvp(functools.partial(unfused, plan), tuple(primals), tuple(tangents))[1]
 
 
-def _region_batch(args, dims, *, plan):
-  return jax.vmap(functools.partial(unfused, plan), in_axes=dims)(*args), 0
+def _zero_tangent(x):
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros(x.shape, x.dtype)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _instantiate(primals, tangents):
+  return tuple(_zero_tangent(p) if type(t) is _compat.Zero else t
+               for p, t in zip(primals, tangents))
 
 
 _compat.define_primitive(
     region_p, impl_lowering=lambda *operands, plan: emit(plan, *operands),
     abstract_eval=lambda *args, plan: (plan.output.aval, set()), jvp=_region_jvp,
-    batch_rule=_region_batch)
-
-
-def bind(plan: Chain, *operands):
-  """The region's output from its inputs and then its small operands, in plan order."""
-  return region_p.bind(*operands, plan=plan)
+    batch_rule=lambda args, dims, *, plan: (
+        jax.vmap(functools.partial(unfused, plan), in_axes=dims)(*args), 0))
+_compat.define_primitive(
+    region_jvp_p, impl_lowering=emit_jvp,
+    abstract_eval=lambda *args, plan, nonzero: (plan.output.aval, set()),
+    jvp=lambda primals, tangents, *, plan, nonzero: jax.jvp(
+        functools.partial(_unfused_tangent, plan, nonzero), tuple(primals),
+        _instantiate(primals, tangents)),
+    batch_rule=lambda args, dims, *, plan, nonzero: (
+        jax.vmap(functools.partial(_unfused_tangent, plan, nonzero), in_axes=dims)(*args), 0),
+    transpose=_region_transpose)
