@@ -284,6 +284,70 @@ def test_gradients_through_a_fused_chain_match_untiled(name):
                                err_msg=f"{name}: gradient w.r.t. argument {i}")
 
 
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(chains())
+def test_random_chains_gradients_match_untiled(chain):
+  # The region's transpose (`region.emit_transpose`) on random chains: strides, dilations,
+  # transposed convs (stages), pools, skips. Every operand's cotangent against untiled.
+  f, max_bytes = chain.fn(), chain.budget()
+  x, params = chain.operands()
+  ct = jnp.asarray(np.random.default_rng(chain.seed).standard_normal(
+      jax.eval_shape(f, x, *params).shape).astype(np.float32))
+  argnums = tuple(range(1 + len(params)))
+  grad = lambda fun: jax.jit(jax.grad(lambda *a: jnp.sum(fun(*a) * ct), argnums=argnums))
+  want = grad(f)(x, *params)
+  got = grad(jaxtile.tile_convs(f, max_bytes=max_bytes, fuse=True))(x, *params)
+  for i, (g, w) in enumerate(zip(got, want)):
+    np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * max(1.0, float(
+        jnp.abs(w).max())), err_msg=f"gradient w.r.t. argument {i}: {chain}")
+
+
+def _kinked_net(x, w1, w2, w3):
+  """Activations meeting relu's kink exactly: zero images give convs of exactly 0."""
+  y = jax.nn.relu(_c(x, w1))
+  y = jax.nn.relu(_c(y, w2))
+  return _c(y, w3)
+
+
+def _kinked_args():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(1, 40, 36, 4)).astype(np.float32)
+  x[:, :20] = 0.0  # a black border, as satellite and slide scans have
+  ws = [rng.normal(size=(3, 3, 4, 8)), rng.normal(size=(3, 3, 8, 8)), rng.normal(size=(3, 3, 8, 4))]
+  return (jnp.asarray(x), *[jnp.asarray(w / 4, jnp.float32) for w in ws])
+
+
+def test_activation_derivatives_at_their_kinks_are_the_untiled_ones():
+  # relu is a custom_jvp: its derivative at 0 is 0. A window must run relu's rule, not the
+  # derivative of its body max(x, 0), which is 1/2 there: before, a fused region's gradient
+  # differed wherever a conv gave exactly 0 (all of a black border).
+  args = _kinked_args()
+  tiled = jaxtile.tile_convs(_kinked_net, max_bytes=8000, fuse=True)
+  assert len(jaxtile.explain(tiled)(*args).regions) == 1
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3)))
+  for got, want in zip(loss(tiled)(*args), loss(_kinked_net)(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_forward_mode_and_second_derivatives_through_a_region():
+  # jax.jvp runs the region's tangent loop (`region.emit_jvp`); a Hessian-vector product
+  # differentiates that loop's tangent once more (at full size, each conv tiled on its own).
+  args = _kinked_args()
+  tiled = jaxtile.tile_convs(_kinked_net, max_bytes=8000, fuse=True)
+  rng = np.random.default_rng(4)
+  tangents = tuple(jnp.asarray(rng.normal(size=a.shape), jnp.float32) for a in args)
+  (out, t_out), (want_out, want_t) = (jax.jit(lambda *a: jax.jvp(f, a, tangents))(*args)
+                                      for f in (tiled, _kinked_net))
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(t_out, want_t, rtol=1e-4, atol=1e-4 * float(jnp.abs(want_t).max()))
+
+  def hvp(f):
+    loss = lambda x: jnp.sum(jnp.tanh(f(x, *args[1:])))
+    return jax.jit(lambda x, v: jax.jvp(jax.grad(loss), (x,), (v,))[1])(args[0], tangents[0])
+  got, want = hvp(tiled), hvp(_kinked_net)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
 @pytest.mark.parametrize("name", sorted(GRAD_CHAINS))
 def test_vmap_of_a_fused_chain_matches_untiled(name):
   chain = GRAD_CHAINS[name]
@@ -350,6 +414,18 @@ def test_fused_chain_holds_tiles_not_activations(deep_chain_untiled_bytes):
   tiled = temp_bytes(jaxtile.tile_convs(_deep_chain, max_bytes=MiB, fuse=True), *_DEEP_ARGS)
   assert tiled <= 8 * MiB, (tiled, untiled)
   assert tiled <= untiled // 4, (tiled, untiled)
+
+
+def test_gradient_of_a_fused_chain_holds_tiles_not_activations():
+  # Issue 9, target 3: the untiled gradient keeps every activation for the backward pass
+  # (544 MiB here); the region's transpose recomputes each tile's forward, so the gradient holds
+  # the region's input, output and their cotangents (36 MiB: 0.07x).
+  grad = lambda f: jax.grad(lambda x, ws: f(x, ws).sum(), argnums=(0, 1))
+  untiled = temp_bytes(grad(_deep_chain), *_DEEP_ARGS)
+  tiled = temp_bytes(grad(jaxtile.tile_convs(_deep_chain, max_bytes=MiB, fuse=True)),
+                     *_DEEP_ARGS)
+  assert untiled >= 8 * 32 * MiB, untiled
+  assert tiled <= untiled // 8, (tiled, untiled)
 
 
 def test_per_conv_tiling_holds_no_more_than_untiled(deep_chain_untiled_bytes):
