@@ -11,8 +11,12 @@ size.
 
 A transposed (lhs-dilated) conv inside a region starts a new stage of it (`Chain`): each stage
 is planned for the window the next one reads. Concatenations other than of a stage's inputs,
-reshapes, norms and everything else end a region; those convs are tiled one by one as before. Under differentiation and vmap a region is computed as its
-equations with each conv tiled on its own (`lower.tiled_conv_p`): exact, without the fused loop.
+reshapes, norms and everything else end a region; those convs are tiled one by one as before.
+
+Derivatives run over the same tiles: a region's tangent is a primitive of its own
+(`region_jvp_p`) whose transpose recomputes each tile's forward and pulls its cotangent back, so
+`jax.grad` saves only the region's operands. vmap and second derivatives compute the region's
+equations at full size with each conv tiled on its own (`unfused`): exact, without the loop.
 """
 
 from __future__ import annotations
@@ -1013,7 +1017,10 @@ class _Loop:
     return ct if valid is None else jnp.where(valid, ct, jnp.zeros((), ct.dtype))
 
   def run(self, body, init):
-    """`init` through `body(flat, carry)` for every tile, tile 0 peeled (as in `lower`)."""
+    """`init` through `body(flat, carry)` for every tile, tile 0 peeled (as in `lower`: the
+    peeled tile's write into the zeros keeps XLA from materialising them at program start; a
+    transpose loop without it held 266 MiB more in the UNet gradient at 2048, and compiled in
+    3.2 s instead of 4.8)."""
     carry = body(0, init)
     return carry if self.n == 1 else lax.fori_loop(1, self.n, body, carry)
 
