@@ -1,5 +1,7 @@
 """Pieces divided among devices (`devices=`): same numbers as on one device, for every split."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,3 +192,47 @@ def test_user_shard_map_is_left_as_is_and_convs_tiled_per_device():
   assert c.tiled and c.pieces_per_device == (c.n_elemental,)
   got = jaxtile.tile_convs(per_device, tile_shape=(4, 16), devices=jax.devices()[:4])(x, w)
   np.testing.assert_allclose(got, jax.jit(conv)(x, w), rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regions (chains of convs and activations tiled as one loop) under devices=
+# ---------------------------------------------------------------------------------------------
+def _chain(x, w1, w2, w3):
+  y = jax.nn.relu(conv(x, w1))
+  y = jax.nn.relu(conv(y, w2) + 0.1)
+  return jax.nn.relu(conv(y, w3))
+
+
+def _chain_operands():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(1, 40, 36, 4)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=s) / 4, jnp.float32)
+        for s in [(3, 3, 4, 8), (3, 3, 8, 8), (3, 3, 8, 4)]]
+  return x, *ws
+
+
+@needs_8
+@pytest.mark.parametrize("n_devices", [4, 3])
+def test_region_tiles_are_dealt_out_over_devices(n_devices):
+  # 64 tiles on 3 devices: 22 each, the last device recomputing the final tile twice.
+  args = _chain_operands()
+  tiled = jaxtile.tile_convs(_chain, max_bytes=8000, devices=jax.devices()[:n_devices])
+  (region,) = jaxtile.explain(tiled)(*args).regions
+  assert region.devices == n_devices and math.prod(region.tiles) > n_devices, region
+  assert f"on {n_devices} devices" in region.describe()
+  np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(_chain)(*args), rtol=1e-5, atol=1e-5)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3)))
+  for got, want in zip(loss(tiled)(*args), loss(_chain)(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@needs_8
+def test_region_on_a_mesh_axis_with_sharded_output():
+  args = _chain_operands()
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tiles"))
+  tiled = jaxtile.tile_convs(_chain, max_bytes=8000, devices=mesh, mesh_axis="tiles",
+                             shard_output=True)
+  assert jaxtile.explain(tiled)(*args).regions[0].devices == 4
+  out = jax.jit(tiled)(*args)
+  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "tiles")), out.ndim)
+  np.testing.assert_allclose(out, jax.jit(_chain)(*args), rtol=1e-5, atol=1e-5)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtile._src import _compat
 from jaxtile._src import forms
@@ -1026,7 +1027,10 @@ class _Loop:
 
 
 def emit(chain: Chain, *operands):
-  """The region's output, computed tile by tile in one loop."""
+  """The region's output, computed tile by tile in one loop (its tiles dealt out over the
+  policy's devices where it has a mesh: `_emit_spread`)."""
+  if chain.policy.mesh is not None:
+    return _emit_spread(chain, *operands)
   loop = _Loop(chain)
   xs = dict(zip(chain.inputs, operands[:len(chain.inputs)]))
   smalls = dict(zip(chain.smalls, operands[len(chain.inputs):]))
@@ -1042,6 +1046,47 @@ def emit(chain: Chain, *operands):
     return loop.run(body, jnp.zeros(chain.output.aval.shape, chain.output.aval.dtype))
 
 
+def _emit_spread(chain: Chain, *operands):
+  """The region's tiles dealt out over the devices of `chain.policy.mesh` along its
+  `mesh_axis`, as `distribute.lower` deals a conv's blocks: device d computes tiles
+  [d * m, (d + 1) * m) for m = ceil(tiles / devices) from the replicated operands (the last
+  devices recompute the final tile where the count is uneven; the copy is dropped) and returns
+  them stacked; the stack's first `tiles` entries are then written at their offsets."""
+  policy = chain.policy
+  mesh, axis_name = policy.mesh, policy.mesh_axis
+  loop = _Loop(chain)
+  m = -(-loop.n // mesh.shape[axis_name])
+  out_aval = chain.output.aval
+  tile_shape = loop.out_box([[0] * len(chain.tile)])[1]
+
+  def per_device(*ops):
+    xs, smalls = _split(chain, ops)
+    first = lax.axis_index(axis_name) * m
+
+    def body(j, stack):
+      o = loop.offsets(loop.index(jnp.minimum(first + j, loop.n - 1)))
+      boxes = loop.boxes(o)
+      tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
+      return lax.dynamic_update_index_in_dim(stack, tile, j, 0)
+    stack = body(0, jnp.zeros((m, *tile_shape), out_aval.dtype))  # peeled, as `_Loop.run`
+    return stack if m == 1 else lax.fori_loop(1, m, body, stack)
+
+  spread = _compat.shard_map(per_device, mesh, in_specs=(P(),) * len(operands),
+                             out_specs=P(axis_name))
+  with jax.named_scope(chain.name):
+    stack = spread(*operands)
+    with jax.named_scope("reassemble"):
+      def write(i, out):
+        begin = loop.out_box(loop.offsets(loop.index(i)))[0]
+        return lax.dynamic_update_slice(out, stack[i], begin)
+      out = loop.run(write, jnp.zeros(out_aval.shape, out_aval.dtype))
+    if policy.shard_output:
+      spec = [None] * out.ndim
+      spec[chain.layout.spatial[0]] = axis_name
+      out = lax.with_sharding_constraint(out, NamedSharding(mesh, P(*spec)))
+  return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Derivatives: a region's tangent and its transpose are loops over the same tiles
 # ---------------------------------------------------------------------------------------------
@@ -1053,7 +1098,8 @@ def emit(chain: Chain, *operands):
 # piece's cotangent into its input's at the piece's box and summing the small operands'
 # (kernels, biases). Every intermediate of the region lives a tile at a time in both directions,
 # and the residuals the backward pass keeps are the region's operands, nothing inside it: exact
-# tiled backpropagation, with the forward recomputed once per tile.
+# tiled backpropagation, with the forward recomputed once per tile. These loops run on one
+# device, also for a region whose forward tiles are dealt out over a mesh (`_emit_spread`).
 def _split(chain: Chain, operands) -> tuple[dict, dict]:
   n = len(chain.inputs)
   return dict(zip(chain.inputs, operands[:n])), dict(zip(chain.smalls, operands[n:]))

@@ -197,6 +197,7 @@ class RegionReport:
   tile_bytes: int
   extra_macs_percent: float
   stages: int = 1  # a transposed conv inside a region starts a stage (`region.Chain`)
+  devices: int = 1  # the forward's tiles dealt out over this many devices (`devices=`)
 
   @classmethod
   def of(cls, plan, conv_names) -> RegionReport:
@@ -206,7 +207,7 @@ class RegionReport:
         tile_shape=plan.tile,
         halo=plan.halo,
         tile_bytes=plan.tile_bytes, extra_macs_percent=plan.extra_macs_percent,
-        stages=len(plan.stages))
+        stages=len(plan.stages), devices=plan.policy.n_devices)
 
   def describe(self) -> str:
     return (f"{short_name(self)}: {', '.join(c.removeprefix('jaxtile/') for c in self.convs)} "
@@ -214,7 +215,8 @@ class RegionReport:
             f"{f' in {self.stages} stages' if self.stages > 1 else ''}, "
             f"{'x'.join(map(str, self.tiles))} tiles of {'x'.join(map(str, self.tile_shape))}, "
             f"halo {'x'.join(map(str, self.halo))}, {spec_lib.format_bytes(self.tile_bytes)} "
-            f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos)")
+            f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos)"
+            f"{f', on {self.devices} devices' if self.devices > 1 else ''}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,8 +66,8 @@ class Rewriter:
 
   def _regions(self, jaxpr: _compat.Jaxpr) -> list[region_lib.Chain]:
     """The regions this policy tiles in `jaxpr`: chains with an oversized conv ("auto")."""
-    policy = self.policy
-    if policy.fuse is False or policy.tier in ("native", "reference") or policy.mesh is not None:
+    policy = self._local_policy()
+    if policy.fuse is False or policy.tier in ("native", "reference"):
       return []
     regions = []
     for members in region_lib.find_regions(jaxpr):
@@ -79,13 +79,20 @@ class Rewriter:
                                         len(self.regions) + len(regions))
     return regions
 
+  def _local_policy(self) -> decide_lib.Policy:
+    """The policy, without its mesh inside the user's own pmap/shard_map: that code is already
+    per device, so its convs and regions are tiled there and the distribution left to it."""
+    if self._spmd_depth and self.policy.mesh is not None:
+      return dataclasses.replace(self.policy, mesh=None, mesh_axis=None)
+    return self.policy
+
   def region(self, plan: region_lib.Chain) -> _compat.JaxprEqn:
     """One loop over the region's output tiles, bound in place of its equations."""
     self.regions.append(plan)
     for e in plan.convs:
       spec = ConvSpec.from_eqn(e)
       self.records.append(ConvRecord(len(self.records), spec,
-                                     decide_lib.decide(spec, self.policy, warn=False),
+                                     decide_lib.decide(spec, plan.policy, warn=False),
                                      region=plan.name))
     logging.info("jaxtile: %s: %d equations (%d convs) in %d tiles of %s, %.1f%% extra MACs",
                  plan.name, len(plan.eqns), len(plan.convs), plan.n_tiles, plan.tile,
@@ -132,10 +139,7 @@ class Rewriter:
     (wasteful or over-budget splits, explicit out_sharding).
     """
     spec = ConvSpec.from_eqn(eqn)
-    policy = self.policy
-    if self._spmd_depth and policy.mesh is not None:
-      # Already per-device code: tile its convs, leave the distribution to the user's program.
-      policy = dataclasses.replace(policy, mesh=None, mesh_axis=None)
+    policy = self._local_policy()
     decision = decide_lib.decide(spec, policy, warn=warn)
     if eqn.params.get("out_sharding") is not None and decision.tiled:
       if warn:
