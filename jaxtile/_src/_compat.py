@@ -135,13 +135,14 @@ def define_bilinear_primitive(prim, *, impl_lowering: Callable, abstract_eval: C
 
 
 def define_primitive(prim, *, impl_lowering: Callable, abstract_eval: Callable, jvp: Callable,
-                     batch_rule: Callable, transpose: Callable | None = None) -> None:
+                     batch_rule: Callable, transpose: Callable | None = None,
+                     multiple_results: bool = False) -> None:
   """Registers a primitive with its impl and lowering (`impl_lowering` traced), JVP and
   batching rules, and for a primitive linear in some operands its transpose rule
   (`transpose(ct, *operands, **params)`, operands to transpose as `UndefinedPrimal`s)."""
   prim.def_impl(functools.partial(_dispatch.apply_primitive, prim))
   prim.def_effectful_abstract_eval(abstract_eval)
-  _mlir.register_lowering(prim, _mlir.lower_fun(impl_lowering, multiple_results=False))
+  _mlir.register_lowering(prim, _mlir.lower_fun(impl_lowering, multiple_results=multiple_results))
   _ad.primitive_jvps[prim] = jvp
   _batching.primitive_batchers[prim] = batch_rule
   if transpose is not None:

@@ -133,6 +133,9 @@ class Chain:
   stages: tuple[RegionPlan, ...]
   name: str
   policy: decide_lib.Policy
+  # Reductions of values made inside, computed by passes of their own before the loop
+  # (`emit_statistics`); the loop reads their results as small operands.
+  statistics: tuple["Statistics", ...] = ()
 
   @functools.cached_property
   def eqns(self) -> tuple[Any, ...]:
@@ -186,12 +189,16 @@ class Chain:
 
   @property
   def extra_macs_percent(self) -> float:
-    tiled = mono = 0
-    for p in self.stages:
-      for e in p.convs:
-        mono += _macs(e)
-        tiled += self.n_tiles * _macs(e, [p.width[e.outvars[0]][d] for d in range(len(p.tile))])
-    return 100 * (tiled / max(mono, 1) - 1)
+    """Multiply-adds beyond the untiled convs': recomputed halos, and each statistics pass's
+    recomputation of its source."""
+    mono = sum(_macs(e) for p in self.stages for e in p.convs)
+    return 100 * ((self.tiled_macs + sum(s.source.tiled_macs for s in self.statistics))
+                  / max(mono, 1) - 1)
+
+  @property
+  def tiled_macs(self) -> int:
+    return sum(self.n_tiles * _macs(e, [p.width[e.outvars[0]][d] for d in range(len(p.tile))])
+               for p in self.stages for e in p.convs)
 
   def offsets(self, o) -> list:
     """Per stage, its output tile's offset per spatial dim (ints, NumPy or traced) for the last
@@ -215,6 +222,20 @@ class Chain:
       x = compute_tile(p, offsets[k], inputs, [smalls[v] for v in p.smalls], fast,
                        outside=None if outside is None else outside[k])
     return x
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Statistics:
+  """Reductions over every spatial axis of a value a region makes inside (a norm's statistics),
+  computed before the region's loop by a pass over the tiles of that value: `source` is the
+  chain making it, planned for its tiles; `eqns` the statistics group (`_statistics_group`);
+  `outputs` the reductions' results, which the equations after them turn into the norm's small
+  operands. The value itself never exists at full size."""
+  source: Chain
+  value: Any
+  eqns: tuple[Any, ...]
+  outputs: tuple[Any, ...]
+  name: str
 
 
 def _ceil_div(a, b):
@@ -398,9 +419,81 @@ def _uses(jaxpr) -> dict:
   return uses
 
 
-def find_regions(jaxpr) -> list[list[int]]:
-  """Indices of the equations of every region of `jaxpr` (see the module docstring) with at
-  least two convs and one output."""
+# Reductions a tile can compute part of, with their identity (what a position it does not own
+# contributes) and how partial results combine.
+_REDUCTIONS = {"reduce_sum": (0, lax.add), "reduce_max": (-np.inf, lax.max),
+               "reduce_min": (np.inf, lax.min)}
+
+
+def _split_features(eqn, layout: Layout, spatial: tuple) -> Optional[tuple]:
+  """For a reshape that only splits the feature axis in two (GroupNorm's channels into groups),
+  where the spatial axes `spatial` of its operand land; else None."""
+  if eqn.params.get("dimensions") is not None:
+    return None
+  old, new = tuple(eqn.invars[0].aval.shape), tuple(eqn.params["new_sizes"])
+  f = layout.feature
+  if len(spatial) != len(layout.spatial) or len(old) != len(layout.spatial) + 2 or (
+      len(new) != len(old) + 1 or new[:f] != old[:f] or new[f + 2:] != old[f + 1:]
+      or new[f] * new[f + 1] != old[f]):
+    return None
+  return tuple(a + (a > f) for a in spatial)
+
+
+def _statistics_group(jaxpr, i: int, values, layout: Layout, uses) -> Optional[list[int]]:
+  """The equations from `jaxpr.eqns[i]` on that reduce region values over every spatial axis (a
+  norm's statistics: GroupNorm's sums of x and x^2 per group), if `i` starts such a group: each
+  a reshape splitting the feature axis, an elementwise op or a reduction (`_REDUCTIONS`) over
+  axes that include every spatial one, each reading only region values, the group's own
+  values and scalars, and every value it makes read only in the group except the reductions'
+  small results. A tile computes its part of each reduction (`emit_statistics`)."""
+  rank = len(layout.spatial) + 2
+  spatial = {}  # value -> its spatial axes (moved by a reshape that splits the features)
+  group, made = [], set()
+  frontier = [i]
+  while frontier:
+    j = frontier.pop(0)
+    if j in group:
+      continue
+    e = jaxpr.eqns[j]
+    if len(e.outvars) != 1:
+      return None
+    full = [v for v in e.invars if not isinstance(v, _compat.Literal)]
+    if not full or any(v not in values and v not in made or v.aval.ndim == 0 for v in full):
+      return None
+    axes = {spatial.get(v, layout.spatial if v.aval.ndim == rank else None) for v in full}
+    if len(axes) != 1 or None in axes:
+      return None
+    (axes,) = axes
+    out = e.outvars[0]
+    name = e.primitive.name
+    if name == "reshape":
+      axes = _split_features(e, layout, axes)
+      if axes is None:
+        return None
+    elif name in _REDUCTIONS:
+      if not set(axes) <= set(e.params["axes"]) or len(full) != 1:
+        return None
+      group.append(j)
+      continue  # a small result: read by whatever reads statistics
+    elif name not in ELEMENTWISE and _elementwise_body(e) is None or any(
+        v.aval.shape != out.aval.shape for v in full):
+      return None
+    group.append(j)
+    made.add(out)
+    spatial[out] = axes
+    readers = uses.get(out, [])
+    if len(jaxpr.eqns) in readers:
+      return None  # a jaxpr output
+    frontier += readers
+  if not any(jaxpr.eqns[j].primitive.name in _REDUCTIONS for j in group):
+    return None
+  return sorted(group)
+
+
+def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
+  """Every region of `jaxpr` (see the module docstring) with at least two convs and one output:
+  the indices of its equations, and the statistics groups (`_statistics_group`) that read
+  values it makes."""
   uses = _uses(jaxpr)
   regions, taken = [], set()
   for start, eqn in enumerate(jaxpr.eqns):
@@ -431,21 +524,39 @@ def find_regions(jaxpr) -> list[list[int]]:
       values.update(full)
       frontier += full
     members.sort()
+    groups, grouped = [], set()
     for i in range(start + 1, len(jaxpr.eqns)):
       e = jaxpr.eqns[i]
-      if i in taken or not any(v in values for v in e.invars if not isinstance(
+      if i in taken or i in grouped or not any(v in values for v in e.invars if not isinstance(
           v, _compat.Literal)):
         continue
       pool = _is_pool(e) and e.invars[0] in values and _pool_ok(e, layout)
       if pool or _region_conv(e, values, layout) is not None or _is_local(e, values, layout):
         members.append(i)
         values.add(e.outvars[0])
-      else:
+        continue
+      group = _statistics_group(jaxpr, i, values, layout, uses)
+      if group is None or any(j in taken for j in group):
         break  # a value of the region is read by what the region cannot hold
+      groups.append(group)
+      grouped.update(group)
+    # Members read by statistics alone (x * x of a variance) move into their group.
+    moved = True
+    while moved:
+      moved = False
+      for m in reversed(members):
+        readers = uses.get(jaxpr.eqns[m].outvars[0], [])
+        group = next((g for g in groups if readers and set(readers) <= set(g)), None)
+        if group is not None and m != members[0]:
+          members.remove(m)
+          group.append(m)
+          group.sort()
+          grouped.add(m)
+          moved = True
     # The longest prefix whose values are read outside it by one value alone, the last, and
-    # whose stages (`stages_of`) hand on one value each.
+    # whose stages (`stages_of`) hand on one value each. Statistics groups count as inside.
     while members:
-      inside = set(members)
+      inside = set(members) | grouped
       made = [jaxpr.eqns[i].outvars[0] for i in members]
       outside = [v for v in made if any(u not in inside for u in uses.get(v, []))]
       cut = _bad_stage(jaxpr, members, uses)
@@ -456,9 +567,21 @@ def find_regions(jaxpr) -> list[list[int]]:
       else:
         members.pop()
     if sum(_compat.is_conv(jaxpr.eqns[i]) for i in members) >= 2:
-      regions.append(members)
+      made = {jaxpr.eqns[i].outvars[0] for i in members[:-1]}
+      groups = [g for g in groups if _group_source(jaxpr, g, made) is not None]
+      regions.append((members, groups))
       taken.update(members)
+      taken.update(j for g in groups for j in g)
   return regions
+
+
+def _group_source(jaxpr, group: Sequence[int], made) -> Optional[Any]:
+  """The one value of `made` a statistics group reads, else None (a group over a region's
+  input or output reads a value that exists at full size anyway: XLA reduces it there)."""
+  inner = {jaxpr.eqns[j].outvars[0] for j in group}
+  read = {v for j in group for v in jaxpr.eqns[j].invars
+          if not isinstance(v, _compat.Literal) and v not in inner and v.aval.ndim > 0}
+  return read.pop() if len(read) == 1 and all(v in made for v in read) else None
 
 
 def stages_of(jaxpr, members: Sequence[int]) -> list[list[int]]:
@@ -611,12 +734,14 @@ def _macs(eqn, widths=None) -> int:
 
 
 def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: str,
-                tile: Optional[Sequence[int]] = None) -> Optional[RegionPlan]:
+                tile: Optional[Sequence[int]] = None, inside=frozenset()) -> Optional[RegionPlan]:
   """Tiles for the chain `members` of `jaxpr` within `policy.max_bytes`, or None when a tile of
   one output row (per dim) does not fit or the halos cost more than `MAX_EXTRA_MACS`.
 
   With `tile`, the output tile is that, whatever it costs (it may exceed the output: `stream`
   plans a region for the window a later one reads); None only when the chain is no region.
+  Equations in `inside` may read the chain's values too (statistics groups; for a statistics
+  source, the region's other equations).
   """
   eqns = tuple(jaxpr.eqns[i] for i in members)
   first = next(e for e in eqns if _compat.is_conv(e))
@@ -627,9 +752,9 @@ def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: 
   internal = {e.outvars[0] for e in eqns}
   # One output, and no full-size input but x: a part of a region cut where a residual crosses
   # the cut is not a region.
-  inside = set(members)
+  inside = set(members) | set(inside)
   uses = _uses(jaxpr)
-  if [v for v in internal if any(u not in inside for u in uses.get(v, []))] != [output]:
+  if any(v is not output and any(u not in inside for u in uses.get(v, [])) for v in internal):
     return None
   rank = len(first.invars[0].aval.shape)
   inputs = [x] if x is not None else []
@@ -688,12 +813,12 @@ def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: 
 
 
 def plan_chain(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: str,
-               tile: Optional[Sequence[int]] = None) -> Optional[Chain]:
+               tile: Optional[Sequence[int]] = None, inside=frozenset()) -> Optional[Chain]:
   """`plan_region` for a region of stages (`Chain`): the last stage's output tile halved until
   every stage's tile fits `policy.max_bytes` (or `tile`, whatever it costs)."""
   stages = stages_of(jaxpr, members)
   if len(stages) == 1:
-    p = plan_region(jaxpr, members, policy, name, tile)
+    p = plan_region(jaxpr, members, policy, name, tile, inside)
     return None if p is None else Chain((p,), name, policy)
   if not all(any(_compat.is_conv(jaxpr.eqns[i]) for i in st) for st in stages):
     return None
@@ -707,7 +832,7 @@ def plan_chain(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: s
   while True:
     plans, t = [None] * len(stages), tile
     for k in reversed(range(len(stages))):
-      plans[k] = plan_region(jaxpr, stages[k], policy, name, tile=t)
+      plans[k] = plan_region(jaxpr, stages[k], policy, name, tile=t, inside=inside)
       if plans[k] is None:
         return None
       t = plans[k].width[plans[k].inputs[0]]
@@ -726,6 +851,46 @@ def plan_chain(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: s
   return chain
 
 
+def _with_statistics(jaxpr, chain: Chain, members: Sequence[int], groups, policy
+                     ) -> Optional[Chain]:
+  """`chain` with the statistics groups whose source it makes inside, each planned as a
+  `Statistics` over the tiles of its source; None where a source does not plan or the
+  recomputation (halos and statistics passes) costs more than `MAX_EXTRA_MACS`."""
+  made = {jaxpr.eqns[i].outvars[0]: i for i in members}
+  del made[chain.output]
+  by_source: dict = {}
+  for g in groups:
+    source = _group_source(jaxpr, g, made)
+    if source is not None:
+      by_source.setdefault(source, []).extend(g)
+  if not by_source:
+    return chain
+  everything = frozenset(members) | frozenset(j for g in groups for j in g)
+  statistics = []
+  for n, (source, group) in enumerate(by_source.items()):
+    # The equations the source depends on, walked back through the region.
+    need, ancestors = {source}, []
+    for i in reversed([i for i in members if i <= made[source]]):
+      e = jaxpr.eqns[i]
+      if e.outvars[0] in need:
+        ancestors.insert(0, i)
+        need.update(v for v in e.invars if not isinstance(v, _compat.Literal))
+    if not any(_compat.is_conv(jaxpr.eqns[i]) for i in ancestors):
+      return None
+    name = f"{chain.name}/statistics{n}"
+    plan = plan_chain(jaxpr, ancestors, policy, name, inside=everything)
+    if plan is None:  # it may fit whole: one tile
+      extent = [source.aval.shape[a] for a in chain.layout.spatial]
+      plan = plan_chain(jaxpr, ancestors, policy, name, tile=extent, inside=everything)
+      if plan is None or plan.tile_bytes > policy.max_bytes:
+        return None
+    eqns = tuple(jaxpr.eqns[j] for j in sorted(group))
+    outputs = tuple(e.outvars[0] for e in eqns if e.primitive.name in _REDUCTIONS)
+    statistics.append(Statistics(plan, source, eqns, outputs, name))
+  chain = dataclasses.replace(chain, statistics=tuple(statistics))
+  return None if chain.extra_macs_percent > 100 * MAX_EXTRA_MACS else chain
+
+
 def _next_halved(tile: Sequence[int], halo: int) -> Optional[int]:
   """The dim to halve next. Strips first: XLA:CPU runs a conv on rows of the full width faster
   than on a square of the same area (`docs/benchmarks.md`, "Regions"), so the outer dims are
@@ -735,29 +900,51 @@ def _next_halved(tile: Sequence[int], halo: int) -> Optional[int]:
   return None if tile[d] == 1 else d
 
 
-def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first_index: int
-                ) -> list[Chain]:
-  """Regions covering as much of the chain as can be tiled within the halo cost: the longest
-  prefix from each conv that plans, greedily. They are named `jaxtile/region<i>` from
-  `first_index` on."""
+def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first_index: int,
+                 groups: Sequence[Sequence[int]] = ()) -> list[Chain]:
+  """Regions covering as much of the chain as can be tiled within the halo cost, greedily: from
+  each conv, the longest run of its equations that plans. They are named `jaxtile/region<i>`
+  from `first_index` on. A statistics group (`find_regions`) whose source a region makes inside
+  joins it (`_with_statistics`); the others are left to run on their full-size source.
+
+  A run may end after any equation from its last conv on (a residual block ends at its add,
+  before the next block's norm), and one that does not plan does not stop the search: a
+  residual crossing a cut plans again once the run takes in its add. `MISSES` runs in a row
+  that do not plan end it.
+  """
   conv_at = [i for i, m in enumerate(members) if _compat.is_conv(jaxpr.eqns[m])]
-  regions, start = [], 0
+  grouped = frozenset(j for g in groups for j in g)
+  regions, start, last_stop = [], 0, 0
   while start < len(conv_at) - 1:
-    best = None
+    # A leading concatenation or norm stays in: from the end of the region before, or of the
+    # conv before.
+    begin = max(last_stop, conv_at[start - 1] + 1 if start else 0)
+    name = f"jaxtile/region{first_index + len(regions)}"
+    best, misses = None, 0
     for end in range(start + 1, len(conv_at)):
-      stop = conv_at[end + 1] if end + 1 < len(conv_at) else len(members)
-      begin = 0 if start == 0 else conv_at[start]  # a leading concatenation stays in
-      plan = plan_chain(jaxpr, members[begin:stop], policy,
-                        f"jaxtile/region{first_index + len(regions)}")
+      last = conv_at[end + 1] if end + 1 < len(conv_at) else len(members)
+      plan = None
+      for stop in range(last, conv_at[end], -1):
+        plan = plan_chain(jaxpr, members[begin:stop], policy, name, inside=grouped)
+        if plan is not None:
+          plan = _with_statistics(jaxpr, plan, members[begin:stop], groups, policy)
+        if plan is not None:
+          break
       if plan is None:
-        break
-      best = (end, plan)
+        misses += 1
+        if misses == _MISSES:
+          break
+        continue
+      best, misses = (end, stop, plan), 0
     if best is None:
       start += 1
       continue
-    regions.append(best[1])
-    start = best[0] + 1
+    regions.append(best[2])
+    start, last_stop = best[0] + 1, best[1]
   return regions
+
+
+_MISSES = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -789,6 +976,14 @@ def _window_of(piece, begin, starts, widths, layout: Layout, low_pad, high_pad):
   return lax.dynamic_slice(padded, at, out_size)
 
 
+def _fill(value, dtype):
+  """`value` (0, or +-inf for a max or min) as a scalar of `dtype`: integer extremes for ints."""
+  if np.isinf(value) and not jnp.issubdtype(dtype, jnp.floating):
+    info = jnp.iinfo(dtype)
+    value = info.min if value < 0 else info.max
+  return jnp.asarray(value, dtype)
+
+
 def _mask_outside(v, starts, widths, extent, layout: Layout, fill=0):
   """`v` (a window at `starts`) with positions outside `[0, extent)` set to `fill` (the padding
   value of the op reading it: zero for a conv, the identity of a pool's reduction)."""
@@ -797,10 +992,7 @@ def _mask_outside(v, starts, widths, extent, layout: Layout, fill=0):
     pos = starts[d] + lax.broadcasted_iota(jnp.int32, v.shape, a)
     ok = (pos >= 0) & (pos < extent[d])
     valid = ok if valid is None else valid & ok
-  if np.isinf(fill) and not jnp.issubdtype(v.dtype, jnp.floating):
-    info = jnp.iinfo(v.dtype)
-    fill = info.min if fill < 0 else info.max
-  return jnp.where(valid, v, jnp.asarray(fill, v.dtype))
+  return jnp.where(valid, v, _fill(fill, v.dtype))
 
 
 def _eval_elementwise(eqn, args, reshape=None):
@@ -1004,18 +1196,19 @@ class _Loop:
       size[a] = self.chain.tile[d]
     return begin, size
 
-  def owned(self, index, o, ct):
-    """`ct` (an output tile's cotangent) zero where an earlier tile also wrote: the last tile
-    along a dim is shifted back to end at the extent (`_offsets`), and each output position's
-    cotangent must reach the inputs once."""
+  def owned(self, index, o, x, axes=None, fill=0):
+    """`x` (an output tile, or its cotangent; its spatial axes `axes`, the layout's by default)
+    set to `fill` where an earlier tile also wrote: the last tile along a dim is shifted back to
+    end at the extent (`_offsets`), and each output position must count once (in a cotangent
+    pulled back, in a sum over tiles)."""
     valid = None
-    for d, a in enumerate(self.chain.layout.spatial):
+    for d, a in enumerate(self.chain.layout.spatial if axes is None else axes):
       if self.extent[d] % self.chain.tile[d] == 0:
         continue
-      pos = o[-1][d] + lax.broadcasted_iota(jnp.int32, ct.shape, a)
+      pos = o[-1][d] + lax.broadcasted_iota(jnp.int32, x.shape, a)
       ok = pos >= index[d] * self.chain.tile[d]
       valid = ok if valid is None else valid & ok
-    return ct if valid is None else jnp.where(valid, ct, jnp.zeros((), ct.dtype))
+    return x if valid is None else jnp.where(valid, x, _fill(fill, x.dtype))
 
   def run(self, body, init):
     """`init` through `body(flat, carry)` for every tile, tile 0 peeled (as in `lower`: the
@@ -1085,6 +1278,66 @@ def _emit_spread(chain: Chain, *operands):
       spec[chain.layout.spatial[0]] = axis_name
       out = lax.with_sharding_constraint(out, NamedSharding(mesh, P(*spec)))
   return out
+
+
+def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile) -> list:
+  """Each reduction of the statistics group on the source's tile at offsets `o`: the group's
+  equations on the tile (a reshape splitting the features keeps the tile's spatial extent),
+  each reduction's operand set to its identity where the tile does not own a position."""
+  layout = stats.source.layout
+  env, spatial = {stats.value: tile}, {stats.value: layout.spatial}
+  read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
+  for e in stats.eqns:
+    args = [read(v) for v in e.invars]
+    full = next(v for v in e.invars if not isinstance(v, _compat.Literal))
+    out = e.outvars[0]
+    if e.primitive.name == "reshape":
+      f = layout.feature
+      shape = args[0].shape
+      env[out] = lax.reshape(args[0], (*shape[:f], *e.params["new_sizes"][f:f + 2],
+                                       *shape[f + 1:]))
+      spatial[out] = tuple(a + (a > f) for a in spatial[full])
+    elif e.primitive.name in _REDUCTIONS:
+      x = loop.owned(index, o, args[0], spatial[full], _REDUCTIONS[e.primitive.name][0])
+      env[out] = e.primitive.bind(x, **e.params)
+    else:
+      env[out] = _eval_elementwise(e, args)
+      spatial[out] = spatial[full]
+  return [env[v] for v in stats.outputs]
+
+
+def emit_statistics(stats: Statistics, *operands) -> list:
+  """The statistics' reductions, one pass over the tiles of their source: each tile computes
+  the source's tile (`_Loop.tile`, as a region's loop does) and its part of every reduction,
+  and the parts combine (sum, max or min) in the loop's carry."""
+  loop = _Loop(stats.source)
+  xs, smalls = _split(stats.source, operands)
+  combine = {v: _REDUCTIONS[e.primitive.name][1]
+             for e in stats.eqns for v in e.outvars if v in stats.outputs}
+
+  def body(i, acc):
+    index = loop.index(i)
+    o = loop.offsets(index)
+    boxes = loop.boxes(o)
+    tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
+    with jax.named_scope("reduce"):
+      parts = _reduce_tile(stats, loop, index, o, tile)
+      return [combine[v](a, p) for v, a, p in zip(stats.outputs, acc, parts)]
+
+  init = [jnp.full(v.aval.shape, _fill(_REDUCTIONS[e.primitive.name][0], v.aval.dtype))
+          for v in stats.outputs for e in stats.eqns if v in e.outvars]
+  with jax.named_scope(stats.name):
+    return loop.run(body, init)
+
+
+def _statistics_unfused(stats: Statistics, *operands) -> list:
+  """The statistics at full size: the source by `unfused`, the group's equations as they are
+  (what derivatives and vmap see)."""
+  env = {stats.value: unfused(stats.source, *operands)}
+  read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
+  for e in stats.eqns:
+    env.update(zip(e.outvars, _compat.eval_eqn(e, [read(v) for v in e.invars])))
+  return [env[v] for v in stats.outputs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1261,6 +1514,25 @@ _compat.define_primitive(
     abstract_eval=lambda *args, plan: (plan.output.aval, set()), jvp=_region_jvp,
     batch_rule=lambda args, dims, *, plan: (
         jax.vmap(functools.partial(unfused, plan), in_axes=dims)(*args), 0))
+statistics_p = _compat.Primitive("jaxtile_region_statistics")
+statistics_p.multiple_results = True
+
+
+def bind_statistics(stats: Statistics, *operands) -> list:
+  """The statistics' reductions from their source's inputs and then its small operands."""
+  return statistics_p.bind(*operands, stats=stats)
+
+
+_compat.define_primitive(
+    statistics_p, impl_lowering=lambda *operands, stats: emit_statistics(stats, *operands),
+    abstract_eval=lambda *args, stats: ([v.aval for v in stats.outputs], set()),
+    jvp=lambda primals, tangents, *, stats: jax.jvp(
+        functools.partial(_statistics_unfused, stats), tuple(primals),
+        _instantiate(primals, tangents)),
+    batch_rule=lambda args, dims, *, stats: (
+        jax.vmap(functools.partial(_statistics_unfused, stats), in_axes=dims)(*args),
+        [0] * len(stats.outputs)),
+    multiple_results=True)
 _compat.define_primitive(
     region_jvp_p, impl_lowering=emit_jvp,
     abstract_eval=lambda *args, plan, nonzero: (plan.output.aval, set()),

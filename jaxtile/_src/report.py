@@ -186,7 +186,8 @@ class RegionReport:
   footprint on it (the receptive field of a tile, grown layer by layer; in input elements, so
   a transposed conv's input counts each of its elements once; for a region of several stages,
   the first stage's, against that stage's tile); `extra_macs_percent` the multiply-adds spent
-  recomputing overlapping windows, relative to the untiled convs.
+  recomputing overlapping windows, and each statistics pass's recomputation of the value it
+  reduces, relative to the untiled convs.
   """
   name: str
   convs: tuple[str, ...]
@@ -198,6 +199,7 @@ class RegionReport:
   extra_macs_percent: float
   stages: int = 1  # a transposed conv inside a region starts a stage (`region.Chain`)
   devices: int = 1  # the forward's tiles dealt out over this many devices (`devices=`)
+  statistics: int = 0  # passes computing a norm's statistics over tiles (`region.Statistics`)
 
   @classmethod
   def of(cls, plan, conv_names) -> RegionReport:
@@ -207,7 +209,8 @@ class RegionReport:
         tile_shape=plan.tile,
         halo=plan.halo,
         tile_bytes=plan.tile_bytes, extra_macs_percent=plan.extra_macs_percent,
-        stages=len(plan.stages), devices=plan.policy.n_devices)
+        stages=len(plan.stages), devices=plan.policy.n_devices,
+        statistics=len(plan.statistics))
 
   def describe(self) -> str:
     return (f"{short_name(self)}: {', '.join(c.removeprefix('jaxtile/') for c in self.convs)} "
@@ -215,7 +218,8 @@ class RegionReport:
             f"{f' in {self.stages} stages' if self.stages > 1 else ''}, "
             f"{'x'.join(map(str, self.tiles))} tiles of {'x'.join(map(str, self.tile_shape))}, "
             f"halo {'x'.join(map(str, self.halo))}, {spec_lib.format_bytes(self.tile_bytes)} "
-            f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos)"
+            f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos"
+            f"{f' and {self.statistics} statistics passes' if self.statistics else ''})"
             f"{f', on {self.devices} devices' if self.devices > 1 else ''}")
 
 

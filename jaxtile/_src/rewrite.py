@@ -52,12 +52,19 @@ class Rewriter:
     return closed if jaxpr is closed.jaxpr else _compat.ClosedJaxpr(jaxpr, closed.consts)
 
   def jaxpr(self, jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
-    regions = {id(r.eqns[-1]): r for r in self._regions(jaxpr)}
-    fused = {id(e) for r in regions.values() for e in r.eqns}
+    chains = self._regions(jaxpr)
+    regions = {id(r.eqns[-1]): r for r in chains}
+    # A statistics pass stands where its group's first equation stood: before anything reads
+    # one of its reductions, after the inputs of its source.
+    statistics = {id(s.eqns[0]): s for r in chains for s in r.statistics}
+    fused = {id(e) for r in chains for e in (*r.eqns, *(e for s in r.statistics
+                                                          for e in s.eqns))}
     eqns = []
     for e in jaxpr.eqns:
       if id(e) in regions:  # a region's loop stands where its last equation stood
         eqns.append(self.region(regions[id(e)]))
+      elif id(e) in statistics:
+        eqns.append(self.statistics(statistics[id(e)]))
       elif id(e) not in fused:
         eqns.append(self.conv(e) if _compat.is_conv(e) else self.nested(e))
     if len(eqns) == len(jaxpr.eqns) and all(a is b for a, b in zip(eqns, jaxpr.eqns)):
@@ -70,13 +77,13 @@ class Rewriter:
     if policy.fuse is False or policy.tier in ("native", "reference"):
       return []
     regions = []
-    for members in region_lib.find_regions(jaxpr):
+    for members, groups in region_lib.find_regions(jaxpr):
       convs = [jaxpr.eqns[i] for i in members if _compat.is_conv(jaxpr.eqns[i])]
       if policy.tier == "auto" and policy.fuse == "auto" and all(
           not decide_lib.decide(ConvSpec.from_eqn(e), policy, warn=False).tiled for e in convs):
         continue
       regions += region_lib.split_region(jaxpr, members, policy,
-                                        len(self.regions) + len(regions))
+                                        len(self.regions) + len(regions), groups)
     return regions
 
   def _local_policy(self) -> decide_lib.Policy:
@@ -103,6 +110,16 @@ class Rewriter:
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in invars]
     return _compat.traced_call_eqn(fun, avals, invars, [plan.output],
                                    plan.eqns[-1].source_info)
+
+  def statistics(self, stats: region_lib.Statistics) -> _compat.JaxprEqn:
+    """One pass over the tiles of a region's value, computing its norm's reductions."""
+    source = stats.source
+    fun = lambda *operands: region_lib.bind_statistics(stats, *operands)
+    fun.__name__ = stats.name.replace("/", "_")
+    invars = [*source.inputs, *source.smalls]
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in invars]
+    return _compat.traced_call_eqn(fun, avals, invars, list(stats.outputs),
+                                   stats.eqns[0].source_info)
 
   def nested(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
     spmd = _compat.is_spmd(eqn)
