@@ -605,3 +605,103 @@ def test_elementwise_ops_making_a_transposed_convs_input_start_its_stage():
     first = report.regions[0]  # exp, add, the transposed conv, relu, a conv (and the last)
     assert first.convs[0] == "jaxtile/conv0" and first.n_eqns >= 5, report
     np.testing.assert_allclose(jax.jit(tiled)(x), jax.jit(f)(x), rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Norms: statistics as tiled reductions (region.Statistics)
+# ---------------------------------------------------------------------------------------------
+def _group_norm(x, scale, groups, channel_axis, eps=1e-5):
+  """GroupNorm as flax writes it: mean and E[x^2] per group over the image, broadcast back to
+  the channels and applied to `x` in its own layout."""
+  shape, c = x.shape, x.shape[channel_axis]
+  g = x.reshape(shape[:channel_axis] + (groups, c // groups) + shape[channel_axis + 1:])
+  axes = tuple(a for a in range(1, g.ndim) if a != channel_axis)
+  mean, mean2 = jnp.mean(g, axes), jnp.mean(g * g, axes)  # (batch, groups)
+  per_channel = [1] * x.ndim
+  per_channel[0], per_channel[channel_axis] = shape[0], c
+  back = lambda s: jnp.repeat(s, c // groups, axis=1).reshape(per_channel)
+  return (x - back(mean)) * lax.rsqrt(back(mean2 - mean * mean) + eps) * scale
+
+
+def _norm_net(channels_last):
+  spec = ("NHWC", "HWIO", "NHWC") if channels_last else ("NCHW", "OIHW", "NCHW")
+  c = -1 if channels_last else 1
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=spec)
+  bshape = (1, 1, 1, 8) if channels_last else (1, 8, 1, 1)
+
+  def net(x, w0, w1, w2, w3, s):
+    x = conv(x, w0)
+    # A residual block: norm, silu, conv, norm, silu, conv, add. Both norms read values the
+    # region makes: their statistics are passes over those values' tiles.
+    h = conv(jax.nn.silu(_group_norm(x, s.reshape(bshape), 4, c % 4)), w1)
+    h = jax.nn.silu(_group_norm(h, s.reshape(bshape), 4, c % 4))
+    x = x + conv(h, w2)
+    return conv(jax.nn.relu(x), w3)
+
+  def scaled(x, w0, w1, w2, w3, s):
+    # Scaled by the image's largest magnitude: a max reduction over the tiles.
+    x = conv(x, w0)
+    x = x / jnp.max(jnp.abs(x), axis=(1, 2) if channels_last else (2, 3), keepdims=True)
+    return conv(jax.nn.relu(conv(jax.nn.relu(x), w1)) * s.reshape(bshape), w3)
+  return net, scaled
+
+
+def _norm_operands(channels_last, shape=(1, 61, 47)):
+  rng = np.random.default_rng(11)
+  n, h, w = shape
+  x = rng.normal(size=(n, h, w, 3) if channels_last else (n, 3, h, w))
+  kernels = [(3, 3, 3, 8), (3, 3, 8, 8), (3, 3, 8, 8), (3, 3, 8, 2)]
+  if not channels_last:
+    kernels = [(o, i, kh, kw) for kh, kw, i, o in kernels]
+  ws = [rng.normal(size=k) / 6 for k in kernels]
+  return [jnp.asarray(a, jnp.float32) for a in (x, *ws, 1 + rng.normal(size=(8,)) / 4)]
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+@pytest.mark.parametrize("which, max_bytes, passes", [("block", 90000, 2), ("max", 24000, 1)])
+def test_norm_statistics_are_tiled_reductions(channels_last, which, max_bytes, passes):
+  # 61x47 does not divide into the tiles: the shifted-back last tiles overlap the ones before,
+  # and a position must count once in a sum (and in a max).
+  block, scaled = _norm_net(channels_last)
+  net, args = (block if which == "block" else scaled), _norm_operands(channels_last)
+  tiled = jaxtile.tile_convs(net, max_bytes=max_bytes, fuse=True)
+  report = jaxtile.explain(tiled)(*args)
+  (region,) = report.regions
+  assert region.statistics == passes and len(region.convs) == 3, str(report)
+  assert f"{passes} statistics passes" in str(report)
+  assert any(e % t for e, t in zip((61, 47), region.tile_shape)), region
+  np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(net)(*args), rtol=1e-5, atol=1e-5)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=range(6)))
+  for got, want in zip(loss(tiled)(*args), loss(net)(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_flax_group_norm_blocks_hold_less_than_untiled():
+  # The blocks of a VAE decoder or a diffusion UNet: GroupNorm, silu, conv, twice, plus the
+  # skip. Before, every norm cut the network and each conv was tiled alone (every activation
+  # at full size); now each block is a region and its second norm's statistics a tiled pass.
+  nn = pytest.importorskip("flax.linen")
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Conv(16, (3, 3))(jax.nn.silu(nn.GroupNorm(num_groups=4)(x)))
+      h = nn.Conv(16, (3, 3))(jax.nn.silu(nn.GroupNorm(num_groups=4)(h)))
+      return x + h
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = Block()(Block()(nn.Conv(16, (3, 3))(x)))
+      return nn.Conv(3, (3, 3))(x)
+
+  model = Net()
+  x = jax.random.normal(jax.random.key(1), (1, 250, 190, 3))
+  params = model.init(jax.random.key(0), x)
+  tiled = jaxtile.tile_convs(model.apply, max_bytes=400_000)
+  report = jaxtile.explain(tiled)(params, x)
+  assert len(report.regions) == 2 and all(r.statistics for r in report.regions), str(report)
+  np.testing.assert_allclose(jax.jit(tiled)(params, x), jax.jit(model.apply)(params, x),
+                             rtol=1e-5, atol=1e-5)
+  untiled = temp_bytes(model.apply, params, x)
+  assert temp_bytes(tiled, params, x) <= untiled // 2, (temp_bytes(tiled, params, x), untiled)
