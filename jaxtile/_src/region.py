@@ -10,8 +10,10 @@ every equation on windows, and writes the tile. Only the region's input and outp
 size.
 
 A transposed (lhs-dilated) conv inside a region starts a new stage of it (`Chain`): each stage
-is planned for the window the next one reads. Concatenations other than of a stage's inputs,
-reshapes, norms and everything else end a region; those convs are tiled one by one as before.
+is planned for the window the next one reads. A norm's statistics over the image, of a value
+the region makes, are a pass of their own over that value's tiles before the loop
+(`Statistics`). Concatenations other than of a stage's inputs, other reshapes and reductions,
+and everything else end a region; those convs are tiled one by one as before.
 
 Derivatives run over the same tiles: a region's tangent is a primitive of its own
 (`region_jvp_p`) whose transpose recomputes each tile's forward and pulls its cotangent back, so
