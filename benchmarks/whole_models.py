@@ -3,6 +3,7 @@
     python benchmarks/whole_models.py             # examples/flax_unet.py's model at 2048x2048
     python benchmarks/whole_models.py --size 512  # smaller and faster
     python benchmarks/whole_models.py --time 3    # also run the forwards, 3 alternating rounds
+    python benchmarks/whole_models.py --model vae # examples/flax_vae_decoder.py, 256x256 latent
 
 The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`), and the temporaries are
 XLA's buffer assignment (`memory_analysis().temp_size_in_bytes`). With `--time N` the untiled and
@@ -26,21 +27,32 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "example
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", type=int, default=2048)
+  parser.add_argument("--model", choices=("unet", "vae"), default="unet")
+  parser.add_argument("--size", type=int, default=None,
+                      help="image side (unet, default 2048) or latent side (vae, default 256)")
   parser.add_argument("--max-bytes", type=int, default=16 * 2**20)
   parser.add_argument("--time", type=int, default=0, help="alternating timed rounds (0: none)")
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)
-  import flax_unet  # noqa: E402 (the example, with its optional flax dependency)
-
-  model = flax_unet.UNet(widths=(32, 64, 128), out_channels=2)
-  x = jax.ShapeDtypeStruct((1, args.size, args.size, 3), jnp.float32)
+  # The examples, with their optional flax dependency.
+  if args.model == "unet":
+    import flax_unet  # noqa: E402
+    size = args.size or 2048
+    model = flax_unet.UNet(widths=(32, 64, 128), out_channels=2)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    label = f"flax UNet widths (32, 64, 128) on 1x{size}x{size}x3"
+  else:
+    import flax_vae_decoder  # noqa: E402
+    size = args.size or 256
+    model = flax_vae_decoder.Decoder(widths=(128, 64, 32), groups=32)
+    x = jax.ShapeDtypeStruct((1, size, size, 4), jnp.float32)
+    label = (f"flax VAE decoder widths (128, 64, 32), GroupNorm(32), on a 1x{size}x{size}x4 "
+             f"latent (image {4 * size}x{4 * size})")
   params = jax.eval_shape(model.init, jax.random.key(0), x)
   grad = lambda f: jax.grad(lambda p, x: f(p, x).sum())
   tiled = jaxtile.tile_convs(model.apply, max_bytes=args.max_bytes)
   per_conv = jaxtile.tile_convs(model.apply, max_bytes=args.max_bytes, fuse=False)
-  print(f"jax {jax.__version__}; flax UNet widths (32, 64, 128) on 1x{args.size}x{args.size}x3, "
-        f"max_bytes {args.max_bytes / 2**20:g} MiB\n")
+  print(f"jax {jax.__version__}; {label}, max_bytes {args.max_bytes / 2**20:g} MiB\n")
   print("| program | temporaries MiB | / untiled | compile s |")
   print("|---|--:|--:|--:|")
   rows = [("forward, untiled", model.apply), ("forward, tiled (regions)", tiled),

@@ -661,10 +661,13 @@ def _norm_operands(channels_last, shape=(1, 61, 47)):
 @pytest.mark.parametrize("which, max_bytes, passes", [("block", 90000, 2), ("max", 24000, 1)])
 def test_norm_statistics_are_tiled_reductions(channels_last, which, max_bytes, passes):
   # 61x47 does not divide into the tiles: the shifted-back last tiles overlap the ones before,
-  # and a position must count once in a sum (and in a max).
+  # and a position must count once in a sum (and in a max). NCHW with a batch of 2: statistics
+  # per sample, small operands of shape (2, 8, 1, 1).
   block, scaled = _norm_net(channels_last)
-  net, args = (block if which == "block" else scaled), _norm_operands(channels_last)
-  tiled = jaxtile.tile_convs(net, max_bytes=max_bytes, fuse=True)
+  net = block if which == "block" else scaled
+  batch = 1 if channels_last else 2
+  args = _norm_operands(channels_last, (batch, 61, 47))
+  tiled = jaxtile.tile_convs(net, max_bytes=batch * max_bytes, fuse=True)  # tiles span the batch
   report = jaxtile.explain(tiled)(*args)
   (region,) = report.regions
   assert region.statistics == passes and len(region.convs) == 3, str(report)

@@ -257,11 +257,12 @@ def _aval_bytes(shape, dtype) -> int:
 # Finding chains
 # ---------------------------------------------------------------------------------------------
 def _is_small(aval, layout: Layout, rank: int) -> bool:
+  """A scalar, or a value of size 1 along every spatial dim (a bias, a per-sample norm's
+  statistics): read whole by every tile, which spans the batch and the features."""
   shape = getattr(aval, "shape", ())
   if len(shape) == 0:
     return True
-  return len(shape) == rank and all(shape[a] == 1 for a in layout.spatial) and (
-      shape[layout.batch] == 1)
+  return len(shape) == rank and all(shape[a] == 1 for a in layout.spatial)
 
 
 def _elementwise_body(eqn, rule: bool = True) -> Optional[Any]:
@@ -916,11 +917,16 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
   """
   conv_at = [i for i, m in enumerate(members) if _compat.is_conv(jaxpr.eqns[m])]
   grouped = frozenset(j for g in groups for j in g)
+  reduced = {v for g in groups for j in g for v in jaxpr.eqns[j].invars
+             if not isinstance(v, _compat.Literal)}
   regions, start, last_stop = [], 0, 0
   while start < len(conv_at) - 1:
     # A leading concatenation or norm stays in: from the end of the region before, or of the
-    # conv before.
+    # conv before; but a value a norm reduces is made before it (a bias add after that conv),
+    # since a statistics pass needs a conv to tile.
     begin = max(last_stop, conv_at[start - 1] + 1 if start else 0)
+    while begin < conv_at[start] and jaxpr.eqns[members[begin]].outvars[0] in reduced:
+      begin += 1
     name = f"jaxtile/region{first_index + len(regions)}"
     best, misses = None, 0
     for end in range(start + 1, len(conv_at)):
