@@ -543,19 +543,16 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
         break  # a value of the region is read by what the region cannot hold
       groups.append(group)
       grouped.update(group)
-    # Members read by statistics alone (x * x of a variance) move into their group.
-    moved = True
-    while moved:
-      moved = False
-      for m in reversed(members):
-        readers = uses.get(jaxpr.eqns[m].outvars[0], [])
-        group = next((g for g in groups if readers and set(readers) <= set(g)), None)
-        if group is not None and m != members[0]:
-          members.remove(m)
-          group.append(m)
-          group.sort()
-          grouped.add(m)
-          moved = True
+    # Members read by statistics alone (x * x of a variance) move into their group, the last
+    # first: one moved may leave the member making its operand read by the group alone too.
+    for m in reversed(members[1:]):
+      readers = uses.get(jaxpr.eqns[m].outvars[0], [])
+      group = next((g for g in groups if readers and set(readers) <= set(g)), None)
+      if group is not None:
+        members.remove(m)
+        group.append(m)
+        group.sort()
+        grouped.add(m)
     # The longest prefix whose values are read outside it by one value alone, the last, and
     # whose stages (`stages_of`) hand on one value each. Statistics groups count as inside.
     while members:
@@ -912,8 +909,8 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
 
   A run may end after any equation from its last conv on (a residual block ends at its add,
   before the next block's norm), and one that does not plan does not stop the search: a
-  residual crossing a cut plans again once the run takes in its add. `MISSES` runs in a row
-  that do not plan end it.
+  residual crossing a cut plans again once the run takes in its add. `_MISSES` runs in a
+  row that do not plan end it.
   """
   conv_at = [i for i, m in enumerate(members) if _compat.is_conv(jaxpr.eqns[m])]
   grouped = frozenset(j for g in groups for j in g)
@@ -952,6 +949,8 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
   return regions
 
 
+# Longer runs that do not plan before `split_region` stops extending one: a residual block's
+# inner convs, before its add.
 _MISSES = 3
 
 
