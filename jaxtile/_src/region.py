@@ -1338,7 +1338,8 @@ def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile) -> list:
 def emit_statistics(stats: Statistics, *operands) -> list:
   """The statistics' reductions, one pass over the tiles of their source: each tile computes
   the source's tile (`_Loop.tile`, as a region's loop does) and its part of every reduction,
-  and the parts combine (sum, max or min) in the loop's carry."""
+  and the parts combine (sum, max or min) in the loop's carry (sums of bfloat16 or float16
+  parts in float32)."""
   loop = _Loop(stats.source)
   xs, smalls = _split(stats.source, operands)
   combine = {v: _REDUCTIONS[e.primitive.name][1]
@@ -1351,12 +1352,15 @@ def emit_statistics(stats: Statistics, *operands) -> list:
     tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
     with jax.named_scope("reduce"):
       parts = _reduce_tile(stats, loop, index, o, tile)
-      return [combine[v](a, p) for v, a, p in zip(stats.outputs, acc, parts)]
+      return [combine[v](a, p.astype(a.dtype)) for v, a, p in zip(stats.outputs, acc, parts)]
 
-  init = [jnp.full(v.aval.shape, _fill(_REDUCTIONS[e.primitive.name][0], v.aval.dtype))
-          for v in stats.outputs for e in stats.eqns if v in e.outvars]
+  init = [jnp.full(v.aval.shape, _fill(_REDUCTIONS[e.primitive.name][0], dtype))
+          for v in stats.outputs for e in stats.eqns if v in e.outvars
+          for dtype in [_accumulator_dtype(v.aval.dtype) if e.primitive.name == "reduce_sum"
+                        else v.aval.dtype]]
   with jax.named_scope(stats.name):
-    return loop.run(body, init)
+    acc = loop.run(body, init)
+  return [a.astype(v.aval.dtype) for v, a in zip(stats.outputs, acc)]
 
 
 def _statistics_unfused(stats: Statistics, *operands) -> list:
