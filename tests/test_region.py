@@ -33,6 +33,9 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "leaky_relu": jax.nn.leaky_relu,
     "identity": lambda y: y,
+    # jnp.where with a scalar: a broadcast to the full shape inside the call, made on windows.
+    "elu": jax.nn.elu,
+    "hard_tanh": jax.nn.hard_tanh,
 }
 
 #: (lhs, rhs, out) specs per (spatial rank, channels last).
@@ -255,6 +258,11 @@ GRAD_CHAINS = {
         Layer((3, 3), (1, 1), (2, 1), ((-1, -1), (1, -1)), activation="leaky_relu"),
         Layer((2, 3), (1, 1), (1, 2), ((-1, 0), (3, -1)), activation="tanh"),
     ), seed=2),
+    "where_activations": Chain(True, 1, (30, 26), (
+        Layer((3, 3), (1, 1), (1, 1), "SAME", activation="elu"),
+        Layer((3, 3), (1, 1), (1, 1), "SAME", activation="hard_tanh"),
+        Layer((3, 3), (1, 1), (1, 1), "SAME", activation="elu"),
+    ), seed=5),
     "groups_gelu": Chain(False, 2, (48,), (
         Layer((3,), (1,), (1,), "SAME", groups=2, activation="gelu"),
         Layer((1,), (1,), (1,), "VALID", groups=1, bias=False, activation="gelu"),
@@ -268,7 +276,10 @@ def test_gradients_through_a_fused_chain_match_untiled(name):
   chain = GRAD_CHAINS[name]
   f, max_bytes = chain.fn(), chain.budget()
   x, params = chain.operands()
-  assert any(c.tiled for c in jaxtile.explain(f, max_bytes=max_bytes)(x, *params).convs)
+  report = jaxtile.explain(f, max_bytes=max_bytes, fuse=True)(x, *params)
+  assert any(c.tiled for c in report.convs)
+  if name == "where_activations":  # jnp.where(x > 0, x, 0.0) inside elu and hard_tanh
+    assert len(report.regions) == 1 and len(report.regions[0].convs) >= 2, str(report)
   ct = jnp.asarray(np.random.default_rng(7).standard_normal(
       jax.eval_shape(f, x, *params).shape).astype(np.float32))
   argnums = tuple(range(1 + len(params)))

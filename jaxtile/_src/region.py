@@ -274,22 +274,30 @@ def _elementwise_body(eqn, rule: bool = True) -> Optional[Any]:
   at 0, its body `max(x, 0)`'s would be 1/2).
   """
   key = _CALLS.get(eqn.primitive.name)
-  if key is None or key not in eqn.params:
+  if key is None or key not in eqn.params or len(eqn.outvars) != 1:
     return None
   closed = eqn.params[key]
   jaxpr = getattr(closed, "jaxpr", closed)
+  full = tuple(eqn.outvars[0].aval.shape)
   for e in jaxpr.eqns:
-    if e.primitive.name not in ELEMENTWISE and _elementwise_body(e, rule) is None:
+    if not (e.primitive.name in ELEMENTWISE or _broadcast_to(e, full)
+            or _elementwise_body(e, rule) is not None):
       return None
   if rule and eqn.primitive.name == "custom_jvp_call" and not _rule_is_elementwise(eqn):
     return None
   return closed
 
 
+def _broadcast_to(eqn, full) -> bool:
+  """A broadcast of a scalar or small operand to a call's full shape (`jnp.where(m, x, 0.0)`'s
+  zeros, a masked tangent): on a window, a broadcast to the window's shape (`_eval_eqns`)."""
+  return (eqn.primitive.name == "broadcast_in_dim" and tuple(eqn.params["shape"]) == full
+          and eqn.invars[0].aval.ndim in (0, len(full)))
+
+
 def _rule_is_elementwise(eqn) -> bool:
   """Whether a custom_jvp call's JVP rule (`_compat.custom_jvp_rule`) can run on windows: every
-  equation elementwise, or a broadcast of a scalar or small operand to the call's full shape
-  (zeros for a masked tangent), which on a window becomes a broadcast to the window's shape."""
+  equation elementwise, or a broadcast to the call's full shape (`_broadcast_to`)."""
   if eqn.params.get("num_consts", 0) or len(eqn.outvars) != 1:
     return False
   rule = _compat.custom_jvp_rule(eqn)
@@ -299,13 +307,8 @@ def _rule_is_elementwise(eqn) -> bool:
   full = tuple(eqn.outvars[0].aval.shape)
   if any(np.ndim(c) for c in consts):
     return False
-  for e in jaxpr.eqns:
-    if e.primitive.name == "broadcast_in_dim":
-      if tuple(e.params["shape"]) != full or e.invars[0].aval.ndim not in (0, len(full)):
-        return False
-    elif e.primitive.name not in ELEMENTWISE and _elementwise_body(e, rule=False) is None:
-      return False
-  return True
+  return all(e.primitive.name in ELEMENTWISE or _broadcast_to(e, full)
+             or _elementwise_body(e, rule=False) is not None for e in jaxpr.eqns)
 
 
 def _is_concat(eqn, layout: Layout) -> bool:
@@ -1021,15 +1024,16 @@ def _mask_outside(v, starts, widths, extent, layout: Layout, fill=0):
   return jnp.where(valid, v, _fill(fill, v.dtype))
 
 
-def _eval_elementwise(eqn, args, reshape=None):
+def _eval_elementwise(eqn, args):
   """An elementwise equation (`ELEMENTWISE`, or a call `_elementwise_body` accepts) on windows:
-  its primitives bound again on the windows' shapes. `reshape`: (full, window) shapes, for a JVP
-  rule's broadcasts to the full shape (`_rule_is_elementwise`)."""
+  its primitives bound again on the windows' shapes, a call's broadcasts to its full shape
+  made broadcasts to the window's."""
   if eqn.primitive.name == "custom_jvp_call":
     return _custom_elementwise(eqn, args)
   body = _elementwise_body(eqn)
   if body is None:
     return eqn.primitive.bind(*args, **eqn.params)
+  reshape = (tuple(eqn.outvars[0].aval.shape), np.broadcast_shapes(*map(np.shape, args)))
   (out,) = _eval_eqns(getattr(body, "jaxpr", body), getattr(body, "consts", ()), args, reshape)
   return out
 
@@ -1043,11 +1047,12 @@ def _custom_elementwise(eqn, args):
 
   @jax.custom_jvp
   def call(*xs):
-    return _eval_eqns(body.jaxpr, body.consts, xs)[0]
+    window = np.broadcast_shapes(*map(np.shape, xs))
+    return _eval_eqns(body.jaxpr, body.consts, xs, (full, window))[0]
 
   @call.defjvp
   def _(primals, tangents):
-    window = np.broadcast_shapes(*(np.shape(x) for x in primals))
+    window = np.broadcast_shapes(*map(np.shape, primals))
     out, tangent = _eval_eqns(rule, rule_consts, [*primals, *tangents], (full, window))
     return out, tangent
 
@@ -1061,10 +1066,10 @@ def _eval_eqns(jaxpr, consts, args, reshape=None):
   for e in jaxpr.eqns:
     ins = [read(v) for v in e.invars]
     if reshape is not None and e.primitive.name == "broadcast_in_dim":
-      assert tuple(e.params["shape"]) == reshape[0], e  # `_rule_is_elementwise`
+      assert tuple(e.params["shape"]) == reshape[0], e  # `_broadcast_to`
       out = lax.broadcast_in_dim(ins[0], reshape[1], e.params["broadcast_dimensions"])
     else:
-      out = _eval_elementwise(e, ins, reshape)
+      out = _eval_elementwise(e, ins)
     env[e.outvars[0]] = out
   return [read(v) for v in jaxpr.outvars]
 
