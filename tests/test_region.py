@@ -719,3 +719,8 @@ def test_flax_group_norm_blocks_hold_less_than_untiled():
                              rtol=1e-5, atol=1e-5)
   untiled = temp_bytes(model.apply, params, x)
   assert temp_bytes(tiled, params, x) <= untiled // 2, (temp_bytes(tiled, params, x), untiled)
+  # The gradient: the regions' backward loops, and the statistics passes' too (their sums'
+  # derivatives run over tiles): 0.21x untiled here, 0.64x with the passes at full size.
+  grad = lambda f: jax.grad(lambda p, x: jnp.sum(f(p, x) ** 2))
+  untiled, got = temp_bytes(grad(model.apply), params, x), temp_bytes(grad(tiled), params, x)
+  assert got <= untiled // 3, (got, untiled)

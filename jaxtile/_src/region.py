@@ -1415,9 +1415,10 @@ def _region_jvp(primals, tangents, *, plan):
   return out, region_jvp_p.bind(*primals, *tangents, plan=plan, nonzero=nonzero)
 
 
-def _tile_fun(loop: _Loop, o, boxes, pieces, smalls: dict, wrt):
-  """The output tile as a function of the pieces and small operands of the values in `wrt`
-  (the others fixed), with those pieces' (stage, position) slots and those smalls."""
+def _tile_fun(loop: _Loop, o, boxes, pieces, smalls: dict, wrt, finish=None):
+  """The output tile (or `finish` of it: a statistics pass's parts) as a function of the
+  pieces and small operands of the values in `wrt` (the others fixed), with those pieces'
+  (stage, position) slots and those smalls."""
   chain = loop.chain
   slots = [(n, j) for n in range(len(pieces)) for j, v in enumerate(chain.read_by(n)) if v in wrt]
   small_vars = [v for v in chain.smalls if v in wrt]
@@ -1426,7 +1427,8 @@ def _tile_fun(loop: _Loop, o, boxes, pieces, smalls: dict, wrt):
     ps = [list(row) for row in pieces]
     for (n, j), piece in zip(slots, piece_args):
       ps[n][j] = piece
-    return loop.tile(o, boxes, ps, {**smalls, **dict(zip(small_vars, small_args))})
+    tile = loop.tile(o, boxes, ps, {**smalls, **dict(zip(small_vars, small_args))})
+    return tile if finish is None else finish(tile)
 
   args = ([pieces[n][j] for n, j in slots], [smalls[v] for v in small_vars])
   return fun, args, slots, small_vars
@@ -1460,11 +1462,12 @@ def _accumulator_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
-def emit_transpose(chain: Chain, primals, ct, wrt) -> dict:
+def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] = None) -> dict:
   """The cotangents of the operands in `wrt` (vars) given the output's `ct`, tile by tile: each
   tile's forward recomputed from the primal pieces and pulled back (`jax.vjp`) from the tile's
   cotangent; a piece's cotangent is added into its input's at the piece's box, the small
-  operands' summed over tiles."""
+  operands' summed over tiles. With `stats`, `chain` is its source and `ct` the cotangents of
+  its sums, which are every tile part's."""
   loop = _Loop(chain)
   xs, smalls = _split(chain, primals)
   inputs = [v for v in chain.inputs if v in wrt]
@@ -1475,10 +1478,14 @@ def emit_transpose(chain: Chain, primals, ct, wrt) -> dict:
     index = loop.index(i)
     o = loop.offsets(index)
     boxes = loop.boxes(o)
-    fun, args, slots, _ = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls, wrt)
-    begin, size = loop.out_box(o)
-    with jax.named_scope("select"):
-      ct_tile = loop.owned(index, o, lax.dynamic_slice(ct, begin, size))
+    finish = None if stats is None else functools.partial(_reduce_tile, stats, loop, index, o)
+    fun, args, slots, _ = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls, wrt, finish)
+    if stats is None:
+      with jax.named_scope("select"):
+        begin, size = loop.out_box(o)
+        ct_tile = loop.owned(index, o, lax.dynamic_slice(ct, begin, size))
+    else:
+      ct_tile = ct
     _, pull = jax.vjp(fun, *args)
     ct_pieces, ct_smalls = pull(ct_tile)
     with jax.named_scope("reassemble"):
@@ -1491,8 +1498,9 @@ def emit_transpose(chain: Chain, primals, ct, wrt) -> dict:
       acc_small = [a + g.astype(a.dtype) for a, g in zip(acc_small, ct_smalls)]
     return acc_in, acc_small
 
-  init = ([_zeros_after(v.aval.shape, v.aval.dtype, ct) for v in inputs],
-          [_zeros_after(v.aval.shape, _accumulator_dtype(v.aval.dtype), ct)
+  after = jax.tree.leaves(ct)[0]
+  init = ([_zeros_after(v.aval.shape, v.aval.dtype, after) for v in inputs],
+          [_zeros_after(v.aval.shape, _accumulator_dtype(v.aval.dtype), after)
            for v in small_vars])
   with jax.named_scope(f"{chain.name}/transpose"):
     acc_in, acc_small = loop.run(body, init, peel=False)
@@ -1556,6 +1564,71 @@ _compat.define_primitive(
         jax.vmap(functools.partial(unfused, plan), in_axes=dims)(*args), 0))
 statistics_p = _compat.Primitive("jaxtile_region_statistics")
 statistics_p.multiple_results = True
+statistics_jvp_p = _compat.Primitive("jaxtile_region_statistics_jvp")
+statistics_jvp_p.multiple_results = True
+
+
+def _sums_only(stats: Statistics) -> bool:
+  """Whether every reduction is a sum: then each tile's part is linear in the total, and the
+  derivative runs over tiles too (`emit_statistics_jvp`); a max or min runs at full size."""
+  return all(e.primitive.name == "reduce_sum" for e in stats.eqns if e.primitive.name
+             in _REDUCTIONS)
+
+
+def _statistics_jvp(primals, tangents, *, stats):
+  outs = statistics_p.bind(*primals, stats=stats)
+  nonzero = tuple(type(t) is not _compat.Zero and t.dtype != jax.dtypes.float0
+                  for t in tangents)
+  if not any(nonzero):
+    return outs, [_compat.Zero(v.aval.to_tangent_aval()) for v in stats.outputs]
+  if not _sums_only(stats):
+    return jax.jvp(functools.partial(_statistics_unfused, stats), tuple(primals),
+                   _instantiate(primals, tangents))
+  tangents = [t for t, nz in zip(tangents, nonzero) if nz]
+  return outs, statistics_jvp_p.bind(*primals, *tangents, stats=stats, nonzero=nonzero)
+
+
+def emit_statistics_jvp(*operands, stats: Statistics, nonzero) -> list:
+  """The sums' tangents, tile by tile: each tile's parts pushed forward (`jax.jvp`) on the
+  tangents' pieces, and summed (in float32 at least)."""
+  source, loop = stats.source, _Loop(stats.source)
+  xs, smalls = _split(source, operands[:len(nonzero)])
+  keys = [v for v, nz in zip((*source.inputs, *source.smalls), nonzero) if nz]
+  tangents = dict(zip(keys, operands[len(nonzero):]))
+
+  def body(i, acc):
+    index = loop.index(i)
+    o = loop.offsets(index)
+    boxes = loop.boxes(o)
+    finish = functools.partial(_reduce_tile, stats, loop, index, o)
+    fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
+                                             tangents, finish)
+    targs = ([lax.dynamic_slice(tangents[source.read_by(n)[j]], *boxes[n][j]) for n, j in slots],
+             [tangents[v] for v in small_vars])
+    _, parts = jax.jvp(fun, args, targs)
+    return [a + p.astype(a.dtype) for a, p in zip(acc, parts)]
+
+  init = [jnp.zeros(v.aval.shape, _accumulator_dtype(v.aval.dtype)) for v in stats.outputs]
+  with jax.named_scope(f"{stats.name}/jvp"):
+    acc = loop.run(body, init)
+  return [a.astype(v.aval.dtype) for v, a in zip(stats.outputs, acc)]
+
+
+def _statistics_transpose(cts, *operands, stats, nonzero):
+  primals, tangents = operands[:len(nonzero)], operands[len(nonzero):]
+  assert not any(_compat.is_undefined_primal(p) for p in primals), "nonlinear in the primals"
+  source = stats.source
+  keys = [v for v, nz in zip((*source.inputs, *source.smalls), nonzero) if nz]
+  linear = [v for v, t in zip(keys, tangents) if _compat.is_undefined_primal(t)]
+  if all(type(c) is _compat.Zero for c in cts) or not linear:
+    grads = {}
+  else:
+    cts = [jnp.zeros(v.aval.shape, v.aval.dtype) if type(c) is _compat.Zero else c
+           for v, c in zip(stats.outputs, cts)]
+    grads = emit_transpose(source, primals, cts, set(linear), stats)
+  return [None] * len(primals) + [
+      (grads[v] if v in grads else _compat.Zero(t.aval.to_tangent_aval()))
+      if _compat.is_undefined_primal(t) else None for v, t in zip(keys, tangents)]
 
 
 def bind_statistics(stats: Statistics, *operands) -> list:
@@ -1566,13 +1639,30 @@ def bind_statistics(stats: Statistics, *operands) -> list:
 _compat.define_primitive(
     statistics_p, impl_lowering=lambda *operands, stats: emit_statistics(stats, *operands),
     abstract_eval=lambda *args, stats: ([v.aval for v in stats.outputs], set()),
-    jvp=lambda primals, tangents, *, stats: jax.jvp(
-        functools.partial(_statistics_unfused, stats), tuple(primals),
-        _instantiate(primals, tangents)),
+    jvp=_statistics_jvp,
     batch_rule=lambda args, dims, *, stats: (
         jax.vmap(functools.partial(_statistics_unfused, stats), in_axes=dims)(*args),
         [0] * len(stats.outputs)),
     multiple_results=True)
+
+
+def _statistics_unfused_tangent(stats: Statistics, nonzero, *operands) -> list:
+  primals, tangents = operands[:len(nonzero)], iter(operands[len(nonzero):])
+  tangents = [next(tangents) if nz else _zero_tangent(p) for p, nz in zip(primals, nonzero)]
+  return jax.jvp(functools.partial(_statistics_unfused, stats), tuple(primals),
+                 tuple(tangents))[1]
+
+
+_compat.define_primitive(
+    statistics_jvp_p, impl_lowering=emit_statistics_jvp,
+    abstract_eval=lambda *args, stats, nonzero: ([v.aval for v in stats.outputs], set()),
+    jvp=lambda primals, tangents, *, stats, nonzero: jax.jvp(
+        functools.partial(_statistics_unfused_tangent, stats, nonzero), tuple(primals),
+        _instantiate(primals, tangents)),
+    batch_rule=lambda args, dims, *, stats, nonzero: (
+        jax.vmap(functools.partial(_statistics_unfused_tangent, stats, nonzero),
+                 in_axes=dims)(*args), [0] * len(stats.outputs)),
+    transpose=_statistics_transpose, multiple_results=True)
 _compat.define_primitive(
     region_jvp_p, impl_lowering=emit_jvp,
     abstract_eval=lambda *args, plan, nonzero: (plan.output.aval, set()),
