@@ -1405,10 +1405,14 @@ def bind(plan: Chain, *operands):
   return region_p.bind(*operands, plan=plan)
 
 
+def _nonzero(tangents) -> tuple[bool, ...]:
+  """Which tangents are neither symbolic zeros nor of integer operands (float0)."""
+  return tuple(type(t) is not _compat.Zero and t.dtype != jax.dtypes.float0 for t in tangents)
+
+
 def _region_jvp(primals, tangents, *, plan):
   out = region_p.bind(*primals, plan=plan)
-  nonzero = tuple(type(t) is not _compat.Zero and t.dtype != jax.dtypes.float0
-                  for t in tangents)
+  nonzero = _nonzero(tangents)
   if not any(nonzero):
     return out, _compat.Zero(plan.output.aval.to_tangent_aval())
   tangents = [t for t, nz in zip(tangents, nonzero) if nz]
@@ -1434,6 +1438,12 @@ def _tile_fun(loop: _Loop, o, boxes, pieces, smalls: dict, wrt, finish=None):
   return fun, args, slots, small_vars
 
 
+def _tangent_args(chain: Chain, tangents: dict, boxes, slots, small_vars):
+  """The tangents of `_tile_fun`'s arguments: each tangent's piece at its value's box."""
+  return ([lax.dynamic_slice(tangents[chain.read_by(n)[j]], *boxes[n][j]) for n, j in slots],
+          [tangents[v] for v in small_vars])
+
+
 def emit_jvp(*operands, plan: Chain, nonzero):
   """The region's tangent, tile by tile: each tile's forward pushed forward (`jax.jvp`) on the
   tangents' pieces."""
@@ -1447,9 +1457,7 @@ def emit_jvp(*operands, plan: Chain, nonzero):
     boxes = loop.boxes(o)
     fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
                                              tangents)
-    targs = ([lax.dynamic_slice(tangents[chain.read_by(n)[j]], *boxes[n][j]) for n, j in slots],
-             [tangents[v] for v in small_vars])
-    _, tile = jax.jvp(fun, args, targs)
+    _, tile = jax.jvp(fun, args, _tangent_args(chain, tangents, boxes, slots, small_vars))
     return lax.dynamic_update_slice(out, tile, loop.out_box(o)[0])
 
   with jax.named_scope(f"{chain.name}/jvp"):
@@ -1508,18 +1516,21 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
           **{v: a.astype(v.aval.dtype) for v, a in zip(small_vars, acc_small)}}
 
 
-def _region_transpose(ct, *operands, plan, nonzero):
+def _transpose(chain: Chain, ct, operands, nonzero, stats: Optional[Statistics] = None):
+  """A tangent primitive's transpose rule: cotangents (`emit_transpose`) for the tangent
+  operands being transposed, None for the primals; `ct` None: a zero cotangent."""
   primals, tangents = operands[:len(nonzero)], operands[len(nonzero):]
   assert not any(_compat.is_undefined_primal(p) for p in primals), "nonlinear in the primals"
-  keys = [v for v, nz in zip((*plan.inputs, *plan.smalls), nonzero) if nz]
-  linear = [v for v, t in zip(keys, tangents) if _compat.is_undefined_primal(t)]
-  if type(ct) is _compat.Zero or not linear:
-    cts = {}
-  else:
-    cts = emit_transpose(plan, primals, ct, set(linear))
+  keys = [v for v, nz in zip((*chain.inputs, *chain.smalls), nonzero) if nz]
+  linear = {v for v, t in zip(keys, tangents) if _compat.is_undefined_primal(t)}
+  grads = emit_transpose(chain, primals, ct, linear, stats) if ct is not None and linear else {}
   return [None] * len(primals) + [
-      (cts[v] if v in cts else _compat.Zero(t.aval.to_tangent_aval()))
+      (grads[v] if v in grads else _compat.Zero(t.aval.to_tangent_aval()))
       if _compat.is_undefined_primal(t) else None for v, t in zip(keys, tangents)]
+
+
+def _region_transpose(ct, *operands, plan, nonzero):
+  return _transpose(plan, None if type(ct) is _compat.Zero else ct, operands, nonzero)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1540,10 +1551,12 @@ def unfused(plan: Chain, *operands):
   return env[plan.output]
 
 
-def _unfused_tangent(plan: Chain, nonzero, *operands):
+def _unfused_tangent(fun, nonzero, *operands):
+  """The tangent of `fun` (at full size: `unfused`, `_statistics_unfused`) from the primals and
+  the nonzero tangents, as a tangent primitive takes them."""
   primals, tangents = operands[:len(nonzero)], iter(operands[len(nonzero):])
   tangents = [next(tangents) if nz else _zero_tangent(p) for p, nz in zip(primals, nonzero)]
-  return jax.jvp(functools.partial(unfused, plan), tuple(primals), tuple(tangents))[1]
+  return jax.jvp(fun, tuple(primals), tuple(tangents))[1]
 
 
 def _zero_tangent(x):
@@ -1577,8 +1590,7 @@ def _sums_only(stats: Statistics) -> bool:
 
 def _statistics_jvp(primals, tangents, *, stats):
   outs = statistics_p.bind(*primals, stats=stats)
-  nonzero = tuple(type(t) is not _compat.Zero and t.dtype != jax.dtypes.float0
-                  for t in tangents)
+  nonzero = _nonzero(tangents)
   if not any(nonzero):
     return outs, [_compat.Zero(v.aval.to_tangent_aval()) for v in stats.outputs]
   if not _sums_only(stats):
@@ -1603,9 +1615,7 @@ def emit_statistics_jvp(*operands, stats: Statistics, nonzero) -> list:
     finish = functools.partial(_reduce_tile, stats, loop, index, o)
     fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
                                              tangents, finish)
-    targs = ([lax.dynamic_slice(tangents[source.read_by(n)[j]], *boxes[n][j]) for n, j in slots],
-             [tangents[v] for v in small_vars])
-    _, parts = jax.jvp(fun, args, targs)
+    _, parts = jax.jvp(fun, args, _tangent_args(source, tangents, boxes, slots, small_vars))
     return [a + p.astype(a.dtype) for a, p in zip(acc, parts)]
 
   init = [jnp.zeros(v.aval.shape, _accumulator_dtype(v.aval.dtype)) for v in stats.outputs]
@@ -1615,20 +1625,12 @@ def emit_statistics_jvp(*operands, stats: Statistics, nonzero) -> list:
 
 
 def _statistics_transpose(cts, *operands, stats, nonzero):
-  primals, tangents = operands[:len(nonzero)], operands[len(nonzero):]
-  assert not any(_compat.is_undefined_primal(p) for p in primals), "nonlinear in the primals"
-  source = stats.source
-  keys = [v for v, nz in zip((*source.inputs, *source.smalls), nonzero) if nz]
-  linear = [v for v, t in zip(keys, tangents) if _compat.is_undefined_primal(t)]
-  if all(type(c) is _compat.Zero for c in cts) or not linear:
-    grads = {}
+  if all(type(c) is _compat.Zero for c in cts):
+    cts = None
   else:
     cts = [jnp.zeros(v.aval.shape, v.aval.dtype) if type(c) is _compat.Zero else c
            for v, c in zip(stats.outputs, cts)]
-    grads = emit_transpose(source, primals, cts, set(linear), stats)
-  return [None] * len(primals) + [
-      (grads[v] if v in grads else _compat.Zero(t.aval.to_tangent_aval()))
-      if _compat.is_undefined_primal(t) else None for v, t in zip(keys, tangents)]
+  return _transpose(stats.source, cts, operands, nonzero, stats)
 
 
 def bind_statistics(stats: Statistics, *operands) -> list:
@@ -1646,29 +1648,31 @@ _compat.define_primitive(
     multiple_results=True)
 
 
-def _statistics_unfused_tangent(stats: Statistics, nonzero, *operands) -> list:
-  primals, tangents = operands[:len(nonzero)], iter(operands[len(nonzero):])
-  tangents = [next(tangents) if nz else _zero_tangent(p) for p, nz in zip(primals, nonzero)]
-  return jax.jvp(functools.partial(_statistics_unfused, stats), tuple(primals),
-                 tuple(tangents))[1]
+def _full_size_jvp(fun, nonzero, primals, tangents):
+  """A tangent primitive's JVP (second derivatives): `fun`'s tangent at full size."""
+  return jax.jvp(functools.partial(_unfused_tangent, fun, nonzero), tuple(primals),
+                 _instantiate(primals, tangents))
+
+
+def _full_size_batch(fun, nonzero, args, dims):
+  """A tangent primitive's batching rule: `fun`'s tangent at full size, vmapped."""
+  return jax.vmap(functools.partial(_unfused_tangent, fun, nonzero), in_axes=dims)(*args)
 
 
 _compat.define_primitive(
     statistics_jvp_p, impl_lowering=emit_statistics_jvp,
     abstract_eval=lambda *args, stats, nonzero: ([v.aval for v in stats.outputs], set()),
-    jvp=lambda primals, tangents, *, stats, nonzero: jax.jvp(
-        functools.partial(_statistics_unfused_tangent, stats, nonzero), tuple(primals),
-        _instantiate(primals, tangents)),
-    batch_rule=lambda args, dims, *, stats, nonzero: (
-        jax.vmap(functools.partial(_statistics_unfused_tangent, stats, nonzero),
-                 in_axes=dims)(*args), [0] * len(stats.outputs)),
+    jvp=lambda primals, tangents, *, stats, nonzero: _full_size_jvp(
+        functools.partial(_statistics_unfused, stats), nonzero, primals, tangents),
+    batch_rule=lambda args, dims, *, stats, nonzero: (_full_size_batch(
+        functools.partial(_statistics_unfused, stats), nonzero, args, dims),
+        [0] * len(stats.outputs)),
     transpose=_statistics_transpose, multiple_results=True)
 _compat.define_primitive(
     region_jvp_p, impl_lowering=emit_jvp,
     abstract_eval=lambda *args, plan, nonzero: (plan.output.aval, set()),
-    jvp=lambda primals, tangents, *, plan, nonzero: jax.jvp(
-        functools.partial(_unfused_tangent, plan, nonzero), tuple(primals),
-        _instantiate(primals, tangents)),
-    batch_rule=lambda args, dims, *, plan, nonzero: (
-        jax.vmap(functools.partial(_unfused_tangent, plan, nonzero), in_axes=dims)(*args), 0),
+    jvp=lambda primals, tangents, *, plan, nonzero: _full_size_jvp(
+        functools.partial(unfused, plan), nonzero, primals, tangents),
+    batch_rule=lambda args, dims, *, plan, nonzero: (_full_size_batch(
+        functools.partial(unfused, plan), nonzero, args, dims), 0),
     transpose=_region_transpose)
