@@ -67,6 +67,10 @@ class Layer:
   pool: Optional[str] = None  # "max" or "avg" after the activation, window 2 or 3
   pool_stride: int = 1
   residual: bool = False  # add the layer's input when the shapes agree (a skip in a region)
+  # Nearest-neighbour upsampling of the layer's input by these factors per spatial dim (none if
+  # empty), as `jax.image.resize(..., "nearest")` or `jnp.repeat` emits it.
+  upsample: tuple[int, ...] = ()
+  upsample_with: str = "resize"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +123,21 @@ class Chain:
         return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
       return lax.reduce_window(x, 0.0, lax.add, window, strides, padding) / math.prod(window)
 
+    def upsample(x, layer):
+      factors = [1] * x.ndim
+      for a, f in zip(spatial_axes, layer.upsample):
+        factors[a] = f
+      if layer.upsample_with == "resize":
+        return jax.image.resize(x, [n * f for n, f in zip(x.shape, factors)], "nearest")
+      for a, f in enumerate(factors):
+        x = jnp.repeat(x, f, axis=a)
+      return x
+
     def f(x, *params):
       params = iter(params)
       for layer in self.layers:
+        if layer.upsample:
+          x = upsample(x, layer)
         skip = x
         x = lax.conv_general_dilated(
             x, next(params), window_strides=layer.strides, padding=layer.padding,
@@ -203,7 +219,9 @@ def layers(draw, rank: int) -> Layer:
       lhs_dilation=draw(st.sampled_from([1, 1, 1, 2])),
       pool=draw(st.sampled_from([None, None, "max", "avg"])),
       pool_stride=draw(st.sampled_from([1, 2])),
-      residual=draw(st.booleans()))
+      residual=draw(st.booleans()),
+      upsample=draw(st.one_of(st.just(()), st.just(()), per_dim([1, 2, 3]))),
+      upsample_with=draw(st.sampled_from(["resize", "repeat"])))
 
 
 @st.composite
@@ -619,6 +637,117 @@ def test_elementwise_ops_making_a_transposed_convs_input_start_its_stage():
 
 
 # ---------------------------------------------------------------------------------------------
+# 5b. Nearest-neighbour upsampling: a stage, read as a transposed conv with a kernel of ones.
+# ---------------------------------------------------------------------------------------------
+def _upsampled(x, factors, form, spatial_axes):
+  full = [1] * x.ndim
+  for a, f in zip(spatial_axes, factors):
+    full[a] = f
+  if form == "resize":
+    return jax.image.resize(x, [n * f for n, f in zip(x.shape, full)], "nearest")
+  for a, f in enumerate(full):
+    x = jnp.repeat(x, f, axis=a)
+  return x
+
+
+def _decoder_level(channels_last, factors, form, channels=4):
+  """conv -> relu -> upsample -> exp + bias (nonzero past the image: must be masked before the
+  next conv) -> conv -> relu -> conv with asymmetric padding."""
+  dn = ("NHWC", "HWIO", "NHWC") if channels_last else ("NCHW", "HWIO", "NCHW")
+  axes, bias_shape = ((1, 2), (1, 1, 1, channels)) if channels_last else (
+      (2, 3), (1, channels, 1, 1))
+  conv = lambda x, w, p="SAME": lax.conv_general_dilated(x, w, (1, 1), p, dimension_numbers=dn)
+
+  def f(x, w1, w2, w3, b):
+    y = _upsampled(jax.nn.relu(conv(x, w1)), factors, form, axes)
+    y = jax.nn.relu(conv(jnp.exp(y) + b.reshape(bias_shape), w2))
+    return conv(y, w3, ((1, 2), (0, 1)))
+  return f
+
+
+def _decoder_operands(channels_last, seed=0, spatial=(13, 11)):
+  rng = np.random.default_rng(seed)
+  shape = (2, *spatial, 4) if channels_last else (2, 4, *spatial)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=(3, 3, 4, 4)) / 6, jnp.float32) for _ in range(3)]
+  return x, *ws, jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+
+
+@pytest.mark.parametrize("form", ["resize", "repeat"])
+@pytest.mark.parametrize("channels_last, factors", [(True, (2, 2)), (False, (3, 2)),
+                                                    (True, (1, 3))])
+def test_nearest_upsampling_is_a_stage_of_its_region(form, channels_last, factors):
+  # The upsampled value exists a window per tile: its window starts at floor(tile start / f),
+  # not affine in the tile offset, as a transposed conv's input. Tiles that do not divide the
+  # image, a batch of 2, and forward and every gradient against the untiled program.
+  f = _decoder_level(channels_last, factors, form)
+  args = _decoder_operands(channels_last)
+  for budget in (14_000, 20_000):
+    report = jaxtile.explain(f, max_bytes=budget)(*args)
+    (region,) = report.regions
+    assert (len(region.convs), region.stages, region.upsamplings) == (3, 2, 1), report
+    assert "and 1 upsampling fused" in region.describe()
+    tiled = jaxtile.tile_convs(f, max_bytes=budget)
+    np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(f)(*args), rtol=1e-5, atol=1e-5)
+  grads = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(g(*a))), argnums=range(5)))(
+      *args)
+  for i, (got, want) in enumerate(zip(grads(jaxtile.tile_convs(f, max_bytes=14_000)),
+                                      grads(f))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
+                               err_msg=f"gradient w.r.t. argument {i}")
+
+
+@pytest.mark.parametrize("form", ["resize", "repeat"])
+def test_a_region_may_start_with_an_upsampling(form):
+  # The upsampling (and the activation before it) make the first conv's input: the region's
+  # input is the low-resolution value, read a window at a time.
+  w1, w2 = _decoder_operands(True)[1:3]
+
+  def f(low, w1, w2):
+    y = _upsampled(jnp.tanh(low) + 0.5, (2, 2), form, (1, 2))
+    return _c(jax.nn.relu(_c(y, w1)), w2, 1, ((2, 0), (1, 1)))
+
+  low = jnp.asarray(np.random.default_rng(3).normal(size=(1, 17, 15, 4)), jnp.float32)
+  report = jaxtile.explain(f, max_bytes=8_000)(low, w1, w2)
+  (region,) = report.regions
+  assert (len(region.convs), region.upsamplings, region.n_eqns) == (2, 1, 6), report
+  tiled = jaxtile.tile_convs(f, max_bytes=8_000)
+  np.testing.assert_allclose(jax.jit(tiled)(low, w1, w2), jax.jit(f)(low, w1, w2), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_upsampling_no_region_takes_keeps_its_own_equations():
+  # Without regions (fuse=False) the program runs the user's own gather and reshapes; a resize
+  # by a factor that is not an integer is no upsampling a region can take, and ends it.
+  f = _decoder_level(True, (2, 2), "resize")
+  args = _decoder_operands(True)
+  text = str(jax.make_jaxpr(jaxtile.tile_convs(f, max_bytes=6_000, fuse=False))(*args))
+  assert "gather" in text and "upsample" not in text
+
+  def g(x, w1, w2, w3, b):
+    y = jax.nn.relu(_c(x, w1))
+    y = jax.image.resize(y, (2, 19, 22, 4), "nearest")  # 1.5x along H
+    return _c(jax.nn.relu(_c(y, w2)), w3)
+
+  report = jaxtile.explain(g, max_bytes=6_000)(*args)
+  assert all(r.upsamplings == 0 for r in report.regions) and report.regions, report
+  np.testing.assert_allclose(jax.jit(jaxtile.tile_convs(g, max_bytes=6_000))(*args),
+                             jax.jit(g)(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_upsampled_activation_never_exists_at_full_size():
+  # 128x128 -> x4 -> two convs at 512x512x16 (16 MiB per activation): untiled holds the
+  # upsampled value and the conv between; tiled holds tiles.
+  f = _decoder_level(True, (4, 4), "resize", channels=16)
+  spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  args = (spec(1, 128, 128, 16), spec(3, 3, 16, 16), spec(3, 3, 16, 16), spec(3, 3, 16, 16),
+          spec(16))
+  untiled = temp_bytes(f, *args)
+  tiled = temp_bytes(jaxtile.tile_convs(f, max_bytes=2**20), *args)
+  assert untiled >= 32 * 2**20 and tiled <= untiled / 8, (untiled, tiled)
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. Norms: statistics as tiled reductions (region.Statistics)
 # ---------------------------------------------------------------------------------------------
 def _group_norm(x, scale, groups, channel_axis, eps=1e-5):
@@ -682,7 +811,7 @@ def test_norm_statistics_are_tiled_reductions(channels_last, which, max_bytes, p
   report = jaxtile.explain(tiled)(*args)
   (region,) = report.regions
   assert region.statistics == passes and len(region.convs) == 3, str(report)
-  assert f"{passes} statistics passes" in str(report)
+  assert f"{passes} statistics pass{'es' if passes > 1 else ''})" in str(report)
   assert any(e % t for e, t in zip((61, 47), region.tile_shape)), region
   np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(net)(*args), rtol=1e-5, atol=1e-5)
   loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=range(6)))

@@ -114,6 +114,31 @@ def test_volume_3d():
   assert_same(streamed(x), untiled(f, x))
 
 
+@pytest.mark.parametrize("form", ["resize", "repeat"])
+def test_nearest_upsampling_is_a_stage(form):
+  # A decoder streamed: a strided conv down, nearest upsampling by 2 (the gathers of
+  # jax.image.resize or jnp.repeat's reshapes), convs; the upsampled value is made a window
+  # per tile, its first input at floor(tile start / 2).
+  keys = jax.random.split(jax.random.key(6), 3)
+  w1 = jax.random.normal(keys[0], (3, 3, 3, 4)) * 0.3
+  w2 = jax.random.normal(keys[1], (3, 3, 4, 4)) * 0.3
+  w3 = jax.random.normal(keys[2], (3, 3, 4, 2)) * 0.3
+
+  def f(x):
+    y = jax.nn.relu(_conv(x, w1, stride=2))
+    if form == "resize":
+      n, h, w, c = y.shape
+      y = jax.image.resize(y, (n, 2 * h, 2 * w, c), "nearest")
+    else:
+      y = jnp.repeat(jnp.repeat(y, 2, axis=1), 2, axis=2)
+    return _conv(jax.nn.relu(_conv(y + 0.5, w2)), w3, padding=((2, 0), (1, 1)))
+
+  x = np.random.default_rng(7).normal(size=(1, 46, 38, 3)).astype(np.float32)
+  streamed = jaxtile.stream(f, tile_shape=(9, 14))
+  assert len(streamed.explain(x).stages) == 2
+  assert_same(streamed(x), untiled(f, x))
+
+
 def test_on_disk_stores_and_parameters_as_arguments(tmp_path):
   """A memmap source, a zarr sink whose chunks the tiles follow, and parameters passed as device
   arrays beside the image."""

@@ -10,7 +10,10 @@ every equation on windows, and writes the tile. Only the region's input and outp
 size.
 
 A transposed (lhs-dilated) conv inside a region starts a new stage of it (`Chain`): each stage
-is planned for the window the next one reads. A norm's statistics over the image, of a value
+is planned for the window the next one reads. So does a nearest-neighbour upsampling by integer
+factors (`jax.image.resize(..., "nearest")`, `jnp.repeat`; `upsample`), which reads its input as
+a transposed conv with a kernel of ones would: a decoder's upsampled activation never exists
+at full size. A norm's statistics over the image, of a value
 the region makes, are a pass of their own over that value's tiles before the loop
 (`Statistics`). Concatenations other than of a stage's inputs, other reshapes and reductions,
 and everything else end a region; those convs are tiled one by one as before.
@@ -37,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtile._src import _compat
 from jaxtile._src import forms
 from jaxtile._src import lower as lower_lib
+from jaxtile._src import upsample
 from jaxtile._src import decide as decide_lib
 from jaxtile._src.spec import ConvSpec
 
@@ -181,6 +185,10 @@ class Chain:
     return [e for p in self.stages for e in p.convs]
 
   @property
+  def upsamplings(self) -> list:
+    return [e for e in self.eqns if upsample.factors_of(e) is not None]
+
+  @property
   def tile_bytes(self) -> int:
     return max(p.tile_bytes for p in self.stages)
 
@@ -319,7 +327,9 @@ def _is_concat(eqn, layout: Layout) -> bool:
 
 def _makes_input(eqn, layout: Layout) -> bool:
   """A feature concatenation, or an elementwise equation whose full-size operands all have its
-  output's shape: one that may stand before a region's first conv."""
+  output's shape, or an upsampling: one that may stand before a region's first conv."""
+  if _region_upsample(eqn, None, layout):
+    return True
   if _is_concat(eqn, layout):
     return _is_local(eqn, set(eqn.invars), layout)
   if eqn.primitive.name not in ELEMENTWISE and _elementwise_body(eqn) is None:
@@ -359,23 +369,46 @@ def _is_pool(eqn) -> bool:
   return eqn.primitive.name in _POOLS
 
 
-def _window_op(eqn):
-  """(strides, low paddings, window extents, window dilations) per spatial dim of a conv, else
-  None (a pool's: `_pool_window`)."""
+def _window_op(eqn, layout: Layout):
+  """(strides, low paddings, window extents, window dilations) per spatial dim of the window a
+  conv, pool or upsampling reads, else None. An upsampling by f reads as a transposed conv with
+  a kernel of f ones and padding f - 1 (`upsample`'s docstring), lhs dilation f
+  (`_lhs_dilation`)."""
   p = eqn.params
   if _compat.is_conv(eqn):
     rhs = eqn.invars[1].aval.shape
     spatial = p["dimension_numbers"].rhs_spec[2:]
     return (tuple(p["window_strides"]), tuple(lo for lo, _ in p["padding"]),
             tuple(rhs[a] for a in spatial), tuple(p["rhs_dilation"]))
+  if _is_pool(eqn):
+    a = layout.spatial
+    return (tuple(p["window_strides"][i] for i in a), tuple(p["padding"][i][0] for i in a),
+            tuple(p["window_dimensions"][i] for i in a), tuple(p["window_dilation"][i] for i in a))
+  factors = upsample.factors_of(eqn)
+  if factors is not None:
+    f = tuple(factors[a] for a in layout.spatial)
+    return (1,) * len(f), tuple(n - 1 for n in f), f, (1,) * len(f)
   return None
 
 
-def _pool_window(eqn, layout: Layout):
-  p = eqn.params
-  a = layout.spatial
-  return (tuple(p["window_strides"][i] for i in a), tuple(p["padding"][i][0] for i in a),
-          tuple(p["window_dimensions"][i] for i in a), tuple(p["window_dilation"][i] for i in a))
+def _lhs_dilation(eqn, layout: Layout) -> Optional[tuple[int, ...]]:
+  """Per spatial dim, the lhs dilation of a transposed conv or the factor of an upsampling (a
+  transposed conv to `_windows`), else None."""
+  if _compat.is_conv(eqn):
+    d = tuple(eqn.params["lhs_dilation"])
+  else:
+    factors = upsample.factors_of(eqn)
+    if factors is None:
+      return None
+    d = tuple(factors[a] for a in layout.spatial)
+  return d if any(n != 1 for n in d) else None
+
+
+def _region_upsample(eqn, values, layout: Layout) -> bool:
+  """An upsampling of a value in `values` (or any, for None) along spatial dims alone."""
+  factors = upsample.factors_of(eqn)
+  return (factors is not None and factors[layout.batch] == factors[layout.feature] == 1
+          and (values is None or eqn.invars[0] in values))
 
 
 def _pool_ok(eqn, layout: Layout) -> bool:
@@ -395,7 +428,10 @@ def _conv_layout(eqn) -> tuple[Layout, Layout]:
 
 
 def _is_transposed(eqn) -> bool:
-  return _compat.is_conv(eqn) and any(d != 1 for d in eqn.params["lhs_dilation"])
+  """A transposed conv, or an upsampling (which `_windows` walks as one)."""
+  if _compat.is_conv(eqn):
+    return any(d != 1 for d in eqn.params["lhs_dilation"])
+  return upsample.factors_of(eqn) is not None
 
 
 def _region_conv(eqn, values, layout: Optional[Layout]) -> Optional[Layout]:
@@ -537,7 +573,8 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
           v, _compat.Literal)):
         continue
       pool = _is_pool(e) and e.invars[0] in values and _pool_ok(e, layout)
-      if pool or _region_conv(e, values, layout) is not None or _is_local(e, values, layout):
+      if (pool or _region_conv(e, values, layout) is not None or _is_local(e, values, layout)
+          or _region_upsample(e, values, layout)):
         members.append(i)
         values.add(e.outvars[0])
         continue
@@ -653,15 +690,14 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
   dilation = {}
   for e in reversed(eqns):
     out = e.outvars[0]
-    op = _window_op(e) if _compat.is_conv(e) else (
-        _pool_window(e, layout) if _is_pool(e) else None)
-    if op is not None and _compat.is_conv(e) and any(d > 1 for d in e.params["lhs_dilation"]):
+    op = _window_op(e, layout)
+    d = _lhs_dilation(e, layout)
+    if op is not None and d is not None:
       # A transposed conv (lhs dilation d) reads dilated positions [p0, p0 + wd) with p0 affine
       # in the tile offset, the window above. Input i sits at dilated position i * d, so the
       # inputs read are i0 = ceil(p0 / d) on, at most ceil((wd + d - 1) / d) of them: not affine
       # in the tile offset. The window of the lhs is kept in dilated positions (scale, shift)
       # with its width in inputs; the loop computes i0 per tile (`emit`).
-      d = tuple(e.params["lhs_dilation"])
       sc, sh, wd = _window_through(op, scale[out], shift[out], width[out])
       if out in dilation:
         raise _NotARegion
@@ -698,8 +734,7 @@ class _NotARegion(Exception):
 def _required(e, v, scale, shift, width, layout: Layout):
   """The window equation `e` reads of its operand `v`: (shift, width) per dim."""
   out = e.outvars[0]
-  op = _window_op(e) if _compat.is_conv(e) else (
-      _pool_window(e, layout) if _is_pool(e) else None)
+  op = _window_op(e, layout)
   if op is not None:
     _, sh, w = _window_through(op, scale[out], shift[out], width[out])
     return sh, w
@@ -986,23 +1021,25 @@ def _window_of(piece, begin, starts, widths, layout: Layout, low_pad, high_pad):
   return lax.dynamic_slice(padded, at, out_size)
 
 
-def _zeros_after(shape, dtype, after):
-  """Zeros, a loop's initial carry, that XLA makes only once `after` exists.
+def _zeros_after(shape, dtype, *after):
+  """Zeros, a loop's initial carry, that XLA makes only once every array of `after` exists;
+  None where none of them is floating.
 
   A broadcast constant has no operands, and XLA:CPU's scheduler makes it at program start: a
   region's backward accumulators were then alive across the whole forward (266 MiB more in the
-  UNet gradient at 2048). Peeling the first tile out of the loop (`_Loop.run`) avoids that at
-  the cost of compiling the loop body twice, the costliest body of all for a backward loop
-  (it recomputes the forward and pulls it back). There the carry is `0 * (a != a)` for an
-  element `a` of the cotangent instead, which exists only when the backward reaches the
-  region: exactly zero, since `a != a` is 0 or 1 (NaN included), and not folded by XLA. The
-  UNet gradient at 2048 compiled in 5.0 instead of 7.1 process CPU seconds and holds 1838 MiB
-  instead of 1852; the VAE decoder's 3643 instead of 3747. Forward loops keep their peel:
-  their operands exist long before the loop runs, and the VAE decoder's forward held 896 MiB
-  with such a carry against 768 peeled.
+  UNet gradient at 2048). Peeling the first tile out of the loop (`_Loop.run`) avoids that, at
+  the cost of compiling the loop body twice. Instead the carry is `0 * (a != a | b != b ...)`
+  for an element of each floating operand of the loop: exactly zero (`a != a` is 0 or 1, NaN
+  included), not folded by XLA, and made only when the last operand exists, just before the
+  loop. A forward loop's carry must wait for all of them: one made after its input alone was
+  alive across the statistics passes that run between (the VAE decoder's forward held 896 MiB
+  with such a carry, 768 peeled). A backward loop's waits for the cotangent.
   """
-  first = after[(0,) * after.ndim]
-  return jnp.broadcast_to((first != first).astype(dtype) * jnp.zeros((), dtype), shape)
+  flags = [a[(0,) * a.ndim] for a in after if jnp.issubdtype(a.dtype, jnp.inexact)]
+  if not flags:
+    return None
+  nan = functools.reduce(lax.bitwise_or, [f != f for f in flags])
+  return jnp.broadcast_to(nan.astype(dtype) * jnp.zeros((), dtype), shape)
 
 
 def _fill(value, dtype):
@@ -1075,26 +1112,37 @@ def _eval_eqns(jaxpr, consts, args, reshape=None):
 
 
 def _transposed(e, window, rhs, o, plan: RegionPlan, fast):
-  """A transposed conv on its input window (inputs i0 on, `_windows`): dilated explicitly,
-  aligned to the dilated positions the tile needs, then an ordinary conv."""
+  """A transposed conv or an upsampling on its input window (inputs i0 on, `_windows`).
+
+  Along a dim of dilation d, the tile needs dilated positions p0 on. A transposed conv dilates
+  the window explicitly, input i0 landing at index d - 1, so p0 lands at p0 + d - 1 - i0 * d; it
+  slices from there and runs an ordinary conv. An upsampling repeats each input d times, input i0
+  at indices 0 to d - 1, so the tile's first output position, p0 + d - 1 (the kernel of d ones
+  ends there), lands at the same index; it slices the tile from there."""
   layout, k = plan.layout, len(plan.tile)
-  lhs = e.invars[0]
+  lhs, out = e.invars[0], e.outvars[0]
   d = plan.dilation[lhs]
-  out = e.outvars[0]
-  op = _window_op(e)
-  _, _, wd = _window_through(op, plan.scale[out], plan.shift[out], plan.width[out])
-  config = [(0, 0, 0)] * window.ndim
-  for i, a in enumerate(layout.spatial):
-    config[a] = (d[i] - 1, 0, d[i] - 1)  # input i0 lands at index d - 1
-  dilated = lax.pad(window, jnp.zeros((), window.dtype), config)
-  begin, size = [0] * window.ndim, list(dilated.shape)
+  conv = _compat.is_conv(e)
+  if conv:
+    config = [(0, 0, 0)] * window.ndim
+    for i, a in enumerate(layout.spatial):
+      config[a] = (d[i] - 1, 0, d[i] - 1)
+    dilated = lax.pad(window, jnp.zeros((), window.dtype), config)
+    _, _, size = _window_through(_window_op(e, layout), plan.scale[out], plan.shift[out],
+                                 plan.width[out])
+  else:
+    dilated = upsample.repeat(window, upsample.factors_of(e))
+    size = plan.width[out]
+  begin, sizes = [0] * window.ndim, list(dilated.shape)
   for i, a in enumerate(layout.spatial):
     p0 = o[i] * plan.scale[lhs][i] + plan.shift[lhs][i]  # first dilated position needed
-    i0 = _ceil_div(p0, d[i])
-    begin[a] = (d[i] - 1) - (i0 * d[i] - p0)
-    size[a] = wd[i]
+    begin[a] = p0 + d[i] - 1 - _ceil_div(p0, d[i]) * d[i]
+    sizes[a] = size[i]
+  piece = lax.dynamic_slice(dilated, begin, sizes)
+  if not conv:
+    return piece
   params = dict(e.params, padding=((0, 0),) * k, lhs_dilation=(1,) * k)
-  return forms.conv(lax.dynamic_slice(dilated, begin, size), rhs, params, fast)
+  return forms.conv(piece, rhs, params, fast)
 
 
 def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None):
@@ -1130,13 +1178,14 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None)
     return val
 
   for e in plan.eqns:
-    if _compat.is_conv(e) and e.invars[0] in plan.dilation:
+    if _is_transposed(e) and e.invars[0] in plan.dilation:
       lhs = e.invars[0]
       window = env[lhs]
       if lhs not in plan.inputs:  # made by elementwise ops from the inputs: zeros outside
         window = _mask_outside(window, plan.start(lhs, o), plan.width[lhs], plan.extent[lhs],
                                layout)
-      env[e.outvars[0]] = _transposed(e, window, env[e.invars[1]], o, plan, fast)
+      rhs = env[e.invars[1]] if _compat.is_conv(e) else None
+      env[e.outvars[0]] = _transposed(e, window, rhs, o, plan, fast)
       continue
     args = [v.val if isinstance(v, _compat.Literal) else
             operand(e, v) if v in full else env[v] for v in e.invars]
@@ -1244,12 +1293,20 @@ class _Loop:
   def run(self, body, init, peel: bool = True):
     """`init` through `body(flat, carry)` for every tile: tile 0 peeled (as in `lower`), its
     write into the initial zeros fused, so that XLA makes them when the loop starts, not at
-    program start; or, with `peel=False`, in one `fori_loop` whose `init` is made late some
-    other way (`_carry`)."""
+    program start; or, with `peel=False`, in one `fori_loop` whose `init` is small or made
+    late some other way (`_zeros_after`)."""
     if not peel:
       return lax.fori_loop(0, self.n, body, init)
     carry = body(0, init)
     return carry if self.n == 1 else lax.fori_loop(1, self.n, body, carry)
+
+  def run_into(self, body, out, operands):
+    """`run` from zeros of aval `out` made once every operand exists (`_zeros_after`), peeled
+    only where no operand can order them."""
+    init = _zeros_after(out.shape, out.dtype, *operands)
+    if init is None:
+      return self.run(body, jnp.zeros(out.shape, out.dtype))
+    return self.run(body, init, peel=False)
 
 
 def emit(chain: Chain, *operands):
@@ -1269,8 +1326,7 @@ def emit(chain: Chain, *operands):
       return lax.dynamic_update_slice(out, tile, loop.out_box(o)[0])
 
   with jax.named_scope(chain.name):
-    out = chain.output.aval
-    return loop.run(body, jnp.zeros(out.shape, out.dtype))
+    return loop.run_into(body, chain.output.aval, operands)
 
 
 def _emit_spread(chain: Chain, *operands):
@@ -1364,7 +1420,7 @@ def emit_statistics(stats: Statistics, *operands) -> list:
           for dtype in [_accumulator_dtype(v.aval.dtype) if e.primitive.name == "reduce_sum"
                         else v.aval.dtype]]
   with jax.named_scope(stats.name):
-    acc = loop.run(body, init)
+    acc = loop.run(body, init, peel=False)  # a small carry: made early, it costs nothing
   return [a.astype(v.aval.dtype) for v, a in zip(stats.outputs, acc)]
 
 
@@ -1461,8 +1517,7 @@ def emit_jvp(*operands, plan: Chain, nonzero):
     return lax.dynamic_update_slice(out, tile, loop.out_box(o)[0])
 
   with jax.named_scope(f"{chain.name}/jvp"):
-    out = chain.output.aval
-    return loop.run(body, jnp.zeros(out.shape, out.dtype))
+    return loop.run_into(body, chain.output.aval, operands)
 
 
 def _accumulator_dtype(dtype):
@@ -1506,9 +1561,9 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
       acc_small = [a + g.astype(a.dtype) for a, g in zip(acc_small, ct_smalls)]
     return acc_in, acc_small
 
-  after = jax.tree.leaves(ct)[0]
-  init = ([_zeros_after(v.aval.shape, v.aval.dtype, after) for v in inputs],
-          [_zeros_after(v.aval.shape, _accumulator_dtype(v.aval.dtype), after)
+  after = jax.tree.leaves(ct)
+  init = ([_zeros_after(v.aval.shape, v.aval.dtype, *after) for v in inputs],
+          [_zeros_after(v.aval.shape, _accumulator_dtype(v.aval.dtype), *after)
            for v in small_vars])
   with jax.named_scope(f"{chain.name}/transpose"):
     acc_in, acc_small = loop.run(body, init, peel=False)
@@ -1620,7 +1675,7 @@ def emit_statistics_jvp(*operands, stats: Statistics, nonzero) -> list:
 
   init = [jnp.zeros(v.aval.shape, _accumulator_dtype(v.aval.dtype)) for v in stats.outputs]
   with jax.named_scope(f"{stats.name}/jvp"):
-    acc = loop.run(body, init)
+    acc = loop.run(body, init, peel=False)
   return [a.astype(v.aval.dtype) for v, a in zip(stats.outputs, acc)]
 
 

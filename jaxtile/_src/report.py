@@ -200,6 +200,7 @@ class RegionReport:
   stages: int = 1  # a transposed conv inside a region starts a stage (`region.Chain`)
   devices: int = 1  # the forward's tiles dealt out over this many devices (`devices=`)
   statistics: int = 0  # passes computing a norm's statistics over tiles (`region.Statistics`)
+  upsamplings: int = 0  # nearest-neighbour upsamplings (`jaxtile._src.upsample`), each a stage
 
   @classmethod
   def of(cls, plan, conv_names) -> RegionReport:
@@ -210,17 +211,22 @@ class RegionReport:
         halo=plan.halo,
         tile_bytes=plan.tile_bytes, extra_macs_percent=plan.extra_macs_percent,
         stages=len(plan.stages), devices=plan.policy.n_devices,
-        statistics=len(plan.statistics))
+        statistics=len(plan.statistics), upsamplings=len(plan.upsamplings))
 
   def describe(self) -> str:
+    upsamplings = f" and {_plural(self.upsamplings, 'upsampling')}" if self.upsamplings else ""
+    passes = f" and {_plural(self.statistics, 'statistics pass', 'es')}" if self.statistics else ""
     return (f"{short_name(self)}: {', '.join(c.removeprefix('jaxtile/') for c in self.convs)} "
-            f"and {self.n_eqns - len(self.convs)} elementwise ops fused"
-            f"{f' in {self.stages} stages' if self.stages > 1 else ''}, "
+            f"and {self.n_eqns - len(self.convs) - self.upsamplings} elementwise ops"
+            f"{upsamplings} fused{f' in {self.stages} stages' if self.stages > 1 else ''}, "
             f"{'x'.join(map(str, self.tiles))} tiles of {'x'.join(map(str, self.tile_shape))}, "
             f"halo {'x'.join(map(str, self.halo))}, {spec_lib.format_bytes(self.tile_bytes)} "
-            f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos"
-            f"{f' and {self.statistics} statistics passes' if self.statistics else ''})"
+            f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos{passes})"
             f"{f', on {self.devices} devices' if self.devices > 1 else ''}")
+
+
+def _plural(n: int, noun: str, plural: str = "s") -> str:
+  return f"{n} {noun}{plural if n != 1 else ''}"
 
 
 # ---------------------------------------------------------------------------------------------

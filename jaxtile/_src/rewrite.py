@@ -22,6 +22,7 @@ from jaxtile._src import decide as decide_lib
 from jaxtile._src import geometry
 from jaxtile import reference
 from jaxtile._src import region as region_lib
+from jaxtile._src import upsample
 from jaxtile._src.spec import ConvSpec
 
 
@@ -52,6 +53,11 @@ class Rewriter:
     return closed if jaxpr is closed.jaxpr else _compat.ClosedJaxpr(jaxpr, closed.consts)
 
   def jaxpr(self, jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
+    original = jaxpr
+    # Upsamplings as single equations a region can take in; where none does, the equations
+    # they stand for go back (`upsample.group`).
+    grouped = upsample.group(jaxpr) if self._fuses() else upsample.Grouped(jaxpr, {})
+    jaxpr = grouped.jaxpr
     chains = self._regions(jaxpr)
     regions = {id(r.eqns[-1]): r for r in chains}
     # A statistics pass stands where its group's first equation stood: before anything reads
@@ -65,17 +71,21 @@ class Rewriter:
         eqns.append(self.region(regions[id(e)]))
       elif id(e) in statistics:
         eqns.append(self.statistics(statistics[id(e)]))
-      elif id(e) not in fused:
+      elif id(e) in fused:
+        continue
+      elif id(e) in grouped.originals:
+        eqns += map(self.nested, grouped.originals[id(e)])
+      else:
         eqns.append(self.conv(e) if _compat.is_conv(e) else self.nested(e))
-    if len(eqns) == len(jaxpr.eqns) and all(a is b for a, b in zip(eqns, jaxpr.eqns)):
-      return jaxpr
-    return _compat.replace_jaxpr(jaxpr, eqns=eqns)
+    if len(eqns) == len(original.eqns) and all(a is b for a, b in zip(eqns, original.eqns)):
+      return original
+    return _compat.replace_jaxpr(original, eqns=eqns)
 
   def _regions(self, jaxpr: _compat.Jaxpr) -> list[region_lib.Chain]:
     """The regions this policy tiles in `jaxpr`: chains with an oversized conv ("auto")."""
-    policy = self._local_policy()
-    if policy.fuse is False or policy.tier in ("native", "reference"):
+    if not self._fuses():
       return []
+    policy = self._local_policy()
     regions = []
     for members, groups in region_lib.find_regions(jaxpr):
       convs = [jaxpr.eqns[i] for i in members if _compat.is_conv(jaxpr.eqns[i])]
@@ -85,6 +95,9 @@ class Rewriter:
       regions += region_lib.split_region(jaxpr, members, policy,
                                         len(self.regions) + len(regions), groups)
     return regions
+
+  def _fuses(self) -> bool:
+    return self.policy.fuse is not False and self.policy.tier not in ("native", "reference")
 
   def _local_policy(self) -> decide_lib.Policy:
     """The policy, without its mesh inside the user's own pmap/shard_map: that code is already

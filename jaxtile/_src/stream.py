@@ -40,6 +40,7 @@ from jaxtile._src import _compat
 from jaxtile._src import forms
 from jaxtile._src import decide as decide_lib
 from jaxtile._src import region as region_lib
+from jaxtile._src import upsample
 
 
 class StreamError(ValueError):
@@ -65,7 +66,8 @@ def _is_image(x: Any) -> bool:
 
 
 def _stage_kind(eqn, layout) -> Optional[str]:
-  """What a stage can hold: 'conv', 'transposed', 'pool', 'local'; None if it mixes positions."""
+  """What a stage can hold: 'conv', 'transposed' (an upsampling too), 'pool', 'local'; None if
+  it mixes positions."""
   if _compat.is_conv(eqn):
     if eqn.params["batch_group_count"] != 1:
       return None
@@ -73,6 +75,9 @@ def _stage_kind(eqn, layout) -> Optional[str]:
     if lhs != out or (layout is not None and lhs != layout):
       return None
     return "transposed" if any(d != 1 for d in eqn.params["lhs_dilation"]) else "conv"
+  if upsample.factors_of(eqn) is not None:
+    return "transposed" if layout is not None and region_lib._region_upsample(
+        eqn, None, layout) else None
   if layout is None:  # no conv at all
     return "local" if (eqn.primitive.name in region_lib.ELEMENTWISE
                        or region_lib._elementwise_body(eqn) is not None) else None
@@ -312,6 +317,9 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
     raise StreamError(f"stream: tracing fun at its image shapes ({shapes}) failed: "
                       f"{type(e).__name__}: {e}") from e
   closed = _compat.inline_calls(closed)
+  # Upsamplings (`jax.image.resize`'s gathers, `jnp.repeat`'s reshapes) as single equations: a
+  # stage of the tile program, as a transposed conv is.
+  closed = _compat.ClosedJaxpr(upsample.group(closed.jaxpr).jaxpr, closed.consts)
   jaxpr = closed.jaxpr
   if len(jaxpr.outvars) != 1 or isinstance(jaxpr.outvars[0], _compat.Literal):
     raise StreamError(f"stream: fun must return one array (the streamed image), but it returns "
@@ -369,7 +377,7 @@ def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, o
       raise NotLocalError(
           f"stream: fun is not spatially local: {_where(e)} mixes positions of the image "
           f"(output {e.outvars[0].aval.str_short()}). A tile program holds convs, pools, "
-          "elementwise ops and channel concatenations; norms, reductions over space, reshapes "
+          "elementwise ops, channel concatenations and nearest upsampling; norms, reductions over space, reshapes "
           "and gathers need the whole image. With spill=True (the default) stream runs such a "
           "function in segments, spilling full-size values to the host.", e)
     if kind == "transposed" and any(_compat.is_conv(jaxpr.eqns[j]) for j in current):
