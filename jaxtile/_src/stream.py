@@ -377,9 +377,10 @@ def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, o
       raise NotLocalError(
           f"stream: fun is not spatially local: {_where(e)} mixes positions of the image "
           f"(output {e.outvars[0].aval.str_short()}). A tile program holds convs, pools, "
-          "elementwise ops, channel concatenations and nearest upsampling; norms, reductions over space, reshapes "
-          "and gathers need the whole image. With spill=True (the default) stream runs such a "
-          "function in segments, spilling full-size values to the host.", e)
+          "elementwise ops, channel concatenations and nearest upsampling; norms, reductions "
+          "over space, reshapes and other gathers need the whole image. With spill=True (the "
+          "default) stream runs such a function in segments, spilling full-size values to the "
+          "host.", e)
     if kind == "transposed" and any(_compat.is_conv(jaxpr.eqns[j]) for j in current):
       stages.append(current)  # as `region.stages_of` cuts
       current = []

@@ -54,7 +54,8 @@ def _insert_after(e) -> Optional[tuple[int, int]]:
   """(a, f) for a `broadcast_in_dim` inserting an axis of size f right after axis a."""
   if e.primitive.name != "broadcast_in_dim" or len(e.invars) != 1:
     return None
-  x, shape, dims = e.invars[0].aval.shape, tuple(e.params["shape"]), e.params["broadcast_dimensions"]
+  x, shape = e.invars[0].aval.shape, tuple(e.params["shape"])
+  dims = e.params["broadcast_dimensions"]
   if len(shape) != len(x) + 1:
     return None
   for a in range(len(x)):
@@ -82,7 +83,8 @@ def _gather_axis(e, known: dict) -> Optional[tuple[int, int]]:
   dn = e.params["dimension_numbers"]
   if (idx.ndim != 2 or idx.shape[1] != 1 or len(dn.start_index_map) != 1
       or tuple(dn.collapsed_slice_dims) != tuple(dn.start_index_map)
-      or getattr(dn, "operand_batching_dims", ()) or getattr(dn, "start_indices_batching_dims", ())):
+      or getattr(dn, "operand_batching_dims", ())
+      or getattr(dn, "start_indices_batching_dims", ())):
     return None
   (a,) = dn.start_index_map
   m = idx.shape[0]
