@@ -22,6 +22,7 @@ from hypothesis import assume, given, settings, strategies as st
 from jax import lax
 
 import jaxtile
+from jaxtile._src import upsample
 
 RTOL = ATOL = 1e-5  # float32: tiled vs untiled differ only by summation order
 GRAD_TOL = 1e-4
@@ -281,6 +282,14 @@ GRAD_CHAINS = {
         Layer((3, 3), (1, 1), (1, 1), "SAME", activation="hard_tanh"),
         Layer((3, 3), (1, 1), (1, 1), "SAME", activation="elu"),
     ), seed=5),
+    # Nearest upsampling before a conv: a stage of the region (jax.image.resize's gathers,
+    # then jnp.repeat's broadcasts and reshapes).
+    "upsampled": Chain(False, 2, (11, 9), (
+        Layer((3, 3), (1, 1), (1, 1), "SAME", activation="silu"),
+        Layer((3, 3), (1, 1), (1, 1), ((2, 0), (1, 1)), activation="relu", upsample=(2, 2)),
+        Layer((3, 2), (1, 1), (1, 1), "SAME", activation="tanh", upsample=(1, 3),
+              upsample_with="repeat"),
+    ), seed=6),
     "groups_gelu": Chain(False, 2, (48,), (
         Layer((3,), (1,), (1,), "SAME", groups=2, activation="gelu"),
         Layer((1,), (1,), (1,), "VALID", groups=1, bias=False, activation="gelu"),
@@ -298,6 +307,8 @@ def test_gradients_through_a_fused_chain_match_untiled(name):
   assert any(c.tiled for c in report.convs)
   if name == "where_activations":  # jnp.where(x > 0, x, 0.0) inside elu and hard_tanh
     assert len(report.regions) == 1 and len(report.regions[0].convs) >= 2, str(report)
+  if name == "upsampled":
+    assert sum(r.upsamplings for r in report.regions) == 2, str(report)
   ct = jnp.asarray(np.random.default_rng(7).standard_normal(
       jax.eval_shape(f, x, *params).shape).astype(np.float32))
   argnums = tuple(range(1 + len(params)))
@@ -733,6 +744,34 @@ def test_upsampling_no_region_takes_keeps_its_own_equations():
   assert all(r.upsamplings == 0 for r in report.regions) and report.regions, report
   np.testing.assert_allclose(jax.jit(jaxtile.tile_convs(g, max_bytes=6_000))(*args),
                              jax.jit(g)(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_upsampling_steps_read_elsewhere_are_kept():
+  # jnp.repeat along H, then along W: the value repeated along H alone is also returned, so the
+  # two steps are two upsamplings, not one.
+  args = _decoder_operands(True)
+
+  def f(x, w1, w2, w3, b):
+    h = jnp.repeat(jax.nn.relu(_c(x, w1)), 2, axis=1)
+    z = jnp.repeat(h, 2, axis=2)
+    return _c(jax.nn.relu(_c(z, w2)), w3), h
+
+  tiled = jaxtile.tile_convs(f, max_bytes=6_000)
+  for got, want in zip(jax.jit(tiled)(*args), jax.jit(f)(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert sum(r.upsamplings for r in jaxtile.explain(tiled)(*args).regions) == 1
+
+
+@pytest.mark.parametrize("n", [1, 5, 17, 64, 1000])
+def test_resize_is_an_upsampling_exactly_when_its_factor_is_an_integer(n):
+  # jax.image.resize's gather indices, folded at trace time, against its own definition: a
+  # size n * f is an upsampling by f; any other size is not one.
+  x = jax.ShapeDtypeStruct((1, n, 3, 2), jnp.float32)
+  for m in sorted({n * 2, n * 3, n * 7, n * 2 + 1, max(n - 1, 1), 3 * n // 2}):
+    closed = jax.make_jaxpr(lambda x: jax.image.resize(x, (1, m, 3, 2), "nearest"))(x)
+    factors = [upsample.factors_of(e) for e in upsample.group(closed.jaxpr).jaxpr.eqns]
+    want = [(1, m // n, 1, 1)] if m % n == 0 and m > n else [None]
+    assert factors == want, (n, m, factors)
 
 
 def test_upsampled_activation_never_exists_at_full_size():

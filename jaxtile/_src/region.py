@@ -772,14 +772,15 @@ def _macs(eqn, widths=None) -> int:
 
 
 def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: str,
-                tile: Optional[Sequence[int]] = None, inside=frozenset()) -> Optional[RegionPlan]:
+                tile: Optional[Sequence[int]] = None, inside=frozenset(), uses=None
+                ) -> Optional[RegionPlan]:
   """Tiles for the chain `members` of `jaxpr` within `policy.max_bytes`, or None when a tile of
   one output row (per dim) does not fit or the halos cost more than `MAX_EXTRA_MACS`.
 
   With `tile`, the output tile is that, whatever it costs (it may exceed the output: `stream`
   plans a region for the window a later one reads); None only when the chain is no region.
   Equations in `inside` may read the chain's values too (statistics groups; for a statistics
-  source, the region's other equations).
+  source, the region's other equations). `uses`: `_uses(jaxpr)`, when the caller has it.
   """
   eqns = tuple(jaxpr.eqns[i] for i in members)
   first = next(e for e in eqns if _compat.is_conv(e))
@@ -791,7 +792,7 @@ def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: 
   # One output, and no full-size input but x: a part of a region cut where a residual crosses
   # the cut is not a region.
   inside = set(members) | set(inside)
-  uses = _uses(jaxpr)
+  uses = _uses(jaxpr) if uses is None else uses
   if any(v is not output and any(u not in inside for u in uses.get(v, [])) for v in internal):
     return None
   rank = len(first.invars[0].aval.shape)
@@ -851,12 +852,13 @@ def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: 
 
 
 def plan_chain(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: str,
-               tile: Optional[Sequence[int]] = None, inside=frozenset()) -> Optional[Chain]:
+               tile: Optional[Sequence[int]] = None, inside=frozenset(), uses=None
+               ) -> Optional[Chain]:
   """`plan_region` for a region of stages (`Chain`): the last stage's output tile halved until
   every stage's tile fits `policy.max_bytes` (or `tile`, whatever it costs)."""
   stages = stages_of(jaxpr, members)
   if len(stages) == 1:
-    p = plan_region(jaxpr, members, policy, name, tile, inside)
+    p = plan_region(jaxpr, members, policy, name, tile, inside, uses)
     return None if p is None else Chain((p,), name, policy)
   if not all(any(_compat.is_conv(jaxpr.eqns[i]) for i in st) for st in stages):
     return None
@@ -870,7 +872,7 @@ def plan_chain(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: s
   while True:
     plans, t = [None] * len(stages), tile
     for k in reversed(range(len(stages))):
-      plans[k] = plan_region(jaxpr, stages[k], policy, name, tile=t, inside=inside)
+      plans[k] = plan_region(jaxpr, stages[k], policy, name, tile=t, inside=inside, uses=uses)
       if plans[k] is None:
         return None
       t = plans[k].width[plans[k].inputs[0]]
@@ -889,7 +891,7 @@ def plan_chain(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: s
   return chain
 
 
-def _with_statistics(jaxpr, chain: Chain, members: Sequence[int], groups, policy
+def _with_statistics(jaxpr, chain: Chain, members: Sequence[int], groups, policy, uses
                      ) -> Optional[Chain]:
   """`chain` with the statistics groups whose source it makes inside, each planned as a
   `Statistics` over the tiles of its source; None where a source does not plan or the
@@ -916,10 +918,11 @@ def _with_statistics(jaxpr, chain: Chain, members: Sequence[int], groups, policy
     if not any(_compat.is_conv(jaxpr.eqns[i]) for i in ancestors):
       return None
     name = f"{chain.name}/statistics{n}"
-    plan = plan_chain(jaxpr, ancestors, policy, name, inside=everything)
+    plan = plan_chain(jaxpr, ancestors, policy, name, inside=everything, uses=uses)
     if plan is None:  # it may fit whole: one tile
       extent = [source.aval.shape[a] for a in chain.layout.spatial]
-      plan = plan_chain(jaxpr, ancestors, policy, name, tile=extent, inside=everything)
+      plan = plan_chain(jaxpr, ancestors, policy, name, tile=extent, inside=everything,
+                        uses=uses)
       if plan is None or plan.tile_bytes > policy.max_bytes:
         return None
     eqns = tuple(jaxpr.eqns[j] for j in sorted(group))
@@ -952,6 +955,7 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
   """
   conv_at = [i for i, m in enumerate(members) if _compat.is_conv(jaxpr.eqns[m])]
   grouped = frozenset(j for g in groups for j in g)
+  uses = _uses(jaxpr)
   reduced = {v for g in groups for j in g for v in jaxpr.eqns[j].invars
              if not isinstance(v, _compat.Literal)}
   regions, start, last_stop = [], 0, 0
@@ -968,9 +972,9 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
       last = conv_at[end + 1] if end + 1 < len(conv_at) else len(members)
       plan = None
       for stop in range(last, conv_at[end], -1):
-        plan = plan_chain(jaxpr, members[begin:stop], policy, name, inside=grouped)
+        plan = plan_chain(jaxpr, members[begin:stop], policy, name, inside=grouped, uses=uses)
         if plan is not None:
-          plan = _with_statistics(jaxpr, plan, members[begin:stop], groups, policy)
+          plan = _with_statistics(jaxpr, plan, members[begin:stop], groups, policy, uses)
         if plan is not None:
           break
       if plan is None:

@@ -29,12 +29,39 @@ from jax import lax
 
 from jaxtile._src import _compat
 
-# Primitives a constant index computation may use (`jax.image.resize`'s), folded at trace time
-# when every operand is known and the result small.
-_FOLDABLE = frozenset({
-    "iota", "add", "sub", "mul", "div", "floor", "ceil", "round", "convert_element_type",
-    "lt", "le", "gt", "ge", "eq", "ne", "select_n", "broadcast_in_dim", "reshape", "max", "min",
-    "clamp", "neg", "rem"})
+def _iota(*, dtype, shape, dimension, **_):
+  along = np.arange(shape[dimension]).reshape([-1 if d == dimension else 1
+                                               for d in range(len(shape))])
+  return np.broadcast_to(along, shape).astype(dtype)
+
+
+def _broadcast_in_dim(x, *, shape, broadcast_dimensions, **_):
+  expanded = np.reshape(x, [x.shape[broadcast_dimensions.index(d)] if d in broadcast_dimensions
+                            else 1 for d in range(len(shape))])
+  return np.broadcast_to(expanded, shape)
+
+
+def _div(a, b):
+  if np.issubdtype(a.dtype, np.integer):  # lax.div rounds toward zero
+    return np.sign(a) * np.sign(b) * (np.abs(a) // np.abs(b))
+  return np.true_divide(a, b)
+
+
+# The primitives a constant index computation (`jax.image.resize`'s) uses, in NumPy: folded at
+# trace time, without compiling anything, when every operand is known and the result small.
+# Each result is cast to its equation's dtype.
+_NUMPY = {
+    "iota": _iota, "broadcast_in_dim": _broadcast_in_dim,
+    "reshape": lambda x, *, new_sizes, dimensions, **_: (
+        np.reshape(x, new_sizes) if dimensions is None else None),
+    "convert_element_type": lambda x, **_: x,  # the cast below (toward zero, as XLA's)
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": _div, "neg": np.negative,
+    "max": np.maximum, "min": np.minimum, "floor": np.floor, "ceil": np.ceil,
+    "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+    "eq": np.equal, "ne": np.not_equal,
+    "select_n": lambda which, *cases: np.choose(which.astype(np.int32), cases),
+    "clamp": lambda lo, x, hi: np.minimum(np.maximum(x, lo), hi),
+}
 _FOLD_LIMIT = 1 << 20  # elements
 
 
@@ -98,17 +125,24 @@ def _gather_axis(e, known: dict) -> Optional[tuple[int, int]]:
 
 def _fold(e, known: dict) -> bool:
   """Evaluates `e` into `known` when it is a small constant computation; whether it did."""
-  if e.primitive.name not in _FOLDABLE or len(e.outvars) != 1:
+  fun = _NUMPY.get(e.primitive.name)
+  if fun is None or len(e.outvars) != 1:
     return False
   if not all(isinstance(v, _compat.Literal) or v in known for v in e.invars):
     return False
-  if math.prod(e.outvars[0].aval.shape) > _FOLD_LIMIT:
+  out = e.outvars[0].aval
+  if math.prod(out.shape) > _FOLD_LIMIT:
     return False
-  args = [v.val if isinstance(v, _compat.Literal) else known[v] for v in e.invars]
-  with jax.ensure_compile_time_eval():
-    (out,) = _compat.eval_eqn(e, args)
-  known[e.outvars[0]] = np.asarray(out)
+  args = [np.asarray(v.val, v.aval.dtype) if isinstance(v, _compat.Literal) else known[v]
+          for v in e.invars]
+  value = fun(*args, **e.params) if e.primitive.name in _PARAMS else fun(*args)
+  if value is None:
+    return False
+  known[e.outvars[0]] = np.asarray(value).astype(out.dtype)
   return True
+
+
+_PARAMS = frozenset({"iota", "broadcast_in_dim", "reshape", "convert_element_type"})
 
 
 def _steps(eqns, known: dict) -> list:
@@ -184,22 +218,22 @@ def _call_factors(eqn) -> Optional[tuple[int, ...]]:
   if len(x) != len(out) or any(m % n for n, m in zip(x, out)) or tuple(x) == tuple(out):
     return None
   jaxpr = getattr(body, "jaxpr", body)
-  chains = _chains(jaxpr.eqns, {})
+  chains = _chains(jaxpr.eqns, jaxpr.outvars, {})
   if len(chains) != 1 or chains[0][1] is not jaxpr.invars[0] or chains[0][2] is not (
       jaxpr.outvars[0]):
     return None
   return chains[0][3]
 
 
-def _chains(eqns, known: dict) -> list:
+def _chains(eqns, outvars, known: dict) -> list:
   """Maximal chains of repeating steps (`_steps`), each step reading the one before's result,
-  which nothing else reads: (positions, operand, result, factors per axis)."""
+  which nothing else reads (no other equation, not `outvars`): (positions, operand, result,
+  factors per axis)."""
   steps = _steps(eqns, known)
   uses: dict = {}
-  for e in eqns:
-    for v in e.invars:
-      if not isinstance(v, _compat.Literal):
-        uses[v] = uses.get(v, 0) + 1
+  for v in [*(v for e in eqns for v in e.invars), *outvars]:
+    if not isinstance(v, _compat.Literal):
+      uses[v] = uses.get(v, 0) + 1
   steps = [s for s in steps if all(uses.get(v) == 1 for v in s[4])]
   by_operand = {s[1]: s for s in steps}
   continues = {s[2] for s in steps if uses.get(s[2]) == 1 and s[2] in by_operand}
@@ -227,7 +261,7 @@ class Grouped:
 def group(jaxpr) -> Grouped:
   """`jaxpr` with every chain of repeating steps (`_chains`) replaced by one call of `repeat`,
   standing where the chain's last step stood; a call already in that form stays."""
-  chains = [c for c in _chains(jaxpr.eqns, {})
+  chains = [c for c in _chains(jaxpr.eqns, jaxpr.outvars, {})
             if not (len(c[0]) == 1 and factors_of(jaxpr.eqns[c[0][0]]) is not None)]
   if not chains:
     return Grouped(jaxpr, {})
