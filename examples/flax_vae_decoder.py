@@ -8,8 +8,9 @@ The decoder has the shape of the ones latent diffusion models use (diffusers'
 3x3 conv twice plus the skip, nearest-neighbour upsampling by 2 followed by a conv, and a norm,
 silu and conv out. Every GroupNorm cuts an untiled-per-layer view of the network; with jaxtile
 each residual block is one region whose second norm's statistics are a pass over the tiles of
-the block's first conv (`jaxtile.explain` prints "statistics passes"), so no activation inside a
-block exists at full size. The example prints the report and the compiled temporaries tiled and
+the block's first conv (`jaxtile.explain` prints "statistics passes"), and each upsampling
+(`jax.image.resize(..., "nearest")`) is a stage of the region holding the conv after it and the
+next block: no activation inside a block, and no upsampled one, exists at full size. The example prints the report and the compiled temporaries tiled and
 untiled, compares the outputs and exits non-zero if they differ by more than float32 rounding.
 It needs flax (`pip install -e ".[examples]"`).
 """
@@ -91,10 +92,13 @@ def main(argv=None):
   print(f"decoder widths {widths} on a {z.shape} latent\n")
   print(report)
   passes = sum(r.statistics for r in report.regions)
-  print(f"\n{len(report.regions)} regions, {passes} statistics passes; temporaries "
+  upsamplings = sum(r.upsamplings for r in report.regions)
+  print(f"\n{len(report.regions)} regions, {passes} statistics passes, {upsamplings} "
+        f"upsamplings inside regions; temporaries "
         f"{temporaries(tiled_fn, params, z):.0f} MiB tiled, "
         f"{temporaries(model.apply, params, z):.0f} MiB untiled")
   assert passes, "expected the residual blocks' norms as statistics passes"
+  assert upsamplings, "expected the upsamplings inside regions"
 
   start = time.perf_counter()
   tiled = np.asarray(jax.jit(tiled_fn)(params, z), np.float64)
