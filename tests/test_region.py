@@ -12,6 +12,11 @@ combinations ((-1, -1), (-1, 0), (hi >= 0, -1)), and the untiled program stays a
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import jax
@@ -772,6 +777,30 @@ def test_resize_is_an_upsampling_exactly_when_its_factor_is_an_integer(n):
     factors = [upsample.factors_of(e) for e in upsample.group(closed.jaxpr).jaxpr.eqns]
     want = [(1, m // n, 1, 1)] if m % n == 0 and m > n else [None]
     assert factors == want, (n, m, factors)
+
+
+def test_regions_run_under_jax_enable_x64():
+  # With x64 a Python int in index arithmetic is int64; a region's tile offsets were int32, and
+  # the loop's dynamic slices, given both, raised a TypeError at trace time.
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np, jaxtile
+      from test_region import _decoder_level, _decoder_operands
+      f = _decoder_level(True, (2, 2), "resize")
+      args = [a.astype(jnp.float64) for a in _decoder_operands(True)]
+      tiled = jaxtile.tile_convs(f, max_bytes=28_000)
+      (region,) = jaxtile.explain(tiled)(*args).regions
+      assert np.prod(region.tiles) > 1, region
+      np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(f)(*args), rtol=1e-12,
+                                 atol=1e-12)
+      grad = lambda g: jax.grad(lambda *a: jnp.sum(jnp.sin(g(*a))), argnums=(0, 1))(*args)
+      for got, want in zip(grad(tiled), grad(f)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+      print("x64 ok", region.tiles)
+      """)
+  env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "x64 ok" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_upsampled_activation_never_exists_at_full_size():

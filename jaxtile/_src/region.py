@@ -13,9 +13,8 @@ A transposed (lhs-dilated) conv inside a region starts a new stage of it (`Chain
 is planned for the window the next one reads. So does a nearest-neighbour upsampling by integer
 factors (`jax.image.resize(..., "nearest")`, `jnp.repeat`; `upsample`), which reads its input as
 a transposed conv with a kernel of ones would: a decoder's upsampled activation never exists
-at full size. A norm's statistics over the image, of a value
-the region makes, are a pass of their own over that value's tiles before the loop
-(`Statistics`). Concatenations other than of a stage's inputs, other reshapes and reductions,
+at full size. A norm's statistics over the image, of a value the region makes, are a pass of
+their own over that value's tiles before the loop (`Statistics`). Concatenations other than of a stage's inputs, other reshapes and reductions,
 and everything else end a region; those convs are tiled one by one as before.
 
 Derivatives run over the same tiles: a region's tangent is a primitive of its own
@@ -250,6 +249,8 @@ class Statistics:
 
 def _ceil_div(a, b):
   """ceil(a / b) for ints, NumPy or JAX integer arrays and a positive int b."""
+  if b == 1:
+    return a
   return -((-a) // b)
 
 
@@ -1238,16 +1239,23 @@ class _Loop:
   def index(self, flat):
     """The tile's index per spatial dim."""
     index, rest = [], flat
-    for n in reversed(self.counts):
-      index.append(rest % n)
-      rest = rest // n
+    for n in reversed(self.counts):  # `flat` is not negative: truncating division, no signs
+      if isinstance(rest, int):
+        index.append(rest % n)
+        rest //= n
+      else:
+        n = np.asarray(n, rest.dtype)
+        index.append(lax.rem(rest, n))
+        rest = lax.div(rest, n)
     return index[::-1]
 
   def offsets(self, index) -> list:
-    """Per stage, the tile's offsets per spatial dim."""
-    k = len(self.counts)
-    return [[jnp.asarray(table[d], jnp.int32)[index[d]] for d in range(k)]
-            for table in self.tables]
+    """Per stage, the tile's offsets per spatial dim, in JAX's default integer type (int64
+    under `jax_enable_x64`), which the Python ints they meet in index arithmetic become: one
+    type for every index of a `dynamic_slice`."""
+    k, dtype = len(self.counts), jax.dtypes.canonicalize_dtype(np.int64)
+    return [[lax.dynamic_index_in_dim(np.asarray(table[d], dtype), index[d], keepdims=False)
+             for d in range(k)] for table in self.tables]
 
   def boxes(self, o) -> list:
     """Per stage and value it reads, the box of the value its window covers (`_piece_box`)."""

@@ -47,6 +47,15 @@ class Rewriter:
     self.records: list[ConvRecord] = []
     self.regions: list[region_lib.Chain] = []
     self._spmd_depth = 0  # > 0 inside the user's own pmap/shard_map: convs are per-device there
+    self._decisions: dict = {}  # (spec, id(policy)) -> (policy, Decision), for this rewrite
+
+  def _decide(self, spec: ConvSpec, policy: decide_lib.Policy) -> decide_lib.Decision:
+    """`decide` without its warnings, once per conv and policy object: the "auto" check of a
+    region and the record of each of its convs ask about the same convs (a plan search each)."""
+    key = (spec, id(policy))
+    if key not in self._decisions:
+      self._decisions[key] = (policy, decide_lib.decide(spec, policy, warn=False))
+    return self._decisions[key][1]
 
   def closed_jaxpr(self, closed: _compat.ClosedJaxpr) -> _compat.ClosedJaxpr:
     jaxpr = self.jaxpr(closed.jaxpr)
@@ -90,7 +99,7 @@ class Rewriter:
     for members, groups in region_lib.find_regions(jaxpr):
       convs = [jaxpr.eqns[i] for i in members if _compat.is_conv(jaxpr.eqns[i])]
       if policy.tier == "auto" and policy.fuse == "auto" and all(
-          not decide_lib.decide(ConvSpec.from_eqn(e), policy, warn=False).tiled for e in convs):
+          not self._decide(ConvSpec.from_eqn(e), policy).tiled for e in convs):
         continue
       regions += region_lib.split_region(jaxpr, members, policy,
                                         len(self.regions) + len(regions), groups)
@@ -112,7 +121,7 @@ class Rewriter:
     for e in plan.convs:
       spec = ConvSpec.from_eqn(e)
       self.records.append(ConvRecord(len(self.records), spec,
-                                     decide_lib.decide(spec, plan.policy, warn=False),
+                                     self._decide(spec, plan.policy),
                                      region=plan.name))
     logging.info("jaxtile: %s: %d equations (%d convs) in %d tiles of %s, %.1f%% extra MACs",
                  plan.name, len(plan.eqns), len(plan.convs), plan.n_tiles, plan.tile,
