@@ -9,7 +9,8 @@ equations stay valid as they are.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+import functools
+from typing import Any, Callable, Optional, Union
 
 import jax
 import numpy as np
@@ -28,15 +29,23 @@ from jaxtile._src.spec import ConvSpec
 
 @dataclasses.dataclass(frozen=True)
 class ConvRecord:
-  """One conv equation the pass met: its spec and what was decided."""
+  """One conv equation the pass met: its spec and what was decided.
+
+  For a conv inside a region, `decided` is a thunk: what `decide` says of the conv alone is
+  only read by reports (`explain`, `check`), and a plan search costs about 17 ms a conv that
+  `tile_convs` would otherwise spend at every trace."""
   index: int
   spec: ConvSpec
-  decision: decide_lib.Decision
+  decided: Union[decide_lib.Decision, Callable[[], decide_lib.Decision]]
   region: Optional[str] = None  # the region whose loop computes this conv, if any
 
   @property
   def name(self) -> str:
     return f"jaxtile/conv{self.index}"
+
+  @functools.cached_property
+  def decision(self) -> decide_lib.Decision:
+    return self.decided if isinstance(self.decided, decide_lib.Decision) else self.decided()
 
 
 class Rewriter:
@@ -121,7 +130,7 @@ class Rewriter:
     for e in plan.convs:
       spec = ConvSpec.from_eqn(e)
       self.records.append(ConvRecord(len(self.records), spec,
-                                     self._decide(spec, plan.policy),
+                                     functools.partial(self._decide, spec, plan.policy),
                                      region=plan.name))
     logging.info("jaxtile: %s: %d equations (%d convs) in %d tiles of %s, %.1f%% extra MACs",
                  plan.name, len(plan.eqns), len(plan.convs), plan.n_tiles, plan.tile,
