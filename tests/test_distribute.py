@@ -227,6 +227,31 @@ def test_region_tiles_are_dealt_out_over_devices(n_devices):
 
 
 @needs_8
+@pytest.mark.parametrize("upsampled", [False, True])
+def test_region_program_is_compiled_for_its_devices(upsampled):
+  # 7x4 tiles of a 4-channel chain on 4 devices: this program used to be compiled for one
+  # device (the region's shard_map is inside its primitive's lowering, where jit does not see
+  # it) and XLA:CPU refused it. With a nearest upsampling starting a stage, too.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(1, 41, 37, 4)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=(3, 3, 4, 4)) / 4, jnp.float32) for _ in range(3)]
+
+  def f(x, w1, w2, w3):
+    y = jax.nn.relu(conv(x, w1))
+    if upsampled:
+      y = jnp.repeat(jnp.repeat(y, 2, axis=1), 2, axis=2)
+    return conv(jax.nn.relu(conv(y, w2)), w3)
+
+  tiled = jaxtile.tile_convs(f, max_bytes=8000, devices=jax.devices()[:4])
+  (region,) = jaxtile.explain(tiled)(x, *ws).regions
+  assert region.devices == 4 and region.upsamplings == upsampled, region
+  np.testing.assert_allclose(jax.jit(tiled)(x, *ws), jax.jit(f)(x, *ws), rtol=1e-5, atol=1e-5)
+  loss = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(g(*a) ** 2), argnums=(0, 1)))
+  for got, want in zip(loss(tiled)(x, *ws), loss(f)(x, *ws)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@needs_8
 def test_region_on_a_mesh_axis_with_sharded_output():
   args = _chain_operands()
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tiles"))

@@ -14,8 +14,9 @@ is planned for the window the next one reads. So does a nearest-neighbour upsamp
 factors (`jax.image.resize(..., "nearest")`, `jnp.repeat`; `upsample`), which reads its input as
 a transposed conv with a kernel of ones would: a decoder's upsampled activation never exists
 at full size. A norm's statistics over the image, of a value the region makes, are a pass of
-their own over that value's tiles before the loop (`Statistics`). Concatenations other than of a stage's inputs, other reshapes and reductions,
-and everything else end a region; those convs are tiled one by one as before.
+their own over that value's tiles before the loop (`Statistics`). Concatenations other than of
+a stage's inputs, other reshapes and reductions, and everything else end a region; those convs
+are tiled one by one as before.
 
 Derivatives run over the same tiles: a region's tangent is a primitive of its own
 (`region_jvp_p`) whose transpose recomputes each tile's forward and pulls its cotangent back, so
@@ -1234,7 +1235,6 @@ class _Loop:
                     for n, p in enumerate(chain.stages)]
     self.outside = [functools.partial(lambda p, at, v, shift, width: any(sum(
         reach(p, at, v, shift, width), [])), p, offsets[n]) for n, p in enumerate(chain.stages)]
-    self.tables = offsets
 
   def index(self, flat):
     """The tile's index per spatial dim."""
@@ -1250,12 +1250,16 @@ class _Loop:
     return index[::-1]
 
   def offsets(self, index) -> list:
-    """Per stage, the tile's offsets per spatial dim, in JAX's default integer type (int64
-    under `jax_enable_x64`), which the Python ints they meet in index arithmetic become: one
-    type for every index of a `dynamic_slice`."""
-    k, dtype = len(self.counts), jax.dtypes.canonicalize_dtype(np.int64)
-    return [[lax.dynamic_index_in_dim(np.asarray(table[d], dtype), index[d], keepdims=False)
-             for d in range(k)] for table in self.tables]
+    """Per stage, the tile's offsets per spatial dim: the last stage's as `_offsets` makes
+    them, the others derived from it (`Chain.offsets`), computed rather than looked up in
+    constant tables. In JAX's default integer type (int64 under `jax_enable_x64`), which the
+    Python ints they meet in index arithmetic become: one type for every index of a
+    `dynamic_slice`."""
+    dtype = jax.dtypes.canonicalize_dtype(np.int64)
+    tile = self.chain.tile
+    last = [jnp.minimum(jnp.asarray(i, dtype) * t, n - t)
+            for i, n, t in zip(index, self.extent, tile)]
+    return self.chain.offsets(last)
 
   def boxes(self, o) -> list:
     """Per stage and value it reads, the box of the value its window covers (`_piece_box`)."""
@@ -1469,8 +1473,22 @@ region_jvp_p = _compat.Primitive("jaxtile_region_jvp")
 
 
 def bind(plan: Chain, *operands):
-  """The region's output from its inputs and then its small operands, in plan order."""
-  return region_p.bind(*operands, plan=plan)
+  """The region's output from its inputs and then its small operands, in plan order.
+
+  Under a mesh the output is constrained to its sharding on that mesh, outside the primitive:
+  `jit` picks the devices a program runs on from the shardings its jaxpr shows, and the
+  `shard_map` dealing the tiles out (`_emit_spread`) is hidden in the primitive's lowering.
+  Without the constraint some programs were compiled for one device, and XLA:CPU rejected the
+  `shard_map` left in them ("No registered implementation for ...
+  xla.sdy.GlobalToLocalShape")."""
+  out = region_p.bind(*operands, plan=plan)
+  policy = plan.policy
+  if policy.mesh is None:
+    return out
+  spec = [None] * out.ndim
+  if policy.shard_output:
+    spec[plan.layout.spatial[0]] = policy.mesh_axis
+  return lax.with_sharding_constraint(out, NamedSharding(policy.mesh, P(*spec)))
 
 
 def _nonzero(tangents) -> tuple[bool, ...]:
