@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, Optional
 
 import jax
@@ -154,19 +155,22 @@ def _steps(eqns, known: dict) -> list:
     if _fold(e, known):
       continue
     x = e.invars[0] if e.invars else None
-    ones = lambda a, f: tuple(f if d == a else 1 for d in range(x.aval.ndim))
     pair = _insert_after(e)
     if pair is not None:
       pending[e.outvars[0]] = (i, x, *pair)
     elif e.primitive.name == "reshape" and x in pending and _merges(e, pending[x][2]):
       j, v, a, f = pending[x]
-      steps.append(((j, i), v, e.outvars[0], tuple(f if d == a else 1 for d in range(
-          v.aval.ndim)), (x,)))
+      steps.append(((j, i), v, e.outvars[0], _along(a, f, v.aval.ndim), (x,)))
     elif (gathered := _gather_axis(e, known)) is not None:
-      steps.append(((i,), x, e.outvars[0], ones(*gathered), ()))
+      steps.append(((i,), x, e.outvars[0], _along(*gathered, x.aval.ndim), ()))
     elif (factors := factors_of(e) or _call_factors(e)) is not None:
       steps.append(((i,), x, e.outvars[0], factors, ()))
   return steps
+
+
+def _along(a: int, f: int, ndim: int) -> tuple[int, ...]:
+  """Factors per axis of a repeat by f along axis a alone."""
+  return tuple(f if d == a else 1 for d in range(ndim))
 
 
 def factors_of(eqn) -> Optional[tuple[int, ...]]:
@@ -186,7 +190,7 @@ def factors_of(eqn) -> Optional[tuple[int, ...]]:
     elif e.primitive.name == "reshape" and e.invars[0] in made and _merges(
         e, made[e.invars[0]][1]):
       v, a, f = made.pop(e.invars[0])
-      factors[e.outvars[0]] = tuple(n * f if d == a else n for d, n in enumerate(factors[v]))
+      factors[e.outvars[0]] = tuple(map(operator.mul, factors[v], _along(a, f, len(factors[v]))))
     else:
       return None
   out = jaxpr.outvars[0]
@@ -245,7 +249,7 @@ def _chains(eqns, outvars, known: dict) -> list:
     while s[2] in continues:
       s = by_operand[s[2]]
       positions += s[0]
-      factors = tuple(a * b for a, b in zip(factors, s[3]))
+      factors = tuple(map(operator.mul, factors, s[3]))
     chains.append((tuple(positions), x, s[2], factors))
   return chains
 
