@@ -135,22 +135,14 @@ class Rewriter:
     logging.info("jaxtile: %s: %d equations (%d convs) in %d tiles of %s, %.1f%% extra MACs",
                  plan.name, len(plan.eqns), len(plan.convs), plan.n_tiles, plan.tile,
                  plan.extra_macs_percent)
-    fun = lambda *operands: region_lib.bind(plan, *operands)
-    fun.__name__ = plan.name.replace("/", "_")
-    invars = [*plan.inputs, *plan.smalls]
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in invars]
-    return _compat.traced_call_eqn(fun, avals, invars, [plan.output],
-                                   plan.eqns[-1].source_info)
+    return _call(lambda *operands: region_lib.bind(plan, *operands), plan.name,
+                 [*plan.inputs, *plan.smalls], [plan.output], plan.eqns[-1].source_info)
 
   def statistics(self, stats: region_lib.Statistics) -> _compat.JaxprEqn:
     """One pass over the tiles of a region's value, computing its norm's reductions."""
-    source = stats.source
-    fun = lambda *operands: region_lib.bind_statistics(stats, *operands)
-    fun.__name__ = stats.name.replace("/", "_")
-    invars = [*source.inputs, *source.smalls]
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in invars]
-    return _compat.traced_call_eqn(fun, avals, invars, list(stats.outputs),
-                                   stats.eqns[0].source_info)
+    return _call(lambda *operands: region_lib.bind_statistics(stats, *operands), stats.name,
+                 [*stats.source.inputs, *stats.source.smalls], list(stats.outputs),
+                 stats.eqns[0].source_info)
 
   def nested(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
     spmd = _compat.is_spmd(eqn)
@@ -176,6 +168,11 @@ class Rewriter:
   def conv(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
     record, fun = self.plan_conv(eqn)
     return eqn if fun is None else self._bind(eqn, fun, record.name)
+
+  @staticmethod
+  def _bind(eqn, fun, name: str) -> _compat.JaxprEqn:
+    """`fun` bound in place of conv `eqn` (`check`'s rewriter binds its own too)."""
+    return _call(fun, name, eqn.invars, eqn.outvars, eqn.source_info)
 
   def plan_conv(self, eqn: _compat.JaxprEqn, warn: bool = True
                 ) -> tuple[ConvRecord, Optional[Callable]]:
@@ -212,11 +209,14 @@ class Rewriter:
     return record, lower_lib.lower(plan, record.name,
                                    None if policy.mesh is not None else policy)
 
-  @staticmethod
-  def _bind(eqn, fun, name: str) -> _compat.JaxprEqn:
-    fun.__name__ = name.replace("/", "_")
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-    return _compat.traced_call_eqn(fun, avals, eqn.invars, eqn.outvars, eqn.source_info)
+
+
+def _call(fun, name: str, invars, outvars, source_info) -> _compat.JaxprEqn:
+  """`fun` traced as one call equation named after `name` (`jaxtile/conv3` ->
+  `jaxtile_conv3`), reading `invars` and making `outvars` in place of what it replaces."""
+  fun.__name__ = name.replace("/", "_")
+  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in invars]
+  return _compat.traced_call_eqn(fun, avals, invars, outvars, source_info)
 
 
 def _reference_conv(spec: ConvSpec):
