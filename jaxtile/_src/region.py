@@ -117,8 +117,9 @@ class RegionPlan:
                  for w, t, sc, d in zip(self.width[x], self.tile, self.scale[x], dil))
 
   def start(self, v, o, shift=None):
-    """Per spatial dim, where `v`'s window for the tile at offsets `o` (ints, NumPy or traced)
-    starts: affine in `o`, or for a transposed conv's input ceil(dilated start / dilation)."""
+    """Per spatial dim, where `v`'s window for the tile at offsets `o` (ints, NumPy, `_PerTile`s
+    or traced) starts: affine in `o`, or for a transposed conv's input ceil(dilated start /
+    dilation)."""
     shift = self.shift[v] if shift is None else shift
     dil = self.dilation.get(v, (1,) * len(self.tile))
     return [_ceil_div(o[d] * self.scale[v][d] + shift[d], dil[d]) for d in range(len(self.tile))]
@@ -211,8 +212,8 @@ class Chain:
                for p in self.stages for e in p.convs)
 
   def offsets(self, o) -> list:
-    """Per stage, its output tile's offset per spatial dim (ints, NumPy or traced) for the last
-    stage's tile at `o`: where the next stage's window of it starts."""
+    """Per stage, its output tile's offset per spatial dim (ints, NumPy, `_PerTile`s or traced)
+    for the last stage's tile at `o`: where the next stage's window of it starts."""
     chain = [list(o)]
     for p in reversed(self.stages[1:]):
       chain.insert(0, p.start(p.inputs[0], chain[0]))
@@ -1001,13 +1002,80 @@ _MISSES = 3
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+class _PerTile(np.lib.mixins.NDArrayOperatorsMixin):
+  """An integer that varies with the loop's tile along one spatial dim: its value at every tile
+  index along that dim (NumPy) and the traced index of the tile the loop is at (`at`).
+
+  A tile's offsets, window starts and clamps are affine maps, ceiling divisions and clips of its
+  index. On `_PerTile`s, arithmetic is NumPy's, done at trace time for all the tiles along the dim
+  at once; where a lax op reads the value, the loop body looks up the current tile's in a
+  constant table (`_traced`). Computed by traced ops instead, each was a chain of scalar integer
+  ops that XLA repeats inside every fused kernel reading it (1000 of the 1600 ops in the UNet
+  forward's kernels), compiled into each one.
+  """
+  __slots__ = ("values", "at")
+
+  def __init__(self, values, at):
+    self.values, self.at = np.asarray(values), at
+
+  def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+    if method != "__call__" or kwargs:
+      return NotImplemented
+    args = []
+    for x in inputs:
+      if isinstance(x, _PerTile):
+        assert x.at is self.at, "values of different dims"
+        args.append(x.values)
+      elif isinstance(x, (int, np.integer)):
+        args.append(x)
+      else:
+        return NotImplemented
+    return _PerTile(ufunc(*args), self.at)
+
+
+def _traced(x):
+  """`x` where a lax op reads it: a `_PerTile`'s value at the loop's tile (a static int where
+  every tile has the same), anything else as it is."""
+  if not isinstance(x, _PerTile):
+    return x
+  values = x.values
+  if (values == values[0]).all():
+    return int(values[0])
+  # In JAX's default integer type (int64 under `jax_enable_x64`), the type Python ints become
+  # in index arithmetic: one type for every index of a `dynamic_slice`.
+  table = jnp.asarray(values, jax.dtypes.canonicalize_dtype(np.int64))
+  return lax.dynamic_slice(table, [x.at], [1], allow_negative_indices=False)[0]
+
+
+def _clip(x, low, high):
+  """`x` clipped into [low, high]: ints, `_PerTile`s or traced."""
+  if isinstance(x, int):
+    return min(max(x, low), high)
+  if isinstance(x, _PerTile):
+    return np.minimum(np.maximum(x, low), high)
+  return jnp.clip(x, low, high)
+
+
+def _slice(x, begin, size):
+  """`lax.dynamic_slice` at a `begin` that may hold `_PerTile`s. A region's windows and tiles
+  lie inside what they are cut from, so no index is negative: none is wrapped."""
+  return lax.dynamic_slice(x, [_traced(b) for b in begin], size, allow_negative_indices=False)
+
+
+def _update(x, update, begin):
+  """`lax.dynamic_update_slice` at a `begin` that may hold `_PerTile`s, none negative."""
+  return lax.dynamic_update_slice(x, update, [_traced(b) for b in begin],
+                                  allow_negative_indices=False)
+
+
 def _piece_box(x_shape, starts, widths, layout: Layout):
   """Where the in-bounds part of a window lies: per axis the start of the slice of `x` that
-  covers `[start, start + width)` (clamped into `x`; traced) and its size (static)."""
+  covers `[start, start + width)` (clamped into `x`; `_PerTile`s in a loop) and its size
+  (static)."""
   begin, size = [0] * len(x_shape), list(x_shape)
   for d, a in enumerate(layout.spatial):
     size[a] = min(widths[d], x_shape[a])
-    begin[a] = jnp.clip(starts[d], 0, x_shape[a] - size[a])
+    begin[a] = _clip(starts[d], 0, x_shape[a] - size[a])
   return begin, size
 
 
@@ -1024,7 +1092,7 @@ def _window_of(piece, begin, starts, widths, layout: Layout, low_pad, high_pad):
   for d, a in enumerate(layout.spatial):
     at[a] = starts[d] - begin[a] + low_pad[d]
     out_size[a] = widths[d]
-  return lax.dynamic_slice(padded, at, out_size)
+  return _slice(padded, at, out_size)
 
 
 def _zeros_after(shape, dtype, *after):
@@ -1061,8 +1129,8 @@ def _mask_outside(v, starts, widths, extent, layout: Layout, fill=0):
   value of the op reading it: zero for a conv, the identity of a pool's reduction)."""
   valid = None
   for d, a in enumerate(layout.spatial):
-    pos = starts[d] + lax.broadcasted_iota(jnp.int32, v.shape, a)
-    ok = (pos >= 0) & (pos < extent[d])
+    pos = lax.broadcasted_iota(jnp.int32, v.shape, a)  # from the window's start
+    ok = (pos >= _traced(-starts[d])) & (pos < _traced(extent[d] - starts[d]))
     valid = ok if valid is None else valid & ok
   return jnp.where(valid, v, _fill(fill, v.dtype))
 
@@ -1144,7 +1212,7 @@ def _transposed(e, window, rhs, o, plan: RegionPlan, fast):
     p0 = o[i] * plan.scale[lhs][i] + plan.shift[lhs][i]  # first dilated position needed
     begin[a] = p0 + d[i] - 1 - _ceil_div(p0, d[i]) * d[i]
     sizes[a] = size[i]
-  piece = lax.dynamic_slice(dilated, begin, sizes)
+  piece = _slice(dilated, begin, sizes)
   if not conv:
     return piece
   params = dict(e.params, padding=((0, 0),) * k, lhs_dilation=(1,) * k)
@@ -1152,9 +1220,10 @@ def _transposed(e, window, rhs, o, plan: RegionPlan, fast):
 
 
 def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None):
-  """The output tile at offsets `o` (per spatial dim: ints or traced) from the windows of the
-  region's inputs (`plan.start(v, o)` on, `plan.width[v]` wide, zeros outside the inputs) and its
-  small operands: the "process" step of a region's loop, and of `stream`'s tile program.
+  """The output tile at offsets `o` (per spatial dim: ints, `_PerTile`s or traced) from the
+  windows of the region's inputs (`plan.start(v, o)` on, `plan.width[v]` wide, zeros outside the
+  inputs) and its small operands: the "process" step of a region's loop, and of `stream`'s tile
+  program.
 
   `outside(v, shift, width)` says whether a window of `v` may reach outside `v`'s extent for any
   tile (static); windows that never do are not masked. None: any may.
@@ -1237,29 +1306,23 @@ class _Loop:
         reach(p, at, v, shift, width), [])), p, offsets[n]) for n, p in enumerate(chain.stages)]
 
   def index(self, flat):
-    """The tile's index per spatial dim."""
-    index, rest = [], flat
-    for n in reversed(self.counts):  # `flat` is not negative: truncating division, no signs
-      if isinstance(rest, int):
-        index.append(rest % n)
-        rest //= n
-      else:
-        n = np.asarray(n, rest.dtype)
-        index.append(lax.rem(rest, n))
-        rest = lax.div(rest, n)
+    """The tile's index per spatial dim: ints for an int `flat`, else `_PerTile`s."""
+    if isinstance(flat, int):
+      return [int(i) for i in np.unravel_index(flat, self.counts)]
+    index, rest = [], lax.convert_element_type(flat, np.uint32)  # unsigned: no sign handling
+    for n in reversed(self.counts):
+      n_ = np.uint32(n)
+      at = lax.convert_element_type(lax.rem(rest, n_), jax.dtypes.canonicalize_dtype(np.int64))
+      index.append(_PerTile(np.arange(n), at))
+      rest = lax.div(rest, n_)
     return index[::-1]
 
   def offsets(self, index) -> list:
     """Per stage, the tile's offsets per spatial dim: the last stage's as `_offsets` makes
-    them, the others derived from it (`Chain.offsets`), computed rather than looked up in
-    constant tables. In JAX's default integer type (int64 under `jax_enable_x64`), which the
-    Python ints they meet in index arithmetic become: one type for every index of a
-    `dynamic_slice`."""
-    dtype = jax.dtypes.canonicalize_dtype(np.int64)
-    tile = self.chain.tile
-    last = [jnp.minimum(jnp.asarray(i, dtype) * t, n - t)
-            for i, n, t in zip(index, self.extent, tile)]
-    return self.chain.offsets(last)
+    them, the others derived from it (`Chain.offsets`)."""
+    return self.chain.offsets([np.minimum(i * t, n - t) if isinstance(i, _PerTile)
+                               else min(i * t, n - t)
+                               for i, n, t in zip(index, self.extent, self.chain.tile)])
 
   def boxes(self, o) -> list:
     """Per stage and value it reads, the box of the value its window covers (`_piece_box`)."""
@@ -1269,7 +1332,7 @@ class _Loop:
 
   def pieces(self, xs: dict, boxes) -> list:
     chain = self.chain
-    return [[lax.dynamic_slice(xs[v], *box) for v, box in zip(chain.read_by(n), boxes[n])]
+    return [[_slice(xs[v], *box) for v, box in zip(chain.read_by(n), boxes[n])]
             for n in range(len(chain.stages))]
 
   def tile(self, o, boxes, pieces, smalls: dict):
@@ -1301,8 +1364,8 @@ class _Loop:
     for d, a in enumerate(self.chain.layout.spatial if axes is None else axes):
       if self.extent[d] % self.chain.tile[d] == 0:
         continue
-      pos = o[-1][d] + lax.broadcasted_iota(jnp.int32, x.shape, a)
-      ok = pos >= index[d] * self.chain.tile[d]
+      pos = lax.broadcasted_iota(jnp.int32, x.shape, a)  # from the tile's offset
+      ok = pos >= _traced(index[d] * self.chain.tile[d] - o[-1][d])
       valid = ok if valid is None else valid & ok
     return x if valid is None else jnp.where(valid, x, _fill(fill, x.dtype))
 
@@ -1339,7 +1402,7 @@ def emit(chain: Chain, *operands):
     boxes = loop.boxes(o)
     tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
     with jax.named_scope("reassemble"):
-      return lax.dynamic_update_slice(out, tile, loop.out_box(o)[0])
+      return _update(out, tile, loop.out_box(o)[0])
 
   with jax.named_scope(chain.name):
     return loop.run_into(body, chain.output.aval, operands)
@@ -1377,7 +1440,7 @@ def _emit_spread(chain: Chain, *operands):
     with jax.named_scope("reassemble"):
       def write(i, out):
         begin = loop.out_box(loop.offsets(loop.index(i)))[0]
-        return lax.dynamic_update_slice(out, stack[i], begin)
+        return _update(out, stack[i], begin)
       out = loop.run(write, jnp.zeros(out_aval.shape, out_aval.dtype))
     if policy.shard_output:
       spec = [None] * out.ndim
@@ -1526,7 +1589,7 @@ def _tile_fun(loop: _Loop, o, boxes, pieces, smalls: dict, wrt, finish=None):
 
 def _tangent_args(chain: Chain, tangents: dict, boxes, slots, small_vars):
   """The tangents of `_tile_fun`'s arguments: each tangent's piece at its value's box."""
-  return ([lax.dynamic_slice(tangents[chain.read_by(n)[j]], *boxes[n][j]) for n, j in slots],
+  return ([_slice(tangents[chain.read_by(n)[j]], *boxes[n][j]) for n, j in slots],
           [tangents[v] for v in small_vars])
 
 
@@ -1544,7 +1607,7 @@ def emit_jvp(*operands, plan: Chain, nonzero):
     fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
                                              tangents)
     _, tile = jax.jvp(fun, args, _tangent_args(chain, tangents, boxes, slots, small_vars))
-    return lax.dynamic_update_slice(out, tile, loop.out_box(o)[0])
+    return _update(out, tile, loop.out_box(o)[0])
 
   with jax.named_scope(f"{chain.name}/jvp"):
     return loop.run_into(body, chain.output.aval, operands)
@@ -1576,7 +1639,7 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
     if stats is None:
       with jax.named_scope("select"):
         begin, size = loop.out_box(o)
-        ct_tile = loop.owned(index, o, lax.dynamic_slice(ct, begin, size))
+        ct_tile = loop.owned(index, o, _slice(ct, begin, size))
     else:
       ct_tile = ct
     _, pull = jax.vjp(fun, *args)
@@ -1586,8 +1649,7 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
       for (n, j), g in zip(slots, ct_pieces):
         k = inputs.index(chain.read_by(n)[j])
         at, shape = boxes[n][j]
-        acc_in[k] = lax.dynamic_update_slice(
-            acc_in[k], lax.dynamic_slice(acc_in[k], at, shape) + g, at)
+        acc_in[k] = _update(acc_in[k], _slice(acc_in[k], at, shape) + g, at)
       acc_small = [a + g.astype(a.dtype) for a, g in zip(acc_small, ct_smalls)]
     return acc_in, acc_small
 
