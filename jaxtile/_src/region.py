@@ -227,8 +227,7 @@ class Chain:
       inputs = list(windows[k])
       if k:
         before = self.stages[k - 1]
-        x = _mask_outside(x, offsets[k - 1], before.tile, before.extent[before.output],
-                          before.layout)
+        x = _mask_outside(x, offsets[k - 1], before.extent[before.output], before.layout)
         inputs.insert(0, x)
       x = compute_tile(p, offsets[k], inputs, [smalls[v] for v in p.smalls], fast,
                        outside=None if outside is None else outside[k])
@@ -1043,8 +1042,8 @@ def _traced(x):
     return int(values[0])
   # In JAX's default integer type (int64 under `jax_enable_x64`), the type Python ints become
   # in index arithmetic: one type for every index of a `dynamic_slice`.
-  table = jnp.asarray(values, jax.dtypes.canonicalize_dtype(np.int64))
-  return lax.dynamic_slice(table, [x.at], [1], allow_negative_indices=False)[0]
+  table = values.astype(jax.dtypes.canonicalize_dtype(np.int64))
+  return lax.reshape(lax.dynamic_slice(table, [x.at], [1], allow_negative_indices=False), ())
 
 
 def _clip(x, low, high):
@@ -1124,15 +1123,27 @@ def _fill(value, dtype):
   return jnp.asarray(value, dtype)
 
 
-def _mask_outside(v, starts, widths, extent, layout: Layout, fill=0):
+def _keep(x, bounds: dict, fill=0):
+  """`x` where its position along each axis of `bounds` (axis -> (low, high): ints, `_PerTile`s
+  or traced; high None for none) lies in [low, high), else `fill` (`_fill`). In lax ops: `jnp`'s
+  comparisons and `where` are `jit` calls, which every derivative of a tile traces and partially
+  evaluates once more (a third of the UNet gradient's trace went there)."""
+  valid = None
+  for a, (low, high) in bounds.items():
+    pos = lax.broadcasted_iota(np.int32, x.shape, a)
+    for bound, compare in ((low, lax.ge), (high, lax.lt)):
+      if bound is not None:
+        bound = lax.broadcast(lax.convert_element_type(_traced(bound), np.int32), x.shape)
+        ok = compare(pos, bound)
+        valid = ok if valid is None else lax.bitwise_and(valid, ok)
+  return x if valid is None else lax.select(valid, x, lax.full_like(x, _fill(fill, x.dtype)))
+
+
+def _mask_outside(v, starts, extent, layout: Layout, fill=0):
   """`v` (a window at `starts`) with positions outside `[0, extent)` set to `fill` (the padding
   value of the op reading it: zero for a conv, the identity of a pool's reduction)."""
-  valid = None
-  for d, a in enumerate(layout.spatial):
-    pos = lax.broadcasted_iota(jnp.int32, v.shape, a)  # from the window's start
-    ok = (pos >= _traced(-starts[d])) & (pos < _traced(extent[d] - starts[d]))
-    valid = ok if valid is None else valid & ok
-  return jnp.where(valid, v, _fill(fill, v.dtype))
+  return _keep(v, {a: (-starts[d], extent[d] - starts[d]) for d, a in enumerate(layout.spatial)},
+               fill)
 
 
 def _eval_elementwise(eqn, args):
@@ -1249,7 +1260,7 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None)
     if (padded_by is not None and (v not in plan.inputs or padded_by != 0)
         and (outside is None or outside(v, shift, width))):
       starts = [o[d] * plan.scale[v][d] + shift[d] for d in range(k)]
-      val = _mask_outside(val, starts, width, plan.extent[v], layout, padded_by)
+      val = _mask_outside(val, starts, plan.extent[v], layout, padded_by)
     return val
 
   for e in plan.eqns:
@@ -1257,8 +1268,7 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None)
       lhs = e.invars[0]
       window = env[lhs]
       if lhs not in plan.inputs:  # made by elementwise ops from the inputs: zeros outside
-        window = _mask_outside(window, plan.start(lhs, o), plan.width[lhs], plan.extent[lhs],
-                               layout)
+        window = _mask_outside(window, plan.start(lhs, o), plan.extent[lhs], layout)
       rhs = env[e.invars[1]] if _compat.is_conv(e) else None
       env[e.outvars[0]] = _transposed(e, window, rhs, o, plan, fast)
       continue
@@ -1360,14 +1370,10 @@ class _Loop:
     set to `fill` where an earlier tile also wrote: the last tile along a dim is shifted back to
     end at the extent (`_offsets`), and each output position must count once (in a cotangent
     pulled back, in a sum over tiles)."""
-    valid = None
-    for d, a in enumerate(self.chain.layout.spatial if axes is None else axes):
-      if self.extent[d] % self.chain.tile[d] == 0:
-        continue
-      pos = lax.broadcasted_iota(jnp.int32, x.shape, a)  # from the tile's offset
-      ok = pos >= _traced(index[d] * self.chain.tile[d] - o[-1][d])
-      valid = ok if valid is None else valid & ok
-    return x if valid is None else jnp.where(valid, x, _fill(fill, x.dtype))
+    tile = self.chain.tile
+    return _keep(x, {a: (index[d] * tile[d] - o[-1][d], None)  # from the tile's offset
+                     for d, a in enumerate(self.chain.layout.spatial if axes is None else axes)
+                     if self.extent[d] % tile[d]}, fill)
 
   def run(self, body, init, peel: bool = True):
     """`init` through `body(flat, carry)` for every tile: tile 0 peeled (as in `lower`), its
