@@ -4,6 +4,7 @@
     python benchmarks/whole_models.py --size 512  # smaller and faster
     python benchmarks/whole_models.py --time 3    # also run the forwards, 3 alternating rounds
     python benchmarks/whole_models.py --model vae # examples/flax_vae_decoder.py, 256x256 latent
+    python benchmarks/whole_models.py --model resnet  # examples/equinox_resnet.py, 2x3x1024x1024
 
 The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`), and the temporaries are
 XLA's buffer assignment (`memory_analysis().temp_size_in_bytes`). Compile time is split into
@@ -28,37 +29,53 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "example
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", choices=("unet", "vae"), default="unet")
+  parser.add_argument("--model", choices=("unet", "vae", "resnet"), default="unet")
   parser.add_argument("--size", type=int, default=None,
-                      help="image side (unet, default 2048) or latent side (vae, default 256)")
+                      help="image side (unet, default 2048; resnet, 1024) or latent side (vae, "
+                           "default 256)")
   parser.add_argument("--max-bytes", type=int, default=16 * 2**20)
   parser.add_argument("--time", type=int, default=0, help="alternating timed rounds (0: none)")
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)
   # The examples, with their optional flax dependency.
-  if args.model == "unet":
-    import flax_unet  # noqa: E402
-    size = args.size or 2048
-    model = flax_unet.UNet(widths=(32, 64, 128), out_channels=2)
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    label = f"flax UNet widths (32, 64, 128) on 1x{size}x{size}x3"
+  if args.model == "resnet":
+    import equinox as eqx  # noqa: E402
+    import equinox_resnet  # noqa: E402
+    size = args.size or 1024
+    net = equinox_resnet.random_model(equinox_resnet.ResNet, 3, (32, 32, 64, 128),
+                                      strides=(1, 1, 2, 2), n_classes=5)
+    real_params, static = eqx.partition(net, eqx.is_array)  # the arrays: what grad sees
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), real_params)
+    apply = lambda p, x: equinox_resnet.forward(eqx.combine(p, static), x)
+    init = lambda x: real_params
+    x = jax.ShapeDtypeStruct((2, 3, size, size), jnp.float32)
+    label = f"equinox ResNet widths (32, 32, 64, 128) under vmap on 2x3x{size}x{size}"
   else:
-    import flax_vae_decoder  # noqa: E402
-    size = args.size or 256
-    model = flax_vae_decoder.Decoder(widths=(128, 64, 32), groups=32)
-    x = jax.ShapeDtypeStruct((1, size, size, 4), jnp.float32)
-    label = (f"flax VAE decoder widths (128, 64, 32), GroupNorm(32), on a 1x{size}x{size}x4 "
-             f"latent (image {4 * size}x{4 * size})")
-  params = jax.eval_shape(model.init, jax.random.key(0), x)
+    if args.model == "unet":
+      import flax_unet  # noqa: E402
+      size = args.size or 2048
+      model = flax_unet.UNet(widths=(32, 64, 128), out_channels=2)
+      x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+      label = f"flax UNet widths (32, 64, 128) on 1x{size}x{size}x3"
+    else:
+      import flax_vae_decoder  # noqa: E402
+      size = args.size or 256
+      model = flax_vae_decoder.Decoder(widths=(128, 64, 32), groups=32)
+      x = jax.ShapeDtypeStruct((1, size, size, 4), jnp.float32)
+      label = (f"flax VAE decoder widths (128, 64, 32), GroupNorm(32), on a 1x{size}x{size}x4 "
+               f"latent (image {4 * size}x{4 * size})")
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    apply = model.apply
+    init = lambda x: model.init(jax.random.key(0), x)
   grad = lambda f: jax.grad(lambda p, x: f(p, x).sum())
-  tiled = jaxtile.tile_convs(model.apply, max_bytes=args.max_bytes)
-  per_conv = jaxtile.tile_convs(model.apply, max_bytes=args.max_bytes, fuse=False)
+  tiled = jaxtile.tile_convs(apply, max_bytes=args.max_bytes)
+  per_conv = jaxtile.tile_convs(apply, max_bytes=args.max_bytes, fuse=False)
   print(f"jax {jax.__version__}; {label}, max_bytes {args.max_bytes / 2**20:g} MiB\n")
   print("| program | temporaries MiB | / untiled | trace + lower s | XLA compile s | total s |")
   print("|---|--:|--:|--:|--:|--:|")
-  rows = [("forward, untiled", model.apply), ("forward, tiled (regions)", tiled),
+  rows = [("forward, untiled", apply), ("forward, tiled (regions)", tiled),
           ("forward, tiled per conv (fuse=False)", per_conv),
-          ("gradient, untiled", grad(model.apply)), ("gradient, tiled", grad(tiled))]
+          ("gradient, untiled", grad(apply)), ("gradient, tiled", grad(tiled))]
   base = {}
   for name, fn in rows:
     start = time.perf_counter()
@@ -74,8 +91,8 @@ def main(argv=None):
   if args.time:
     import statistics
     real_x = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
-    real_params = model.init(jax.random.key(0), real_x)
-    fns = [jax.jit(model.apply), jax.jit(tiled)]
+    real_params = init(real_x)
+    fns = [jax.jit(apply), jax.jit(tiled)]
     outs = [jax.block_until_ready(f(real_params, real_x)) for f in fns]  # compile, warm up
     times = [[], []]
     for _ in range(args.time):

@@ -415,3 +415,30 @@ def test_a_norm_between_convs_spills_to_the_host(tmp_path):
   stats = streamed.last_stats
   assert stats.skipped > 0 and stats.tiles == first - stats.skipped, stats
   assert_same(np.asarray(out), whole)
+
+
+def test_an_unbatched_equinox_model_streams():
+  """An equinox model called on one (C, H, W) image, as equinox layers take it: each conv adds a
+  batch axis of 1 and squeezes it from its result, and the bias and relu between act on the
+  squeezed value. Those ops are not in the convs' layout; streaming used to crash on the bias
+  (an IndexError from the layout check). Now they split the function into segments streamed
+  tile by tile, spilled to the host between them, and the result is the untiled one."""
+  eqx = pytest.importorskip("equinox")
+
+  class Net(eqx.Module):
+    conv1: eqx.nn.Conv2d
+    conv2: eqx.nn.Conv2d
+
+    def __call__(self, x):
+      return self.conv2(jax.nn.relu(self.conv1(x)))
+
+  k1, k2 = jax.random.split(jax.random.key(13))
+  model = Net(eqx.nn.Conv2d(3, 8, 3, padding=1, key=k1), eqx.nn.Conv2d(8, 2, 3, padding=1, key=k2))
+  x = np.random.default_rng(14).normal(size=(3, 48, 40)).astype(np.float32)
+  apply = lambda model, x: model(x)
+  whole = untiled(lambda x: model(x), x)
+  assert_same(np.asarray(jaxtile.stream(apply, max_bytes=30_000)(model, x)), whole)
+  # A leaf that is no array (`eqx.nn.Lambda`'s function): a clear error, naming it.
+  wrapped = eqx.nn.Sequential([model, eqx.nn.Lambda(jax.nn.relu)])
+  with pytest.raises(jaxtile.StreamError, match=r"argument leaf \d+ \(custom_jvp\) is neither"):
+    jaxtile.stream(apply, max_bytes=30_000)(wrapped, x)

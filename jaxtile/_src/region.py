@@ -38,6 +38,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtile._src import _compat
+from jaxtile._src import canonical
 from jaxtile._src import forms
 from jaxtile._src import lower as lower_lib
 from jaxtile._src import upsample
@@ -268,11 +269,13 @@ def _aval_bytes(shape, dtype) -> int:
 # ---------------------------------------------------------------------------------------------
 def _is_small(aval, layout: Layout, rank: int) -> bool:
   """A scalar, or a value of size 1 along every spatial dim (a bias, a per-sample norm's
-  statistics): read whole by every tile, which spans the batch and the features."""
+  statistics): read whole by every tile, which spans the batch and the features. Of `rank`, the
+  rank of the value reading it, which must be the layout's (a squeezed value is not in it)."""
   shape = getattr(aval, "shape", ())
   if len(shape) == 0:
     return True
-  return len(shape) == rank and all(shape[a] == 1 for a in layout.spatial)
+  return (len(shape) == rank == len(layout.spatial) + 2
+          and all(shape[a] == 1 for a in layout.spatial))
 
 
 def _elementwise_body(eqn, rule: bool = True) -> Optional[Any]:
@@ -287,7 +290,8 @@ def _elementwise_body(eqn, rule: bool = True) -> Optional[Any]:
   if key is None or key not in eqn.params or len(eqn.outvars) != 1:
     return None
   closed = eqn.params[key]
-  jaxpr = getattr(closed, "jaxpr", closed)
+  jaxpr = canonical.fold_broadcasts(getattr(closed, "jaxpr", closed))
+  closed = _compat.ClosedJaxpr(jaxpr, getattr(closed, "consts", ()))
   full = tuple(eqn.outvars[0].aval.shape)
   for e in jaxpr.eqns:
     if not (e.primitive.name in ELEMENTWISE or _broadcast_to(e, full)
@@ -310,7 +314,7 @@ def _rule_is_elementwise(eqn) -> bool:
   equation elementwise, or a broadcast to the call's full shape (`_broadcast_to`)."""
   if eqn.params.get("num_consts", 0) or len(eqn.outvars) != 1:
     return False
-  rule = _compat.custom_jvp_rule(eqn)
+  rule = _jvp_rule(eqn)
   if rule is None:
     return False
   jaxpr, consts = rule
@@ -319,6 +323,13 @@ def _rule_is_elementwise(eqn) -> bool:
     return False
   return all(e.primitive.name in ELEMENTWISE or _broadcast_to(e, full)
              or _elementwise_body(e, rule=False) is not None for e in jaxpr.eqns)
+
+
+def _jvp_rule(eqn):
+  """A custom_jvp call's JVP rule (`_compat.custom_jvp_rule`), its broadcasts folded
+  (`canonical.fold_broadcasts`: a `vmap`ped rule's zeros), else None."""
+  rule = _compat.custom_jvp_rule(eqn)
+  return None if rule is None else (canonical.fold_broadcasts(rule[0]), rule[1])
 
 
 def _is_concat(eqn, layout: Layout) -> bool:
@@ -1163,8 +1174,8 @@ def _eval_elementwise(eqn, args):
 def _custom_elementwise(eqn, args):
   """A custom_jvp call on windows, again a custom_jvp: its body for the value, its own JVP rule
   for derivatives, both evaluated on the windows' shapes."""
-  body = eqn.params["call_jaxpr"]
-  rule, rule_consts = _compat.custom_jvp_rule(eqn)
+  body = _elementwise_body(eqn)
+  rule, rule_consts = _jvp_rule(eqn)
   full = tuple(eqn.outvars[0].aval.shape)
 
   @jax.custom_jvp

@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from jaxtile._src import _compat
+from jaxtile._src import canonical
 from jaxtile._src import distribute
 from jaxtile._src import lower as lower_lib
 from jaxtile._src import decide as decide_lib
@@ -72,8 +73,10 @@ class Rewriter:
 
   def jaxpr(self, jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
     original = jaxpr
-    # Upsamplings as single equations a region can take in; where none does, the equations
-    # they stand for go back (`upsample.group`).
+    # Unit axes added and taken away again (equinox's convs under vmap) are no equations at
+    # all to a region (`canonical`); upsamplings are single equations it can take in, and
+    # where none does, the equations they stand for go back (`upsample.group`).
+    jaxpr = simplified = canonical.drop_round_trips(jaxpr) if self._fuses() else jaxpr
     grouped = upsample.group(jaxpr) if self._fuses() else upsample.Grouped(jaxpr, {})
     jaxpr = grouped.jaxpr
     chains = self._regions(jaxpr)
@@ -97,7 +100,7 @@ class Rewriter:
         eqns.append(self.conv(e) if _compat.is_conv(e) else self.nested(e))
     if len(eqns) == len(original.eqns) and all(a is b for a, b in zip(eqns, original.eqns)):
       return original
-    return _compat.replace_jaxpr(original, eqns=eqns)
+    return _compat.replace_jaxpr(simplified, eqns=eqns)
 
   def _regions(self, jaxpr: _compat.Jaxpr) -> list[region_lib.Chain]:
     """The regions this policy tiles in `jaxpr`: chains with an oversized conv ("auto")."""

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtile._src import _compat
+from jaxtile._src import canonical
 from jaxtile._src import forms
 from jaxtile._src import decide as decide_lib
 from jaxtile._src import region as region_lib
@@ -304,9 +305,20 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
         "(numpy arrays and memmaps, zarr, tensorstore, h5py or dask arrays) but are not "
         f"jax.Arrays; got {[type(x).__name__ for x in leaves]}. Pass the image as a host array, "
         "or name it with argnums=.")
-  avals = [jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
-           if i in images or isinstance(x, _Abstract) else
-           (x if isinstance(x, jax.Array) else jnp.asarray(x)) for i, x in enumerate(leaves)]
+  def operand(i, x):
+    if i in images or isinstance(x, _Abstract):
+      return jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
+    if isinstance(x, jax.Array):
+      return x
+    try:
+      return jnp.asarray(x)
+    except TypeError as e:
+      raise StreamError(
+          f"stream: argument leaf {i} ({type(x).__name__}) is neither an image nor an array: "
+          "stream traces every argument leaf. Close over it instead (a lambda or "
+          "functools.partial; for an equinox module, `eqx.partition` it and pass its arrays)."
+      ) from e
+  avals = [operand(i, x) for i, x in enumerate(leaves)]
 
   def flat(*leaves):
     return fun(*jax.tree_util.tree_unflatten(treedef, leaves))
@@ -317,9 +329,11 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
     raise StreamError(f"stream: tracing fun at its image shapes ({shapes}) failed: "
                       f"{type(e).__name__}: {e}") from e
   closed = _compat.inline_calls(closed)
-  # Upsamplings (`jax.image.resize`'s gathers, `jnp.repeat`'s reshapes) as single equations: a
-  # stage of the tile program, as a transposed conv is.
-  closed = _compat.ClosedJaxpr(upsample.group(closed.jaxpr).jaxpr, closed.consts)
+  # Unit axes added and taken away again between convs (equinox's) are no equations at all
+  # (`canonical`); upsamplings (`jax.image.resize`'s gathers, `jnp.repeat`'s reshapes) are
+  # single equations: a stage of the tile program, as a transposed conv is.
+  jaxpr = upsample.group(canonical.drop_round_trips(closed.jaxpr)).jaxpr
+  closed = _compat.ClosedJaxpr(jaxpr, closed.consts)
   jaxpr = closed.jaxpr
   if len(jaxpr.outvars) != 1 or isinstance(jaxpr.outvars[0], _compat.Literal):
     raise StreamError(f"stream: fun must return one array (the streamed image), but it returns "

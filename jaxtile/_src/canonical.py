@@ -1,0 +1,98 @@
+"""Equation chains that compute simpler things than they spell: rewritten into what they compute,
+so that a region (`region.find_regions`) sees the ops it can hold.
+
+* Unit axes added and taken away again (`drop_round_trips`). Equinox's layers take one
+  unbatched (C, H, W) image; its `Conv` adds a batch axis of 1 before `lax.conv_general_dilated`
+  and squeezes it from the result. Under `jax.vmap` this becomes, around every conv, a
+  `broadcast_in_dim` inserting a unit axis and a `reshape` merging it into the batch on the way
+  in, and a `reshape` splitting one out and a `squeeze` on the way out: what comes out is what
+  went in. A region grows through the equations reading its values and stopped at the first.
+  Every reshape (`dimensions=None`), `squeeze` and `broadcast_in_dim` that only inserts unit
+  axes keeps the elements in row-major order, so a chain of them that ends at the shape and dtype
+  it started from is the identity.
+* A broadcast of a broadcast (`fold_broadcasts`) is one broadcast. A `vmap`ped custom JVP rule
+  (`jax.nn.relu`'s) makes its zeros unbatched, a scalar broadcast to (C, H, W), and then
+  broadcasts them to (N, C, H, W); a tile evaluates one broadcast of the scalar to its window.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jaxtile._src import _compat
+
+
+def _keeps_order(eqn) -> bool:
+  """Whether `eqn` only reshapes its one operand: row-major order and elements kept."""
+  if len(eqn.invars) != 1 or len(eqn.outvars) != 1 or eqn.params.get("sharding") is not None:
+    return False
+  name = eqn.primitive.name
+  if name == "reshape":
+    return eqn.params.get("dimensions") is None
+  if name == "squeeze":
+    return True
+  if name == "broadcast_in_dim":
+    # Same size: nothing broadcast, so the dims not mapped have extent 1; increasing: in order.
+    dims = tuple(eqn.params["broadcast_dimensions"])
+    return (math.prod(eqn.invars[0].aval.shape) == math.prod(eqn.outvars[0].aval.shape)
+            and all(a < b for a, b in zip(dims, dims[1:])))
+  return False
+
+
+def drop_round_trips(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
+  """`jaxpr` with each value that an order-keeping chain (`_keeps_order`) brings back to its
+  start's aval replaced by that start, and the chain's equations left unread dropped."""
+  start, same = {}, {}
+  for e in jaxpr.eqns:
+    x = e.invars[0] if e.invars else None
+    if not _keeps_order(e) or isinstance(x, _compat.Literal):
+      continue
+    out = e.outvars[0]
+    start[out] = start.get(x, x)
+    if start[out].aval == out.aval:
+      same[out] = start[out]
+  if not same:
+    return jaxpr
+  read = lambda v: v if isinstance(v, _compat.Literal) else same.get(v, v)
+  outvars = [read(v) for v in jaxpr.outvars]
+  live = {v for v in outvars if not isinstance(v, _compat.Literal)}
+  eqns = []
+  for e in reversed(jaxpr.eqns):
+    if _keeps_order(e) and e.outvars[0] not in live:
+      continue  # a step of a chain whose end now reads its start, or of one nothing read
+    e = _compat.replace_eqn(e, invars=[read(v) for v in e.invars])
+    live.update(v for v in e.invars if not isinstance(v, _compat.Literal))
+    eqns.append(e)
+  return _compat.replace_jaxpr(jaxpr, eqns=eqns[::-1], outvars=outvars)
+
+
+def fold_broadcasts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
+  """`jaxpr` with each `broadcast_in_dim` of a `broadcast_in_dim`'s result made one broadcast of
+  the first's operand, and the broadcasts nothing reads any more dropped.
+
+  The first maps operand dim i to dim d1[i] of its result, the second that one's dim j to d2[j]:
+  together operand dim i lands at d2[d1[i]]. Each dim of extent 1 along the way may broadcast;
+  one that does not keeps its extent through both."""
+  source = {}  # var -> (the operand of the broadcasts making it, composed dims)
+  eqns, changed = [], False
+  for e in jaxpr.eqns:
+    if e.primitive.name == "broadcast_in_dim" and e.params.get("sharding") is None and len(
+        e.invars) == 1:
+      x, dims = e.invars[0], tuple(e.params["broadcast_dimensions"])
+      if not isinstance(x, _compat.Literal) and x in source:
+        x, inner = source[x]
+        dims = tuple(dims[d] for d in inner)
+        e = _compat.replace_eqn(e, invars=[x], params=dict(e.params, broadcast_dimensions=dims))
+        changed = True
+      source[e.outvars[0]] = (x, dims)
+    eqns.append(e)
+  if not changed:
+    return jaxpr
+  live = {v for v in jaxpr.outvars if not isinstance(v, _compat.Literal)}
+  kept = []
+  for e in reversed(eqns):
+    if e.primitive.name == "broadcast_in_dim" and e.outvars[0] not in live:
+      continue
+    live.update(v for v in e.invars if not isinstance(v, _compat.Literal))
+    kept.append(e)
+  return _compat.replace_jaxpr(jaxpr, eqns=kept[::-1])
