@@ -211,19 +211,35 @@ def _chain_operands():
   return x, *ws
 
 
+def _loops_per_device(jaxpr, inside=False) -> int:
+  """How many loops of `jaxpr` run inside a `shard_map` (each device its own)."""
+  count = 0
+  for e in jaxpr.eqns:
+    count += inside and e.primitive.name == "while"
+    for p in e.params.values():
+      for sub in p if isinstance(p, (list, tuple)) else [p]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _loops_per_device(inner, inside or e.primitive.name == "shard_map")
+  return count
+
+
 @needs_8
 @pytest.mark.parametrize("n_devices", [4, 3])
 def test_region_tiles_are_dealt_out_over_devices(n_devices):
-  # 64 tiles on 3 devices: 22 each, the last device recomputing the final tile twice.
+  # 64 tiles on 3 devices: 22 each, the last device recomputing the final tile twice; its
+  # backward loop pulls back 22, 22 and 20.
   args = _chain_operands()
   tiled = jaxtile.tile_convs(_chain, max_bytes=8000, devices=jax.devices()[:n_devices])
   (region,) = jaxtile.explain(tiled)(*args).regions
   assert region.devices == n_devices and math.prod(region.tiles) > n_devices, region
   assert f"on {n_devices} devices" in region.describe()
   np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(_chain)(*args), rtol=1e-5, atol=1e-5)
-  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3)))
-  for got, want in zip(loss(tiled)(*args), loss(_chain)(*args)):
+  loss = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3))
+  for got, want in zip(jax.jit(loss(tiled))(*args), jax.jit(loss(_chain))(*args)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+  # The region's backward loop runs on the devices too (it used to run on one).
+  assert _loops_per_device(jax.make_jaxpr(loss(tiled))(*args).jaxpr) == 1
 
 
 @needs_8
@@ -261,3 +277,35 @@ def test_region_on_a_mesh_axis_with_sharded_output():
   out = jax.jit(tiled)(*args)
   assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "tiles")), out.ndim)
   np.testing.assert_allclose(out, jax.jit(_chain)(*args), rtol=1e-5, atol=1e-5)
+
+
+@needs_8
+def test_region_statistics_and_derivatives_are_dealt_out_over_devices():
+  # A norm's statistics over the image, of a value the region makes, are a pass over its tiles:
+  # on 4 devices each pass takes a quarter of them and the parts are summed across devices, in
+  # the forward, in the tangent and in the backward loops.
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 36, 30, 4)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=s) / 4, jnp.float32)
+        for s in [(3, 3, 4, 8), (3, 3, 8, 8), (3, 3, 8, 4)]]
+
+  def f(x, w1, w2, w3):
+    h = jax.nn.relu(conv(x, w1))
+    mean = h.mean(axis=(1, 2), keepdims=True)
+    square = (h * h).mean(axis=(1, 2), keepdims=True)
+    h = (h - mean) * lax.rsqrt(square - mean * mean + 1e-5)
+    return conv(jax.nn.relu(conv(jax.nn.silu(h), w2)), w3)
+
+  tiled = jaxtile.tile_convs(f, max_bytes=12000, devices=jax.devices()[:4])
+  (region,) = jaxtile.explain(tiled)(x, *ws).regions
+  assert region.devices == 4 and region.statistics == 1, region
+  np.testing.assert_allclose(jax.jit(tiled)(x, *ws), jax.jit(f)(x, *ws), rtol=1e-5, atol=1e-5)
+  loss = lambda g: jax.grad(lambda *a: jnp.sum(g(*a) ** 2), argnums=(0, 1, 2, 3))
+  for got, want in zip(jax.jit(loss(tiled))(x, *ws), jax.jit(loss(f))(x, *ws)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+  # The region's backward loop and the statistics pass's (the forward ones are inside their
+  # primitives' lowering, not in the jaxpr).
+  assert _loops_per_device(jax.make_jaxpr(loss(tiled))(x, *ws).jaxpr) == 2
+  tangents = tuple(jnp.ones_like(a) for a in (x, *ws))
+  jvp = lambda g: jax.jit(lambda *a: jax.jvp(g, a, tangents)[1])
+  np.testing.assert_allclose(jvp(tiled)(x, *ws), jvp(f)(x, *ws), rtol=1e-4, atol=1e-4)

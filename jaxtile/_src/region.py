@@ -475,9 +475,9 @@ def _uses(jaxpr) -> dict:
 
 
 # Reductions a tile can compute part of, with their identity (what a position it does not own
-# contributes) and how partial results combine.
-_REDUCTIONS = {"reduce_sum": (0, lax.add), "reduce_max": (-np.inf, lax.max),
-               "reduce_min": (np.inf, lax.min)}
+# contributes), how partial results combine, and how they combine across devices.
+_REDUCTIONS = {"reduce_sum": (0, lax.add, lax.psum), "reduce_max": (-np.inf, lax.max, lax.pmax),
+               "reduce_min": (np.inf, lax.min, lax.pmin)}
 
 
 def _split_features(eqn, layout: Layout, spatial: tuple) -> Optional[tuple]:
@@ -1492,31 +1492,54 @@ def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile) -> list:
   return [env[v] for v in stats.outputs]
 
 
+def _dealt_out(loop: _Loop, accumulate, operands, combine):
+  """`accumulate(operands, first, count)` (a result of tiles first .. first + count - 1, ints or
+  traced) over all the tiles of `loop`: in one loop, or where the policy has a mesh, dealt out
+  over its `mesh_axis` as a forward's tiles are (`_emit_spread`): device d takes tiles
+  [d * m, (d + 1) * m), as many as are left (no tile twice), and `combine(result, axis_name)`
+  (`lax.psum` for sums) joins the devices' results."""
+  policy = loop.chain.policy
+  if policy.mesh is None:
+    return accumulate(operands, 0, loop.n)
+  axis = policy.mesh_axis
+  m = -(-loop.n // policy.mesh.shape[axis])
+
+  def per_device(operands):
+    first = lax.axis_index(axis) * m
+    return combine(accumulate(operands, first, jnp.clip(loop.n - first, 0, m)), axis)
+
+  return _compat.shard_map(per_device, policy.mesh, in_specs=(P(),), out_specs=P())(operands)
+
+
 def emit_statistics(stats: Statistics, *operands) -> list:
   """The statistics' reductions, one pass over the tiles of their source: each tile computes
   the source's tile (`_Loop.tile`, as a region's loop does) and its part of every reduction,
   and the parts combine (sum, max or min) in the loop's carry (sums of bfloat16 or float16
   parts in float32)."""
   loop = _Loop(stats.source)
-  xs, smalls = _split(stats.source, operands)
-  combine = {v: _REDUCTIONS[e.primitive.name][1]
-             for e in stats.eqns for v in e.outvars if v in stats.outputs}
+  reduction = [_REDUCTIONS[e.primitive.name] for v in stats.outputs
+               for e in stats.eqns if v in e.outvars]
 
-  def body(i, acc):
-    index = loop.index(i)
-    o = loop.offsets(index)
-    boxes = loop.boxes(o)
-    tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
-    with jax.named_scope("reduce"):
-      parts = _reduce_tile(stats, loop, index, o, tile)
-      return [combine[v](a, p.astype(a.dtype)) for v, a, p in zip(stats.outputs, acc, parts)]
+  def accumulate(operands, first, count):
+    xs, smalls = _split(stats.source, operands)
 
-  init = [jnp.full(v.aval.shape, _fill(_REDUCTIONS[e.primitive.name][0], dtype))
-          for v in stats.outputs for e in stats.eqns if v in e.outvars
-          for dtype in [_accumulator_dtype(v.aval.dtype) if e.primitive.name == "reduce_sum"
-                        else v.aval.dtype]]
+    def body(j, acc):
+      index = loop.index(first + j)
+      o = loop.offsets(index)
+      boxes = loop.boxes(o)
+      tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
+      with jax.named_scope("reduce"):
+        parts = _reduce_tile(stats, loop, index, o, tile)
+        return [r[1](a, p.astype(a.dtype)) for r, a, p in zip(reduction, acc, parts)]
+
+    init = [jnp.full(v.aval.shape, _fill(r[0], dtype)) for v, r in zip(stats.outputs, reduction)
+            for dtype in [_accumulator_dtype(v.aval.dtype) if r[2] is lax.psum
+                          else v.aval.dtype]]
+    return lax.fori_loop(0, count, body, init)  # a small carry: made early, it costs nothing
+
+  combine = lambda acc, axis: [r[2](a, axis) for r, a in zip(reduction, acc)]
   with jax.named_scope(stats.name):
-    acc = loop.run(body, init, peel=False)  # a small carry: made early, it costs nothing
+    acc = _dealt_out(loop, accumulate, list(operands), combine)
   return [a.astype(v.aval.dtype) for v, a in zip(stats.outputs, acc)]
 
 
@@ -1541,8 +1564,9 @@ def _statistics_unfused(stats: Statistics, *operands) -> list:
 # piece's cotangent into its input's at the piece's box and summing the small operands'
 # (kernels, biases). Every intermediate of the region lives a tile at a time in both directions,
 # and the residuals the backward pass keeps are the region's operands, nothing inside it: exact
-# tiled backpropagation, with the forward recomputed once per tile. These loops run on one
-# device, also for a region whose forward tiles are dealt out over a mesh (`_emit_spread`).
+# tiled backpropagation, with the forward recomputed once per tile. Under a mesh the backward
+# loop's tiles are dealt out over the devices, as the forward's are (`_dealt_out`); the tangent
+# loop runs on one device.
 def _split(chain: Chain, operands) -> tuple[dict, dict]:
   n = len(chain.inputs)
   return dict(zip(chain.inputs, operands[:n])), dict(zip(chain.smalls, operands[n:]))
@@ -1640,42 +1664,52 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
   tile's forward recomputed from the primal pieces and pulled back (`jax.vjp`) from the tile's
   cotangent; a piece's cotangent is added into its input's at the piece's box, the small
   operands' summed over tiles. With `stats`, `chain` is its source and `ct` the cotangents of
-  its sums, which are every tile part's."""
+  its sums, which are every tile part's.
+
+  Where the policy has a mesh, the tiles are dealt out over its devices (`_dealt_out`), each
+  adding into zeros of its own, and the devices' sums summed."""
   loop = _Loop(chain)
-  xs, smalls = _split(chain, primals)
   inputs = [v for v in chain.inputs if v in wrt]
   small_vars = [v for v in chain.smalls if v in wrt]
 
-  def body(i, carry):
-    acc_in, acc_small = carry
-    index = loop.index(i)
-    o = loop.offsets(index)
-    boxes = loop.boxes(o)
-    finish = None if stats is None else functools.partial(_reduce_tile, stats, loop, index, o)
-    fun, args, slots, _ = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls, wrt, finish)
-    if stats is None:
-      with jax.named_scope("select"):
-        begin, size = loop.out_box(o)
-        ct_tile = loop.owned(index, o, _slice(ct, begin, size))
-    else:
-      ct_tile = ct
-    _, pull = jax.vjp(fun, *args)
-    ct_pieces, ct_smalls = pull(ct_tile)
-    with jax.named_scope("reassemble"):
-      acc_in = list(acc_in)
-      for (n, j), g in zip(slots, ct_pieces):
-        k = inputs.index(chain.read_by(n)[j])
-        at, shape = boxes[n][j]
-        acc_in[k] = _update(acc_in[k], _slice(acc_in[k], at, shape) + g, at)
-      acc_small = [a + g.astype(a.dtype) for a, g in zip(acc_small, ct_smalls)]
-    return acc_in, acc_small
+  def accumulate(primals, ct, first, count):
+    """The cotangents from tiles first .. first + count - 1 (ints or traced)."""
+    xs, smalls = _split(chain, primals)
 
-  after = jax.tree.leaves(ct)
-  init = ([_zeros_after(v.aval.shape, v.aval.dtype, *after) for v in inputs],
-          [_zeros_after(v.aval.shape, _accumulator_dtype(v.aval.dtype), *after)
-           for v in small_vars])
+    def body(j, carry):
+      acc_in, acc_small = carry
+      index = loop.index(first + j)
+      o = loop.offsets(index)
+      boxes = loop.boxes(o)
+      finish = None if stats is None else functools.partial(_reduce_tile, stats, loop, index, o)
+      fun, args, slots, _ = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls, wrt,
+                                      finish)
+      if stats is None:
+        with jax.named_scope("select"):
+          begin, size = loop.out_box(o)
+          ct_tile = loop.owned(index, o, _slice(ct, begin, size))
+      else:
+        ct_tile = ct
+      _, pull = jax.vjp(fun, *args)
+      ct_pieces, ct_smalls = pull(ct_tile)
+      with jax.named_scope("reassemble"):
+        acc_in = list(acc_in)
+        for (n, j), g in zip(slots, ct_pieces):
+          k = inputs.index(chain.read_by(n)[j])
+          at, shape = boxes[n][j]
+          acc_in[k] = _update(acc_in[k], _slice(acc_in[k], at, shape) + g, at)
+        acc_small = [a + g.astype(a.dtype) for a, g in zip(acc_small, ct_smalls)]
+      return acc_in, acc_small
+
+    after = jax.tree.leaves(ct)
+    init = ([_zeros_after(v.aval.shape, v.aval.dtype, *after) for v in inputs],
+            [_zeros_after(v.aval.shape, _accumulator_dtype(v.aval.dtype), *after)
+             for v in small_vars])
+    return lax.fori_loop(0, count, body, init)
+
   with jax.named_scope(f"{chain.name}/transpose"):
-    acc_in, acc_small = loop.run(body, init, peel=False)
+    acc_in, acc_small = _dealt_out(loop, lambda ops, first, count: accumulate(*ops, first, count),
+                                   (list(primals), ct), lax.psum)
   return {**dict(zip(inputs, acc_in)),
           **{v: a.astype(v.aval.dtype) for v, a in zip(small_vars, acc_small)}}
 
@@ -1768,23 +1802,27 @@ def emit_statistics_jvp(*operands, stats: Statistics, nonzero) -> list:
   """The sums' tangents, tile by tile: each tile's parts pushed forward (`jax.jvp`) on the
   tangents' pieces, and summed (in float32 at least)."""
   source, loop = stats.source, _Loop(stats.source)
-  xs, smalls = _split(source, operands[:len(nonzero)])
   keys = [v for v, nz in zip((*source.inputs, *source.smalls), nonzero) if nz]
-  tangents = dict(zip(keys, operands[len(nonzero):]))
 
-  def body(i, acc):
-    index = loop.index(i)
-    o = loop.offsets(index)
-    boxes = loop.boxes(o)
-    finish = functools.partial(_reduce_tile, stats, loop, index, o)
-    fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
-                                             tangents, finish)
-    _, parts = jax.jvp(fun, args, _tangent_args(source, tangents, boxes, slots, small_vars))
-    return [a + p.astype(a.dtype) for a, p in zip(acc, parts)]
+  def accumulate(operands, first, count):
+    xs, smalls = _split(source, operands[:len(nonzero)])
+    tangents = dict(zip(keys, operands[len(nonzero):]))
 
-  init = [jnp.zeros(v.aval.shape, _accumulator_dtype(v.aval.dtype)) for v in stats.outputs]
+    def body(j, acc):
+      index = loop.index(first + j)
+      o = loop.offsets(index)
+      boxes = loop.boxes(o)
+      finish = functools.partial(_reduce_tile, stats, loop, index, o)
+      fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
+                                               tangents, finish)
+      _, parts = jax.jvp(fun, args, _tangent_args(source, tangents, boxes, slots, small_vars))
+      return [a + p.astype(a.dtype) for a, p in zip(acc, parts)]
+
+    init = [jnp.zeros(v.aval.shape, _accumulator_dtype(v.aval.dtype)) for v in stats.outputs]
+    return lax.fori_loop(0, count, body, init)
+
   with jax.named_scope(f"{stats.name}/jvp"):
-    acc = loop.run(body, init, peel=False)
+    acc = _dealt_out(loop, accumulate, list(operands), lax.psum)
   return [a.astype(v.aval.dtype) for v, a in zip(stats.outputs, acc)]
 
 
