@@ -422,7 +422,8 @@ def test_an_unbatched_equinox_model_streams():
   batch axis of 1 and squeezes it from its result, and the bias and relu between act on the
   squeezed value. Those ops are not in the convs' layout; streaming used to crash on the bias
   (an IndexError from the layout check). Now they split the function into segments streamed
-  tile by tile, spilled to the host between them, and the result is the untiled one."""
+  tile by tile, spilled to the host between them, and the result is the untiled one. Under
+  vmap the whole network is one tile program."""
   eqx = pytest.importorskip("equinox")
 
   class Net(eqx.Module):
@@ -438,6 +439,12 @@ def test_an_unbatched_equinox_model_streams():
   apply = lambda model, x: model(x)
   whole = untiled(lambda x: model(x), x)
   assert_same(np.asarray(jaxtile.stream(apply, max_bytes=30_000)(model, x)), whole)
+  # Called under vmap on a batch of one, as the guide suggests, the network is one tile
+  # program: the unit axes equinox adds and squeezes around each conv cancel out.
+  batched = jaxtile.stream(lambda model, x: jax.vmap(model)(x[None])[0], max_bytes=30_000)
+  text = str(batched.explain(model, x))
+  assert "needs the whole image" not in text and "conv_general_dilated x2" in text, text
+  assert_same(np.asarray(batched(model, x)), whole)
   # A leaf that is no array (`eqx.nn.Lambda`'s function): a clear error, naming it.
   wrapped = eqx.nn.Sequential([model, eqx.nn.Lambda(jax.nn.relu)])
   with pytest.raises(jaxtile.StreamError, match=r"argument leaf \d+ \(custom_jvp\) is neither"):
