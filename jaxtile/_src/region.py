@@ -1059,8 +1059,8 @@ def _traced(x):
 
 def _clip(x, low, high):
   """`x` clipped into [low, high]: ints, `_PerTile`s or traced."""
-  if isinstance(x, int):
-    return min(max(x, low), high)
+  if isinstance(x, (int, np.integer)):
+    return int(min(max(x, low), high))
   if isinstance(x, _PerTile):
     return np.minimum(np.maximum(x, low), high)
   return jnp.clip(x, low, high)
@@ -1174,7 +1174,7 @@ def _eval_elementwise(eqn, args):
 def _custom_elementwise(eqn, args):
   """A custom_jvp call on windows, again a custom_jvp: its body for the value, its own JVP rule
   for derivatives, both evaluated on the windows' shapes."""
-  body = _elementwise_body(eqn)
+  body = _elementwise_body(eqn, rule=False)
   rule, rule_consts = _jvp_rule(eqn)
   full = tuple(eqn.outvars[0].aval.shape)
 
@@ -1517,8 +1517,8 @@ def emit_statistics(stats: Statistics, *operands) -> list:
   and the parts combine (sum, max or min) in the loop's carry (sums of bfloat16 or float16
   parts in float32)."""
   loop = _Loop(stats.source)
-  reduction = [_REDUCTIONS[e.primitive.name] for v in stats.outputs
-               for e in stats.eqns if v in e.outvars]
+  names = [e.primitive.name for v in stats.outputs for e in stats.eqns if v in e.outvars]
+  reduction = [_REDUCTIONS[name] for name in names]
 
   def accumulate(operands, first, count):
     xs, smalls = _split(stats.source, operands)
@@ -1532,8 +1532,9 @@ def emit_statistics(stats: Statistics, *operands) -> list:
         parts = _reduce_tile(stats, loop, index, o, tile)
         return [r[1](a, p.astype(a.dtype)) for r, a, p in zip(reduction, acc, parts)]
 
-    init = [jnp.full(v.aval.shape, _fill(r[0], dtype)) for v, r in zip(stats.outputs, reduction)
-            for dtype in [_accumulator_dtype(v.aval.dtype) if r[2] is lax.psum
+    init = [jnp.full(v.aval.shape, _fill(r[0], dtype))
+            for v, r, name in zip(stats.outputs, reduction, names)
+            for dtype in [_accumulator_dtype(v.aval.dtype) if name == "reduce_sum"
                           else v.aval.dtype]]
     return lax.fori_loop(0, count, body, init)  # a small carry: made early, it costs nothing
 

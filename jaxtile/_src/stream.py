@@ -332,8 +332,8 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
   # Unit axes added and taken away again between convs (equinox's) are no equations at all
   # (`canonical`); upsamplings (`jax.image.resize`'s gathers, `jnp.repeat`'s reshapes) are
   # single equations: a stage of the tile program, as a transposed conv is.
-  jaxpr = upsample.group(canonical.drop_round_trips(closed.jaxpr)).jaxpr
-  closed = _compat.ClosedJaxpr(jaxpr, closed.consts)
+  closed = _compat.ClosedJaxpr(upsample.group(canonical.drop_round_trips(closed.jaxpr)).jaxpr,
+                               closed.consts)
   jaxpr = closed.jaxpr
   if len(jaxpr.outvars) != 1 or isinstance(jaxpr.outvars[0], _compat.Literal):
     raise StreamError(f"stream: fun must return one array (the streamed image), but it returns "
