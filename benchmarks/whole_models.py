@@ -5,6 +5,7 @@
     python benchmarks/whole_models.py --time 3    # also run the forwards, 3 alternating rounds
     python benchmarks/whole_models.py --model vae # examples/flax_vae_decoder.py, 256x256 latent
     python benchmarks/whole_models.py --model resnet  # examples/equinox_resnet.py, 2x3x1024x1024
+    python benchmarks/whole_models.py --model haiku-resnet18  # 1x1024x1024x3, needs dm-haiku
 
 The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`), and the temporaries are
 XLA's buffer assignment (`memory_analysis().temp_size_in_bytes`). Compile time is split into
@@ -29,16 +30,31 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "example
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", choices=("unet", "vae", "resnet"), default="unet")
+  parser.add_argument("--model", choices=("unet", "vae", "resnet", "haiku-resnet18"),
+                      default="unet")
   parser.add_argument("--size", type=int, default=None,
-                      help="image side (unet, default 2048; resnet, 1024) or latent side (vae, "
-                           "default 256)")
+                      help="image side (unet, default 2048; resnet and haiku-resnet18, 1024) or "
+                           "latent side (vae, default 256)")
   parser.add_argument("--max-bytes", type=int, default=16 * 2**20)
   parser.add_argument("--time", type=int, default=0, help="alternating timed rounds (0: none)")
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)
   # The examples, with their optional flax dependency.
-  if args.model == "resnet":
+  if args.model == "haiku-resnet18":
+    try:
+      import haiku as hk  # noqa: E402
+    except ImportError:
+      sys.exit("--model haiku-resnet18 needs dm-haiku: pip install dm-haiku")
+    size = args.size or 1024
+    # Inference: batch norm with its moving averages (made by a training-mode init).
+    net = hk.transform_with_state(
+        lambda x, training: hk.nets.ResNet18(num_classes=10)(x, is_training=training))
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    init = lambda x: net.init(jax.random.key(0), x, True)
+    params = jax.eval_shape(init, x)
+    apply = lambda p, x: net.apply(*p, None, x, False)[0]
+    label = f"haiku ResNet18 (inference) on 1x{size}x{size}x3"
+  elif args.model == "resnet":
     import equinox as eqx  # noqa: E402
     import equinox_resnet  # noqa: E402
     size = args.size or 1024

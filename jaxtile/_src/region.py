@@ -596,21 +596,28 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
         break  # a value of the region is read by what the region cannot hold
       groups.append(group)
       grouped.update(group)
-    # Members read by statistics alone (x * x of a variance) move into their group, the last
-    # first: one moved may leave the member making its operand read by the group alone too.
+    # Elementwise members read by statistics alone (x * x of a variance) move into their
+    # group, the last first: one moved may leave the member making its operand read by the
+    # group alone too. Only while the group still reads one value (its source, `_group_reads`):
+    # a classifier's global pooling reads the last block's activation, and would otherwise take
+    # in its residual add, and through it everything before.
     for m in reversed(members[1:]):
-      readers = uses.get(jaxpr.eqns[m].outvars[0], [])
+      e = jaxpr.eqns[m]
+      if e.primitive.name not in ELEMENTWISE and _elementwise_body(e) is None:
+        continue
+      readers = uses.get(e.outvars[0], [])
       group = next((g for g in groups if readers and set(readers) <= set(g)), None)
-      if group is not None:
+      if group is not None and len(_group_reads(jaxpr, [*group, m])) == 1:
         members.remove(m)
         group.append(m)
         group.sort()
         grouped.add(m)
     # The longest prefix whose values are read outside it by one value alone, the last, and
-    # whose stages (`stages_of`) hand on one value each. Statistics groups count as inside.
+    # whose stages (`stages_of`) hand on one value each. Statistics groups count as inside,
+    # but for one over that last value, which exists at full size anyway (`_group_source`).
     while members:
-      inside = set(members) | grouped
       made = [jaxpr.eqns[i].outvars[0] for i in members]
+      inside = set(members).union(*(g for g in groups if _group_reads(jaxpr, g) != {made[-1]}))
       outside = [v for v in made if any(u not in inside for u in uses.get(v, []))]
       cut = _bad_stage(jaxpr, members, uses)
       if cut is not None:
@@ -628,12 +635,17 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
   return regions
 
 
+def _group_reads(jaxpr, group: Sequence[int]) -> set:
+  """The values other than scalars that a statistics group reads from outside itself."""
+  inner = {jaxpr.eqns[j].outvars[0] for j in group}
+  return {v for j in group for v in jaxpr.eqns[j].invars
+          if not isinstance(v, _compat.Literal) and v not in inner and v.aval.ndim > 0}
+
+
 def _group_source(jaxpr, group: Sequence[int], made) -> Optional[Any]:
   """The one value of `made` a statistics group reads, else None (a group over a region's
   input or output reads a value that exists at full size anyway: XLA reduces it there)."""
-  inner = {jaxpr.eqns[j].outvars[0] for j in group}
-  read = {v for j in group for v in jaxpr.eqns[j].invars
-          if not isinstance(v, _compat.Literal) and v not in inner and v.aval.ndim > 0}
+  read = _group_reads(jaxpr, group)
   return read.pop() if len(read) == 1 and all(v in made for v in read) else None
 
 
