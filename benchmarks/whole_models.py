@@ -83,7 +83,7 @@ def main(argv=None):
     params = jax.eval_shape(model.init, jax.random.key(0), x)
     apply = model.apply
     init = lambda x: model.init(jax.random.key(0), x)
-  grad = lambda f: jax.grad(lambda p, x: f(p, x).sum())
+  grad = lambda f: jax.grad(lambda p, x: f(p, x).sum(), allow_int=True)  # haiku: int state
   tiled = jaxtile.tile_convs(apply, max_bytes=args.max_bytes)
   per_conv = jaxtile.tile_convs(apply, max_bytes=args.max_bytes, fuse=False)
   print(f"jax {jax.__version__}; {label}, max_bytes {args.max_bytes / 2**20:g} MiB\n")
