@@ -265,6 +265,10 @@ def test_region_program_is_compiled_for_its_devices(upsampled):
   loss = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(g(*a) ** 2), argnums=(0, 1)))
   for got, want in zip(loss(tiled)(x, *ws), loss(f)(x, *ws)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+  # The tangent alone (its loop's tiles dealt out too, the primal output unused).
+  tangents = tuple(jnp.ones_like(a) for a in (x, *ws))
+  jvp = lambda g: jax.jit(lambda *a: jax.jvp(g, a, tangents)[1])
+  np.testing.assert_allclose(jvp(tiled)(x, *ws), jvp(f)(x, *ws), rtol=1e-4, atol=1e-4)
 
 
 @needs_8

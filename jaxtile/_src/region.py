@@ -1418,53 +1418,52 @@ class _Loop:
 
 
 def emit(chain: Chain, *operands):
-  """The region's output, computed tile by tile in one loop (its tiles dealt out over the
-  policy's devices where it has a mesh: `_emit_spread`)."""
-  if chain.policy.mesh is not None:
-    return _emit_spread(chain, *operands)
+  """The region's output, computed tile by tile (`_emit_tiles`)."""
   loop = _Loop(chain)
-  xs = dict(zip(chain.inputs, operands[:len(chain.inputs)]))
-  smalls = dict(zip(chain.smalls, operands[len(chain.inputs):]))
 
-  def body(i, out):
-    o = loop.offsets(loop.index(i))
-    boxes = loop.boxes(o)
-    tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
-    with jax.named_scope("reassemble"):
-      return _update(out, tile, loop.out_box(o)[0])
+  def tile_at(operands, o, boxes):
+    xs, smalls = _split(chain, operands)
+    return loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
 
-  with jax.named_scope(chain.name):
-    return loop.run_into(body, chain.output.aval, operands)
+  return _emit_tiles(loop, tile_at, operands, chain.name)
 
 
-def _emit_spread(chain: Chain, *operands):
-  """The region's tiles dealt out over the devices of `chain.policy.mesh` along its
-  `mesh_axis`, as `distribute.lower` deals a conv's blocks: device d computes tiles
-  [d * m, (d + 1) * m) for m = ceil(tiles / devices) from the replicated operands (the last
-  devices recompute the final tile where the count is uneven; the copy is dropped) and returns
-  them stacked; the stack's first `tiles` entries are then written at their offsets."""
-  policy = chain.policy
-  mesh, axis_name = policy.mesh, policy.mesh_axis
-  loop = _Loop(chain)
-  m = -(-loop.n // mesh.shape[axis_name])
+def _emit_tiles(loop: _Loop, tile_at, operands, name: str):
+  """The output of `loop.chain` (or its tangent), each tile `tile_at(operands, o, boxes)` at
+  offsets `o`: in one loop writing the tiles into the output, or where the policy has a mesh,
+  dealt out over the devices of its `mesh_axis`, as `distribute.lower` deals a conv's blocks:
+  device d computes tiles [d * m, (d + 1) * m) for m = ceil(tiles / devices) from the
+  replicated operands (the last devices recompute the final tile where the count is uneven; the
+  copy is dropped) and returns them stacked; the stack's first `tiles` entries are then written
+  at their offsets."""
+  chain, policy = loop.chain, loop.chain.policy
   out_aval = chain.output.aval
+  if policy.mesh is None:
+    def body(i, out):
+      o = loop.offsets(loop.index(i))
+      tile = tile_at(operands, o, loop.boxes(o))
+      with jax.named_scope("reassemble"):
+        return _update(out, tile, loop.out_box(o)[0])
+
+    with jax.named_scope(name):
+      return loop.run_into(body, out_aval, operands)
+
+  mesh, axis_name = policy.mesh, policy.mesh_axis
+  m = -(-loop.n // mesh.shape[axis_name])
   tile_shape = loop.out_box([[0] * len(chain.tile)])[1]
 
   def per_device(*ops):
-    xs, smalls = _split(chain, ops)
     first = lax.axis_index(axis_name) * m
 
     def body(j, stack):
       o = loop.offsets(loop.index(jnp.minimum(first + j, loop.n - 1)))
-      boxes = loop.boxes(o)
-      tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
-      return lax.dynamic_update_index_in_dim(stack, tile, j, 0)
+      return lax.dynamic_update_index_in_dim(stack, tile_at(ops, o, loop.boxes(o)), j, 0)
     stack = body(0, jnp.zeros((m, *tile_shape), out_aval.dtype))  # peeled, as `_Loop.run`
     return stack if m == 1 else lax.fori_loop(1, m, body, stack)
 
   spread = _compat.shard_map(per_device, mesh, in_specs=(P(),) * len(operands),
                              out_specs=P(axis_name))
-  with jax.named_scope(chain.name):
+  with jax.named_scope(name):
     stack = spread(*operands)
     with jax.named_scope("reassemble"):
       def write(i, out):
@@ -1507,7 +1506,7 @@ def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile) -> list:
 def _dealt_out(loop: _Loop, accumulate, operands, combine):
   """`accumulate(operands, first, count)` (a result of tiles first .. first + count - 1, ints or
   traced) over all the tiles of `loop`: in one loop, or where the policy has a mesh, dealt out
-  over its `mesh_axis` as a forward's tiles are (`_emit_spread`): device d takes tiles
+  over its `mesh_axis` as a forward's tiles are (`_emit_tiles`): device d takes tiles
   [d * m, (d + 1) * m), as many as are left (no tile twice), and `combine(result, axis_name)`
   (`lax.psum` for sums) joins the devices' results."""
   policy = loop.chain.policy
@@ -1577,9 +1576,9 @@ def _statistics_unfused(stats: Statistics, *operands) -> list:
 # piece's cotangent into its input's at the piece's box and summing the small operands'
 # (kernels, biases). Every intermediate of the region lives a tile at a time in both directions,
 # and the residuals the backward pass keeps are the region's operands, nothing inside it: exact
-# tiled backpropagation, with the forward recomputed once per tile. Under a mesh the backward
-# loop's tiles are dealt out over the devices, as the forward's are (`_dealt_out`); the tangent
-# loop runs on one device.
+# tiled backpropagation, with the forward recomputed once per tile. Under a mesh, the tangent
+# loop's tiles are dealt out over the devices as the forward's are (`_emit_tiles`), and the
+# backward loop's too (`_dealt_out`).
 def _split(chain: Chain, operands) -> tuple[dict, dict]:
   n = len(chain.inputs)
   return dict(zip(chain.inputs, operands[:n])), dict(zip(chain.smalls, operands[n:]))
@@ -1594,7 +1593,7 @@ def bind(plan: Chain, *operands):
 
   Under a mesh the output is constrained to its sharding on that mesh, outside the primitive:
   `jit` picks the devices a program runs on from the shardings its jaxpr shows, and the
-  `shard_map` dealing the tiles out (`_emit_spread`) is hidden in the primitive's lowering.
+  `shard_map` dealing the tiles out (`_emit_tiles`) is hidden in the primitive's lowering.
   Without the constraint some programs were compiled for one device, and XLA:CPU rejected the
   `shard_map` left in them ("No registered implementation for ...
   xla.sdy.GlobalToLocalShape")."""
@@ -1648,23 +1647,20 @@ def _tangent_args(chain: Chain, tangents: dict, boxes, slots, small_vars):
 
 
 def emit_jvp(*operands, plan: Chain, nonzero):
-  """The region's tangent, tile by tile: each tile's forward pushed forward (`jax.jvp`) on the
-  tangents' pieces."""
+  """The region's tangent, tile by tile (`_emit_tiles`): each tile's forward pushed forward
+  (`jax.jvp`) on the tangents' pieces."""
   chain, loop = plan, _Loop(plan)
-  xs, smalls = _split(chain, operands[:len(nonzero)])
   keys = [v for v, nz in zip((*chain.inputs, *chain.smalls), nonzero) if nz]
-  tangents = dict(zip(keys, operands[len(nonzero):]))
 
-  def body(i, out):
-    o = loop.offsets(loop.index(i))
-    boxes = loop.boxes(o)
+  def tile_at(operands, o, boxes):
+    xs, smalls = _split(chain, operands[:len(nonzero)])
+    tangents = dict(zip(keys, operands[len(nonzero):]))
     fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
                                              tangents)
     _, tile = jax.jvp(fun, args, _tangent_args(chain, tangents, boxes, slots, small_vars))
-    return _update(out, tile, loop.out_box(o)[0])
+    return tile
 
-  with jax.named_scope(f"{chain.name}/jvp"):
-    return loop.run_into(body, chain.output.aval, operands)
+  return _emit_tiles(loop, tile_at, operands, f"{chain.name}/jvp")
 
 
 def _accumulator_dtype(dtype):
