@@ -1357,6 +1357,11 @@ class _Loop:
                                else min(i * t, n - t)
                                for i, n, t in zip(index, self.extent, self.chain.tile)])
 
+  def per_device(self) -> int:
+    """Tiles per device of the policy's mesh axis: ceil(tiles / devices)."""
+    policy = self.chain.policy
+    return _ceil_div(self.n, policy.mesh.shape[policy.mesh_axis])
+
   def boxes(self, o) -> list:
     """Per stage and value it reads, the box of the value its window covers (`_piece_box`)."""
     chain = self.chain
@@ -1449,7 +1454,7 @@ def _emit_tiles(loop: _Loop, tile_at, operands, name: str):
       return loop.run_into(body, out_aval, operands)
 
   mesh, axis_name = policy.mesh, policy.mesh_axis
-  m = -(-loop.n // mesh.shape[axis_name])
+  m = loop.per_device()
   tile_shape = loop.out_box([[0] * len(chain.tile)])[1]
 
   def per_device(*ops):
@@ -1512,8 +1517,7 @@ def _dealt_out(loop: _Loop, accumulate, operands, combine):
   policy = loop.chain.policy
   if policy.mesh is None:
     return accumulate(operands, 0, loop.n)
-  axis = policy.mesh_axis
-  m = -(-loop.n // policy.mesh.shape[axis])
+  axis, m = policy.mesh_axis, loop.per_device()
 
   def per_device(operands):
     first = lax.axis_index(axis) * m
@@ -1681,8 +1685,9 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
   inputs = [v for v in chain.inputs if v in wrt]
   small_vars = [v for v in chain.smalls if v in wrt]
 
-  def accumulate(primals, ct, first, count):
+  def accumulate(operands, first, count):
     """The cotangents from tiles first .. first + count - 1 (ints or traced)."""
+    primals, ct = operands
     xs, smalls = _split(chain, primals)
 
     def body(j, carry):
@@ -1717,8 +1722,7 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
     return lax.fori_loop(0, count, body, init)
 
   with jax.named_scope(f"{chain.name}/transpose"):
-    acc_in, acc_small = _dealt_out(loop, lambda ops, first, count: accumulate(*ops, first, count),
-                                   (list(primals), ct), lax.psum)
+    acc_in, acc_small = _dealt_out(loop, accumulate, (list(primals), ct), lax.psum)
   return {**dict(zip(inputs, acc_in)),
           **{v: a.astype(v.aval.dtype) for v, a in zip(small_vars, acc_small)}}
 
