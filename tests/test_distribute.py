@@ -313,3 +313,29 @@ def test_region_statistics_and_derivatives_are_dealt_out_over_devices():
   tangents = tuple(jnp.ones_like(a) for a in (x, *ws))
   jvp = lambda g: jax.jit(lambda *a: jax.jvp(g, a, tangents)[1])
   np.testing.assert_allclose(jvp(tiled)(x, *ws), jvp(f)(x, *ws), rtol=1e-4, atol=1e-4)
+
+
+@needs_8
+@pytest.mark.parametrize("n_devices", [4, 3])
+def test_a_differentiated_region_deals_its_tiles_and_reductions_out(n_devices):
+  # `tile_convs(jax.grad(f))`: one region of the forward and backward convs, whose weight
+  # gradients and loss are reductions each device adds up over its tiles, summed across the
+  # devices (3 devices: the last recomputes a tile another has, and adds nothing for it).
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(1, 72, 40, 4)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=s) / 4, jnp.float32)
+        for s in [(3, 3, 4, 8), (3, 3, 8, 8), (3, 3, 8, 4)]]
+
+  def grad(x, *ws):
+    f = lambda x, *ws: jnp.sum(conv(jax.nn.relu(conv(jax.nn.relu(conv(x, ws[0])), ws[1])),
+                                    ws[2]) ** 2)
+    return jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, *ws)
+
+  tiled = jaxtile.tile_convs(grad, max_bytes=60000, devices=jax.devices()[:n_devices])
+  (region,) = jaxtile.explain(tiled)(x, *ws).regions
+  assert region.devices == n_devices and region.reductions == 4, region
+  # 16 tiles: 4 each on 4 devices; on 3, the last recomputes a tile
+  assert bool(math.prod(region.tiles) % n_devices) == (n_devices == 3), region
+  for got, want in zip(jax.tree.leaves(jax.jit(tiled)(x, *ws)),
+                       jax.tree.leaves(jax.jit(grad)(x, *ws))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))

@@ -381,9 +381,15 @@ def test_random_chains_gradients_match_untiled(chain):
                              atol=ATOL)
   want = grad(explicit)(x, *params)
   got = grad(jaxtile.tile_convs(f, max_bytes=max_bytes, fuse=True))(x, *params)
-  for i, (g, w) in enumerate(zip(got, want)):
-    np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * max(1.0, float(
-        jnp.abs(w).max())), err_msg=f"gradient w.r.t. argument {i}: {chain}")
+  # And the program JAX differentiated, tiled: forward and backward as one region, its weight
+  # gradients reductions (section 8).
+  differentiated = jax.jit(jaxtile.tile_convs(
+      jax.grad(lambda *a: jnp.sum(f(*a) * ct), argnums=argnums), max_bytes=max_bytes,
+      fuse=True))(x, *params)
+  for form, values in (("grad(tile_convs(f))", got), ("tile_convs(grad(f))", differentiated)):
+    for i, (g, w) in enumerate(zip(values, want)):
+      np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * max(1.0, float(
+          jnp.abs(w).max())), err_msg=f"{form}: gradient w.r.t. argument {i}: {chain}")
 
 
 def _kinked_net(x, w1, w2, w3):
@@ -1085,3 +1091,115 @@ def test_a_classifier_head_does_not_pull_the_network_into_its_pooling():
   assert len(region.convs) == 3, region
   np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(net)(*args), rtol=RTOL, atol=ATOL)
   assert temp_bytes(tiled, *args) <= temp_bytes(net, *args) // 2
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. A program JAX has already differentiated: `tile_convs(jax.grad(f))`.
+# ---------------------------------------------------------------------------------------------
+# The forward's convs, the input-gradient convs and the activations' derivatives are one region;
+# the weight gradients (convs summing over every position), bias gradients and the loss are
+# reductions its loop adds up itself (`region.Reductions`).
+def _net(p, x, stride=1, padding="SAME"):
+  dn = ("NHWC", "HWIO", "NHWC")
+  h = jax.nn.relu(lax.conv_general_dilated(x, p["w1"], (1, 1), "SAME", dimension_numbers=dn)
+                  + p["b1"])
+  h = jnp.tanh(lax.conv_general_dilated(h, p["w2"], (stride, stride), "SAME", rhs_dilation=(2, 2),
+                                        dimension_numbers=dn, feature_group_count=2) + p["b2"])
+  return lax.conv_general_dilated(h, p["w3"], (1, 1), padding, dimension_numbers=dn)
+
+
+def _net_operands(shape=(2, 100, 92, 4)):
+  keys = jax.random.split(jax.random.key(9), 7)
+  params = {"w1": jax.random.normal(keys[0], (3, 3, 4, 8)) * 0.3,
+            "b1": jax.random.normal(keys[1], (8,)) * 0.1,
+            "w2": jax.random.normal(keys[2], (3, 3, 4, 8)) * 0.3,
+            "b2": jax.random.normal(keys[3], (8,)) * 0.1,
+            "w3": jax.random.normal(keys[4], (5, 5, 8, 8)) * 0.2}
+  x = jax.random.normal(keys[5], shape)
+  y = jax.random.normal(keys[6], (*shape[:-1], 8))
+  return params, x, y
+
+
+DIFFERENTIATED = {
+    # the loss too, and every gradient: 3 weights, 2 biases, the input
+    "value_and_grad": (lambda p, x, y: jax.value_and_grad(
+        lambda p, x: jnp.sum(_net(p, x) ** 2), argnums=(0, 1))(p, x), 6, True),
+    # no input gradient: the region's last value is read by reductions alone, never written
+    "weights only": (lambda p, x, y: jax.grad(lambda p: jnp.sum(_net(p, x) ** 2))(p), 5, False),
+    # a target read a window at a time, and VALID padding
+    "mean squared error, VALID": (lambda p, x, y: jax.grad(
+        lambda p, x: jnp.mean((_net(p, x, padding="VALID") - y[:, 2:-2, 2:-2]) ** 2),
+        argnums=(0, 1))(p, x), 5, True),
+    # the strided conv's input gradient is lhs-dilated: the region starts after it
+    "strided": (lambda p, x, y: jax.grad(lambda p, x: jnp.sum(jnp.sin(_net(p, x, stride=2))),
+                                         argnums=(0, 1))(p, x), 2, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIFFERENTIATED))
+def test_a_differentiated_program_is_a_region_adding_up_its_weight_gradients(name):
+  fn, reductions, written = DIFFERENTIATED[name]
+  params, x, y = _net_operands()
+  tiled = jaxtile.tile_convs(fn, max_bytes=2**18)
+  (region,) = jaxtile.explain(tiled)(params, x, y).regions
+  assert region.reductions == reductions, region
+  want, got = jax.jit(fn)(params, x, y), jax.jit(tiled)(params, x, y)
+  for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want),
+                          jax.tree_util.tree_leaves(got)):
+    np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(w).max()),
+                               err_msg=jax.tree_util.keystr(path))
+  # The region writes its last value (the input's gradient) only where something reads it.
+  jaxpr = jax.make_jaxpr(tiled)(params, x, y)
+  outs = [e.outvars for e in _all_eqns(jaxpr.jaxpr)
+          if e.primitive.name == "jaxtile_region_reductions"]
+  assert len(outs) == 1 and (len(outs[0]) == reductions + 1) == written, outs
+
+
+def _all_eqns(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      yield from _all_eqns(sub)
+
+
+def test_a_training_step_reading_weight_gradients_before_the_region_ends():
+  # The optimizer's update of w3 reads its gradient, made early in the backward pass, before
+  # the backward convs that the region ends with: it must wait for the region's loop.
+  def step(p, x, y):
+    loss, g = jax.value_and_grad(lambda p: jnp.mean((_net(p, x) - y) ** 2))(p)
+    return loss, jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
+
+  params, x, y = _net_operands()
+  tiled = jaxtile.tile_convs(step, max_bytes=2**18)
+  assert jaxtile.explain(tiled)(params, x, y).regions
+  for w, g in zip(jax.tree.leaves(jax.jit(step)(params, x, y)),
+                  jax.tree.leaves(jax.jit(tiled)(params, x, y))):
+    np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(w).max()))
+
+
+def test_a_differentiated_region_under_jvp_and_vmap():
+  # Forward mode through a gradient (a Hessian-vector product) and vmap run the region's
+  # equations at full size, each conv tiled on its own: exact, without the loop.
+  params, x, _ = _net_operands((1, 64, 60, 4))
+  grad = lambda p, x: jax.grad(lambda p, x: jnp.sum(_net(p, x) ** 2), argnums=(0, 1))(p, x)
+  tiled = jaxtile.tile_convs(grad, max_bytes=2**16)
+  assert jaxtile.explain(tiled)(params, x).regions
+  dp = jax.tree.map(jnp.ones_like, params)
+  want = jax.jit(lambda p: jax.jvp(lambda p: grad(p, x), (p,), (dp,)))(params)
+  got = jax.jit(lambda p: jax.jvp(lambda p: tiled(p, x), (p,), (dp,)))(params)
+  xs = jnp.stack([x, -x])
+  want_v = jax.jit(jax.vmap(grad, in_axes=(None, 0)))(params, xs)
+  got_v = jax.jit(jax.vmap(tiled, in_axes=(None, 0)))(params, xs)
+  for w, g in zip(jax.tree.leaves((want, want_v)), jax.tree.leaves((got, got_v))):
+    np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(w).max()))
+
+
+def test_a_differentiated_chain_holds_tiles_not_activations():
+  # The 8-layer chain's gradient JAX has made: its activations and their cotangents are values
+  # of one region, the weight gradients its reductions (31 MiB against 544 untiled, max_bytes
+  # 8 MiB). Tiling each conv on its own held 483.
+  grad = jax.grad(lambda x, ws: _deep_chain(x, ws).sum(), argnums=(0, 1))
+  untiled = temp_bytes(grad, *_DEEP_ARGS)
+  tiled = temp_bytes(jaxtile.tile_convs(grad, max_bytes=8 * MiB), *_DEEP_ARGS)
+  assert untiled >= 8 * 32 * MiB, untiled
+  assert tiled <= untiled // 8, (tiled, untiled)

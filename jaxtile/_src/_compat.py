@@ -114,6 +114,7 @@ def shard_map(fun: Callable, mesh, in_specs, out_specs) -> Callable:
 # these registries; `dispatch.apply_primitive` is the impl every lax primitive uses.
 from jax._src import dispatch as _dispatch  # noqa: E402
 from jax._src import source_info_util as _source_info_util  # noqa: E402
+from jax._src.interpreters import partial_eval as _pe  # noqa: E402
 from jax._src.lax import convolution as _convolution  # noqa: E402
 from jax.interpreters import ad as _ad, batching as _batching, mlir as _mlir  # noqa: E402
 
@@ -150,6 +151,18 @@ def define_primitive(prim, *, impl_lowering: Callable, abstract_eval: Callable, 
 
 
 Literal = jex.core.Literal
+
+
+def new_var(aval) -> Any:
+  """A fresh jaxpr variable of `aval`."""
+  return jex.core.Var(aval)
+
+
+def dce(jaxpr: Jaxpr) -> Jaxpr:
+  """`jaxpr` without the equations no output depends on (effects kept), its inputs all kept."""
+  return _pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)[0]
+
+
 Zero = _ad.Zero
 is_undefined_primal = _ad.is_undefined_primal
 

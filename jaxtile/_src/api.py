@@ -291,7 +291,7 @@ class Recorder(rewrite_lib.Rewriter):
     return super().conv(eqn)
 
   def region(self, plan) -> _compat.JaxprEqn:
-    for e in plan.convs:
+    for e in plan.all_convs:
       self.note_layer(e)
     return super().region(plan)
 

@@ -13,6 +13,10 @@ so that a region (`region.find_regions`) sees the ops it can hold.
 * A broadcast of a broadcast (`fold_broadcasts`) is one broadcast. A `vmap`ped custom JVP rule
   (`jax.nn.relu`'s) makes its zeros unbatched, a scalar broadcast to (C, H, W), and then
   broadcasts them to (N, C, H, W); a tile evaluates one broadcast of the scalar to its window.
+* A broadcast of a scalar (`place_broadcasts`) is made again just before each equation that
+  reads it. A differentiated program makes its zeros (`select_n(mask, zeros, g)` for a relu) and
+  its cotangent seed as full-size broadcasts of a scalar; one read by a region's equation alone
+  can join the region, where a tile broadcasts the scalar to its window.
 """
 
 from __future__ import annotations
@@ -96,3 +100,32 @@ def fold_broadcasts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
     live.update(v for v in e.invars if not isinstance(v, _compat.Literal))
     kept.append(e)
   return _compat.replace_jaxpr(jaxpr, eqns=kept[::-1])
+
+
+def _scalar_broadcast(eqn) -> bool:
+  return (eqn.primitive.name == "broadcast_in_dim" and len(eqn.invars) == 1
+          and eqn.invars[0].aval.ndim == 0 and eqn.params.get("sharding") is None)
+
+
+def place_broadcasts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
+  """`jaxpr` with each broadcast of a scalar (`_scalar_broadcast`) made just before each equation
+  that reads it, one copy per reader, and none where nothing reads it. A copy reads the same
+  scalar, made before the original, so it is made before its reader, in order."""
+  broadcasts = {e.outvars[0]: e for e in jaxpr.eqns if _scalar_broadcast(e)}
+  if not broadcasts:
+    return jaxpr
+  kept = {v for v in jaxpr.outvars if not isinstance(v, _compat.Literal) and v in broadcasts}
+  eqns = []
+  for e in jaxpr.eqns:
+    if _scalar_broadcast(e):
+      if e.outvars[0] in kept:
+        eqns.append(e)  # a jaxpr output: it stays where it is
+      continue
+    invars = list(e.invars)
+    for n, v in enumerate(invars):
+      if not isinstance(v, _compat.Literal) and v in broadcasts:
+        made = broadcasts[v]
+        invars[n] = _compat.new_var(v.aval)
+        eqns.append(_compat.replace_eqn(made, outvars=[invars[n]]))
+    eqns.append(_compat.replace_eqn(e, invars=invars) if invars != list(e.invars) else e)
+  return _compat.replace_jaxpr(jaxpr, eqns=eqns)

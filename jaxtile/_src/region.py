@@ -47,7 +47,7 @@ from jaxtile._src.spec import ConvSpec
 
 # Primitives that act on each element alone (with operands broadcast along size-1 dims).
 ELEMENTWISE = frozenset({
-    "abs", "add", "atan2", "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p",
+    "abs", "add", "add_any", "atan2", "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p",
     "cos", "cosh", "div", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "integer_pow",
     "is_finite", "log", "log1p", "logistic", "max", "min", "mul", "ne", "neg", "nextafter", "not",
     "pow", "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt",
@@ -144,6 +144,22 @@ class Chain:
   # Reductions of values made inside, computed by passes of their own before the loop
   # (`emit_statistics`); the loop reads their results as small operands.
   statistics: tuple["Statistics", ...] = ()
+  # Reductions whose results only the program after the region reads (a gradient's weight and
+  # bias gradients), added up by the region's loop itself.
+  reductions: Optional["Reductions"] = None
+
+  @property
+  def written(self) -> bool:
+    """Whether the loop writes the output (read after the region; not where only reductions
+    read it)."""
+    return self.reductions is None or self.reductions.written
+
+  @property
+  def outvars(self) -> list:
+    """What the region makes for the program after it: its output where written, then its
+    reductions' results."""
+    return ([self.output] if self.written else []) + list(
+        () if self.reductions is None else self.reductions.outputs)
 
   @functools.cached_property
   def eqns(self) -> tuple[Any, ...]:
@@ -187,6 +203,16 @@ class Chain:
     return [e for p in self.stages for e in p.convs]
 
   @property
+  def all_convs(self) -> list:
+    """Its convs, then its reductions' (weight gradients)."""
+    return self.convs + ([] if self.reductions is None else self.reductions.convs)
+
+  @property
+  def all_eqns(self) -> tuple[Any, ...]:
+    """Its equations, then its reductions'."""
+    return self.eqns + (() if self.reductions is None else self.reductions.eqns)
+
+  @property
   def upsamplings(self) -> list:
     return [e for e in self.eqns if upsample.factors_of(e) is not None]
 
@@ -204,8 +230,11 @@ class Chain:
     """Multiply-adds beyond the untiled convs': recomputed halos, and each statistics pass's
     recomputation of its source."""
     mono = sum(_macs(e) for p in self.stages for e in p.convs)
-    return 100 * ((self.tiled_macs + sum(s.source.tiled_macs for s in self.statistics))
-                  / max(mono, 1) - 1)
+    tiled = self.tiled_macs + sum(s.source.tiled_macs for s in self.statistics)
+    if self.reductions is not None:
+      mono += sum(_macs(e) for e in self.reductions.convs)
+      tiled += self.n_tiles * self.reductions.tile_macs
+    return 100 * (tiled / max(mono, 1) - 1)
 
   @property
   def tiled_macs(self) -> int:
@@ -220,9 +249,10 @@ class Chain:
       chain.insert(0, p.start(p.inputs[0], chain[0]))
     return chain
 
-  def compute(self, offsets, windows, smalls: dict, fast: bool, outside=None):
+  def compute(self, offsets, windows, smalls: dict, fast: bool, outside=None, keep=None):
     """The output tile from each stage's windows of what it reads (`read_by`, zeros outside
-    the values) and the small operands by var; `outside[k]` as `compute_tile`'s."""
+    the values) and the small operands by var; `outside[k]` as `compute_tile`'s; `keep`, a
+    dict, gets the last stage's windows of every value."""
     x = None
     for k, p in enumerate(self.stages):
       inputs = list(windows[k])
@@ -231,7 +261,8 @@ class Chain:
         x = _mask_outside(x, offsets[k - 1], before.extent[before.output], before.layout)
         inputs.insert(0, x)
       x = compute_tile(p, offsets[k], inputs, [smalls[v] for v in p.smalls], fast,
-                       outside=None if outside is None else outside[k])
+                       outside=None if outside is None else outside[k],
+                       keep=keep if k == len(self.stages) - 1 else None)
     return x
 
 
@@ -247,6 +278,27 @@ class Statistics:
   eqns: tuple[Any, ...]
   outputs: tuple[Any, ...]
   name: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reductions:
+  """Reductions over the image of values a region makes that nothing in the region reads: a
+  gradient's weight gradients (`_reduction_conv`), its bias gradients and its loss (groups of
+  `_statistics_group`'s kind). The region's loop adds them up itself: each reduced value's
+  positions are dealt out among the tiles (`_partition`), and each tile adds the reduction of
+  the positions it owns, from the windows it computes anyway.
+
+  `bounds[v]` per spatial dim: for every tile index along it, where the owned positions of
+  reduced value `v` start and end within the tile's window of `v`."""
+  eqns: tuple[Any, ...]  # in jaxpr order
+  outputs: tuple[Any, ...]  # the results, read after the region
+  bounds: dict
+  written: bool  # whether the program after the region reads its output too
+  tile_macs: int  # the convs' multiply-adds per tile, on their windows
+
+  @property
+  def convs(self) -> list:
+    return [e for e in self.eqns if _compat.is_conv(e)]
 
 
 def _ceil_div(a, b):
@@ -354,8 +406,9 @@ def _makes_input(eqn, layout: Layout) -> bool:
 
 
 def _is_local(eqn, values, layout: Layout) -> bool:
-  """An elementwise equation whose full-size operands are all in `values`, its others small; or
-  a feature concatenation reading at least one of `values` (its others become inputs)."""
+  """An elementwise equation reading at least one of `values`, its other operands small or
+  values of its shape (a loss's target: they become inputs, read a window at a time); or a
+  feature concatenation reading at least one of `values` (its others become inputs)."""
   if _is_concat(eqn, layout):
     spatial = lambda v: tuple(v.aval.shape[a] for a in layout.spatial)
     out = eqn.outvars[0]
@@ -371,7 +424,7 @@ def _is_local(eqn, values, layout: Layout) -> bool:
   rank = len(shape)
   full = [v for v in eqn.invars if not isinstance(v, _compat.Literal)
           and not _is_small(v.aval, layout, rank)]
-  return bool(full) and all(v in values and v.aval.shape == shape for v in full)
+  return any(v in values for v in full) and all(v.aval.shape == shape for v in full)
 
 
 # Pooling, with the value its padding stands for (the reduction's identity).
@@ -459,6 +512,33 @@ def _region_conv(eqn, values, layout: Optional[Layout]) -> Optional[Layout]:
   if lhs_layout != out_layout:
     return None
   return out_layout
+
+
+def _small_broadcast(eqn, layout: Layout) -> bool:
+  """A broadcast of a scalar to a value of the layout's rank (`canonical.place_broadcasts` puts
+  one before each equation reading it): on a window, a broadcast to the window's shape."""
+  return (eqn.primitive.name == "broadcast_in_dim" and eqn.invars[0].aval.ndim == 0
+          and len(eqn.params["shape"]) == len(layout.spatial) + 2
+          and eqn.params.get("sharding") is None)
+
+
+def _reduction_conv(eqn, values, layout: Layout) -> bool:
+  """A conv that sums over every position of a value in `values`: a weight gradient. Its rhs
+  (the output's cotangent) and lhs (the layer's input) are both in `values` with the layout's
+  spatial axes as the conv's spatial dims, and it has no lhs dilation. Then
+
+      out[k] = sum_j lhs[k * window_stride + j * rhs_dilation - low_padding] * rhs[j],
+
+  per spatial dim, over every position j of the rhs: each tile adds the part of the positions
+  it owns (`_partition`), reading the lhs window those need (`_windows`)."""
+  if not _compat.is_conv(eqn):
+    return False
+  dn = eqn.params["dimension_numbers"]
+  lhs, rhs = eqn.invars
+  return (lhs in values and rhs in values and lhs is not rhs
+          and tuple(dn.lhs_spec[2:]) == layout.spatial == tuple(dn.rhs_spec[2:])
+          and lhs.aval.ndim == rhs.aval.ndim == len(layout.spatial) + 2
+          and all(d == 1 for d in eqn.params["lhs_dilation"]))
 
 
 def _uses(jaxpr) -> dict:
@@ -579,11 +659,18 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
       values.update(full)
       frontier += full
     members.sort()
+    inputs = values - {eqn.outvars[0]}
     groups, grouped = [], set()
     for i in range(start + 1, len(jaxpr.eqns)):
       e = jaxpr.eqns[i]
-      if i in taken or i in grouped or not any(v in values for v in e.invars if not isinstance(
-          v, _compat.Literal)):
+      if i in taken or i in grouped:
+        continue
+      if _small_broadcast(e, layout) and uses.get(e.outvars[0]) == [i + 1] and any(
+          v in values for v in jaxpr.eqns[i + 1].invars if not isinstance(v, _compat.Literal)):
+        members.append(i)  # zeros or a seed its reader, next, takes with a region value
+        values.add(e.outvars[0])
+        continue
+      if not any(v in values for v in e.invars if not isinstance(v, _compat.Literal)):
         continue
       pool = _is_pool(e) and e.invars[0] in values and _pool_ok(e, layout)
       if (pool or _region_conv(e, values, layout) is not None or _is_local(e, values, layout)
@@ -591,8 +678,11 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
         members.append(i)
         values.add(e.outvars[0])
         continue
-      group = _statistics_group(jaxpr, i, values, layout, uses)
+      group = ([i] if _reduction_conv(e, values, layout)
+               else _statistics_group(jaxpr, i, values, layout, uses))
       if group is None or any(j in taken for j in group):
+        if members[-1] == i - 1 and _small_broadcast(jaxpr.eqns[i - 1], layout):
+          members.pop()  # read by this equation alone
         break  # a value of the region is read by what the region cannot hold
       groups.append(group)
       grouped.update(group)
@@ -612,27 +702,41 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
         group.append(m)
         group.sort()
         grouped.add(m)
-    # The longest prefix whose values are read outside it by one value alone, the last, and
-    # whose stages (`stages_of`) hand on one value each. Statistics groups count as inside,
-    # but for one over that last value, which exists at full size anyway (`_group_source`).
+    # The longest prefix whose values are read outside it by one value alone, the last, or by
+    # none (a gradient's last value, read by weight gradients alone), and whose stages
+    # (`stages_of`) hand on one value each. Groups that can join count as inside (`_joins`).
+    everything = set().union(*groups)
+    read_inside = lambda v: all(u in everything or u in members for u in uses.get(v, []))
     while members:
       made = [jaxpr.eqns[i].outvars[0] for i in members]
-      inside = set(members).union(*(g for g in groups if _group_reads(jaxpr, g) != {made[-1]}))
+      inside = set(members).union(*(g for g in groups
+                                    if _joins(jaxpr, g, made, inputs, read_inside)))
       outside = [v for v in made if any(u not in inside for u in uses.get(v, []))]
       cut = _bad_stage(jaxpr, members, uses)
       if cut is not None:
         del members[cut:]
-      elif outside == [made[-1]]:
+      elif outside in ([made[-1]], []):
         break
       else:
         members.pop()
     if sum(_compat.is_conv(jaxpr.eqns[i]) for i in members) >= 2:
-      made = {jaxpr.eqns[i].outvars[0] for i in members[:-1]}
-      groups = [g for g in groups if _group_source(jaxpr, g, made) is not None]
+      made = [jaxpr.eqns[i].outvars[0] for i in members]
+      groups = [g for g in groups if _joins(jaxpr, g, made, inputs, read_inside)]
       regions.append((members, groups))
       taken.update(members)
       taken.update(j for g in groups for j in g)
   return regions
+
+
+def _joins(jaxpr, group: Sequence[int], made: Sequence[Any], inputs, readers) -> bool:
+  """Whether a group can join the region making `made` (in order) from `inputs`: a reduction
+  conv reading what the region holds, or a group reading one value made inside; the last only
+  where nothing but `readers` (equations of the region and its groups) reads it, else it exists
+  at full size anyway and XLA reduces it there."""
+  read = _group_reads(jaxpr, group)
+  if len(group) == 1 and _compat.is_conv(jaxpr.eqns[group[0]]):
+    return read <= set(made) | set(inputs)
+  return len(read) == 1 and read <= set(made) and (read != {made[-1]} or readers(made[-1]))
 
 
 def _group_reads(jaxpr, group: Sequence[int]) -> set:
@@ -690,9 +794,11 @@ def _bad_stage(jaxpr, members: Sequence[int], uses) -> Optional[int]:
 # outside [0, extent) are the conv's zero padding: the loop reads the region input as zeros there
 # and sets an intermediate to zeros there before a conv reads it, never computing them from
 # values beyond the image.
-def _windows(eqns, output, tile: Sequence[int], layout: Layout):
+def _windows(eqns, output, tile: Sequence[int], layout: Layout, reductions=()):
   """Per full-size value: (scale, shift, width) per spatial dim, the union of what its readers
-  need (a value read by a conv and, past it, by a residual add needs both windows)."""
+  need (a value read by a conv and, past it, by a residual add needs both windows). A
+  reduction conv among `reductions` (`_reduction_conv`) reads its lhs where its rhs's window
+  reaches (`_reduction_op`), once every reader of the rhs has set that window."""
   k = len(tile)
   scale, shift, width = {output: (1,) * k}, {output: (0,) * k}, {output: tuple(tile)}
 
@@ -713,8 +819,20 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
     shift[v], width[v] = lo, tuple(h - l for h, l in zip(hi, lo))
 
   dilation = {}
+  by_rhs: dict = {}
+  for r in reductions:
+    if _compat.is_conv(r):
+      by_rhs.setdefault(r.invars[1], []).append(r)
+
+  def reduced(g):
+    for r in by_rhs.pop(g, []):
+      if g not in scale or g in dilation:
+        raise _NotARegion  # a weight gradient of a value no tile computes
+      need(r.invars[0], *_window_through(_reduction_op(r), scale[g], shift[g], width[g]))
+
   for e in reversed(eqns):
     out = e.outvars[0]
+    reduced(out)  # every reader of `out` is after it: its window is whole
     op = _window_op(e, layout)
     d = _lhs_dilation(e, layout)
     if op is not None and d is not None:
@@ -739,7 +857,20 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout):
             and not _is_small(v.aval, layout, len(out.aval.shape))
             and spatial(v) == spatial(out)):
           need(v, scale[out], shift[out], width[out], dilation.get(out))
+  for g in list(by_rhs):  # the region's inputs
+    reduced(g)
   return scale, shift, width, dilation
+
+
+def _reduction_op(eqn):
+  """A reduction conv's lhs window as `_window_op` gives a conv's: output k of the rhs window's
+  position j reads lhs position j * rhs_dilation - low + k * window_stride (`_reduction_conv`),
+  so the rhs's position steps by the rhs dilation, the kernel is the output's extent and the
+  kernel dilation the window stride."""
+  p = eqn.params
+  out = eqn.outvars[0].aval.shape
+  return (tuple(p["rhs_dilation"]), tuple(lo for lo, _ in p["padding"]),
+          tuple(out[a] for a in p["dimension_numbers"].out_spec[2:]), tuple(p["window_strides"]))
 
 
 def _window_through(op, scale, shift, width):
@@ -797,17 +928,19 @@ def _macs(eqn, widths=None) -> int:
 
 
 def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: str,
-                tile: Optional[Sequence[int]] = None, inside=frozenset(), uses=None
-                ) -> Optional[RegionPlan]:
+                tile: Optional[Sequence[int]] = None, inside=frozenset(), uses=None,
+                reductions: Sequence[int] = ()) -> Optional[RegionPlan]:
   """Tiles for the chain `members` of `jaxpr` within `policy.max_bytes`, or None when a tile of
   one output row (per dim) does not fit or the halos cost more than `MAX_EXTRA_MACS`.
 
   With `tile`, the output tile is that, whatever it costs (it may exceed the output: `stream`
   plans a region for the window a later one reads); None only when the chain is no region.
   Equations in `inside` may read the chain's values too (statistics groups; for a statistics
-  source, the region's other equations). `uses`: `_uses(jaxpr)`, when the caller has it.
+  source, the region's other equations). `uses`: `_uses(jaxpr)`, when the caller has it. The
+  equations `reductions` (`Reductions`) widen the windows they read.
   """
   eqns = tuple(jaxpr.eqns[i] for i in members)
+  reduction_eqns = tuple(jaxpr.eqns[i] for i in reductions)
   first = next(e for e in eqns if _compat.is_conv(e))
   layout = _conv_layout(first)[0]
   x, output = first.invars[0], eqns[-1].outvars[0]
@@ -842,7 +975,7 @@ def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: 
   tile = list(out_extent if tile is None else tile)
   while True:
     try:
-      scale, shift, width, dilation = _windows(eqns, output, tile, layout)
+      scale, shift, width, dilation = _windows(eqns, output, tile, layout, reduction_eqns)
     except _NotARegion:
       return None
     fits = _tile_bytes(eqns, scale, width, layout, smalls_bytes) <= policy.max_bytes
@@ -877,14 +1010,21 @@ def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: 
 
 
 def plan_chain(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: str,
-               tile: Optional[Sequence[int]] = None, inside=frozenset(), uses=None
-               ) -> Optional[Chain]:
+               tile: Optional[Sequence[int]] = None, inside=frozenset(), uses=None,
+               reductions: Sequence[int] = ()) -> Optional[Chain]:
   """`plan_region` for a region of stages (`Chain`): the last stage's output tile halved until
-  every stage's tile fits `policy.max_bytes` (or `tile`, whatever it costs)."""
+  every stage's tile fits `policy.max_bytes` (or `tile`, whatever it costs). `reductions`: the
+  equations of its `Reductions` (a region of one stage only)."""
   stages = stages_of(jaxpr, members)
   if len(stages) == 1:
-    p = plan_region(jaxpr, members, policy, name, tile, inside, uses)
-    return None if p is None else Chain((p,), name, policy)
+    uses = _uses(jaxpr) if uses is None else uses
+    p = plan_region(jaxpr, members, policy, name, tile, inside, uses, reductions)
+    if p is None:
+      return None
+    chain = Chain((p,), name, policy)
+    return _with_reductions(jaxpr, chain, members, reductions, uses) if reductions else chain
+  if reductions:
+    return None
   if not all(any(_compat.is_conv(jaxpr.eqns[i]) for i in st) for st in stages):
     return None
   forced = tile is not None
@@ -914,6 +1054,91 @@ def plan_chain(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: s
   if not forced and (chain.n_tiles == 1 or chain.extra_macs_percent > 100 * MAX_EXTRA_MACS):
     return None
   return chain
+
+
+def _partition(starts: np.ndarray, width: int, extent: int) -> Optional[tuple]:
+  """The positions [0, extent) of a value dealt out among the tiles along one dim, whose windows
+  are [starts[i], starts[i] + width): tile i owns [b[i], b[i + 1]) with b[0] = 0, b[n] = extent
+  and b[i] = starts[i] clipped into [0, extent) between. Each is inside its tile's window where
+  the first window starts at or before 0, the last ends at or after the extent, and each
+  starts at or before the one before ends (windows that touch or overlap, starts in order).
+  Returned per tile as the owned range's ends within its window; None where windows leave a
+  gap."""
+  if (starts[0] > 0 or starts[-1] + width < extent or np.any(np.diff(starts) < 0)
+      or np.any(starts[1:] > starts[:-1] + width)):
+    return None
+  b = np.concatenate([[0], np.clip(starts[1:], 0, extent), [extent]])
+  return b[:-1] - starts, b[1:] - starts
+
+
+def _with_reductions(jaxpr, chain: Chain, members: Sequence[int], indices: Sequence[int], uses
+                     ) -> Optional[Chain]:
+  """`chain` (one stage) with the equations `indices` as its `Reductions`; None where a reduced
+  value's windows leave a gap (`_partition`) or the recomputation costs more than
+  `MAX_EXTRA_MACS`."""
+  (p,) = chain.stages
+  eqns = tuple(jaxpr.eqns[i] for i in sorted(indices))
+  reduced = []
+  for e in eqns:
+    full = [e.invars[1]] if _compat.is_conv(e) else [
+        v for v in e.invars if not isinstance(v, _compat.Literal) and v in p.width]
+    reduced += [v for v in full if v not in reduced]
+  if any(v in p.dilation for v in reduced) or any(
+      v not in p.width for e in eqns if _compat.is_conv(e) for v in e.invars):
+    return None
+  offsets = [_offsets(n, t) for n, t in zip(p.extent[p.output], p.tile)]
+  bounds = {}
+  for v in reduced:
+    bounds[v] = [_partition(o * sc + sh, w, n) for o, sc, sh, w, n
+                 in zip(offsets, p.scale[v], p.shift[v], p.width[v], p.extent[v])]
+    if None in bounds[v]:
+      return None
+  inside = set(members) | set(indices)
+  outputs = tuple(e.outvars[0] for e in eqns
+                  if _compat.is_conv(e) or e.primitive.name in _REDUCTIONS)
+  tile_macs = sum(
+      _macs(e) * math.prod(p.width[e.invars[1]]) // math.prod(p.extent[e.invars[1]])
+      for e in eqns if _compat.is_conv(e))
+  chain = dataclasses.replace(chain, reductions=Reductions(
+      eqns, outputs, bounds, written=any(u not in inside for u in uses.get(p.output, [])),
+      tile_macs=tile_macs))
+  return None if chain.extra_macs_percent > 100 * MAX_EXTRA_MACS else chain
+
+
+def _terminal(jaxpr, run: Sequence[int], groups, uses) -> list:
+  """The groups (`find_regions`) that are reductions of the run `run` (`Reductions`): each
+  reads values the run makes or reads (a reduction conv) or one value it makes (a group of
+  reductions), and nothing in the run depends on its results."""
+  made = [jaxpr.eqns[i].outvars[0] for i in run]
+  read = {v for i in run for v in jaxpr.eqns[i].invars if not isinstance(v, _compat.Literal)}
+  inside = set(run).union(*groups)
+  last_read_after = any(u not in inside for u in uses.get(made[-1], []))
+  terminal = []
+  for g in groups:
+    reads = _group_reads(jaxpr, g)
+    if not reads & set(made):
+      continue
+    if len(g) == 1 and _compat.is_conv(jaxpr.eqns[g[0]]):
+      if not reads <= set(made) | read:
+        continue
+    elif len(reads) != 1 or (reads == {made[-1]} and last_read_after):
+      continue  # a norm's statistics, or the sum of what exists at full size anyway
+    if not _feeds(jaxpr, g, run):
+      terminal.append(g)
+  return terminal
+
+
+def _feeds(jaxpr, group: Sequence[int], run: Sequence[int]) -> bool:
+  """Whether an equation of `run` depends on a result of `group`."""
+  reached = {v for j in group for v in jaxpr.eqns[j].outvars}
+  last = max(run)
+  for i in range(min(group) + 1, last + 1):
+    e = jaxpr.eqns[i]
+    if any(not isinstance(v, _compat.Literal) and v in reached for v in e.invars):
+      if i in run:
+        return True
+      reached.update(e.outvars)
+  return False
 
 
 def _with_statistics(jaxpr, chain: Chain, members: Sequence[int], groups, policy, uses
@@ -993,13 +1218,28 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
       begin += 1
     name = f"jaxtile/region{first_index + len(regions)}"
     best, misses = None, 0
-    for end in range(start + 1, len(conv_at)):
+    ends = list(range(start + 1, len(conv_at)))
+    if _terminal(jaxpr, members[begin:], groups, uses):
+      # A gradient's region: its prefixes miss until its backward convs are all in (a
+      # weight gradient reads a forward value and a cotangent), so the whole run goes first.
+      ends.insert(0, ends[-1])
+    for end in ends:
+      if best is not None and end <= best[0]:
+        break  # the whole run planned
       last = conv_at[end + 1] if end + 1 < len(conv_at) else len(members)
       plan = None
       for stop in range(last, conv_at[end], -1):
-        plan = plan_chain(jaxpr, members[begin:stop], policy, name, inside=grouped, uses=uses)
+        run = members[begin:stop]
+        terminal = _terminal(jaxpr, run, groups, uses)
+        internal = {jaxpr.eqns[i].outvars[0] for i in run[:-1]}
+        if any(_compat.is_conv(jaxpr.eqns[g[0]]) and _group_reads(jaxpr, g) & internal
+               for g in groups if g not in terminal):
+          continue  # a weight gradient would read a value this run keeps inside
+        plan = plan_chain(jaxpr, run, policy, name, inside=grouped, uses=uses,
+                          reductions=sorted(j for g in terminal for j in g))
         if plan is not None:
-          plan = _with_statistics(jaxpr, plan, members[begin:stop], groups, policy, uses)
+          plan = _with_statistics(jaxpr, plan, run, [g for g in groups if g not in terminal],
+                                  policy, uses)
         if plan is not None:
           break
       if plan is None:
@@ -1253,14 +1493,15 @@ def _transposed(e, window, rhs, o, plan: RegionPlan, fast):
   return forms.conv(piece, rhs, params, fast)
 
 
-def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None):
+def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None, keep=None):
   """The output tile at offsets `o` (per spatial dim: ints, `_PerTile`s or traced) from the
   windows of the region's inputs (`plan.start(v, o)` on, `plan.width[v]` wide, zeros outside the
   inputs) and its small operands: the "process" step of a region's loop, and of `stream`'s tile
   program.
 
   `outside(v, shift, width)` says whether a window of `v` may reach outside `v`'s extent for any
-  tile (static); windows that never do are not masked. None: any may.
+  tile (static); windows that never do are not masked. None: any may. `keep`, a dict, gets
+  every value's window.
   """
   layout, k = plan.layout, len(plan.tile)
   full = set(plan.width)
@@ -1303,8 +1544,15 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None)
     elif _is_pool(e):
       params = dict(e.params, padding=((0, 0),) * len(e.params["padding"]))
       env[e.outvars[0]] = e.primitive.bind(*args, **params)
+    elif _small_broadcast(e, layout):
+      shape = list(e.params["shape"])
+      for d, a in enumerate(layout.spatial):
+        shape[a] = plan.width[e.outvars[0]][d]
+      env[e.outvars[0]] = lax.broadcast_in_dim(args[0], shape, e.params["broadcast_dimensions"])
     else:
       env[e.outvars[0]] = _eval_elementwise(e, args)
+  if keep is not None:
+    keep.update(env)
   return env[plan.output]
 
 
@@ -1373,8 +1621,9 @@ class _Loop:
     return [[_slice(xs[v], *box) for v, box in zip(chain.read_by(n), boxes[n])]
             for n in range(len(chain.stages))]
 
-  def tile(self, o, boxes, pieces, smalls: dict):
-    """The output tile at offsets `o` from the pieces of the inputs and the small operands."""
+  def tile(self, o, boxes, pieces, smalls: dict, keep=None):
+    """The output tile at offsets `o` from the pieces of the inputs and the small operands
+    (`keep`: as `Chain.compute`'s)."""
     chain = self.chain
     with jax.named_scope("select"):
       windows = [[_window_of(piece, begin, p.start(v, o[n]), p.width[v], chain.layout, lo, hi)
@@ -1382,7 +1631,7 @@ class _Loop:
                   in zip(chain.read_by(n), pieces[n], boxes[n], self.reaches[n])]
                  for n, p in enumerate(chain.stages)]
     with jax.named_scope("process"):
-      return chain.compute(o, windows, smalls, self.fast, self.outside)
+      return chain.compute(o, windows, smalls, self.fast, self.outside, keep)
 
   def out_box(self, o) -> tuple[list, list]:
     """Where the output tile at offsets `o` lies in the output: begin and size per axis."""
@@ -1413,45 +1662,87 @@ class _Loop:
     carry = body(0, init)
     return carry if self.n == 1 else lax.fori_loop(1, self.n, body, carry)
 
-  def run_into(self, body, out, operands):
+  def run_into(self, body, out, operands, sums=()):
     """`run` from zeros of aval `out` made once every operand exists (`_zeros_after`), peeled
-    only where no operand can order them."""
+    only where no operand can order them; with `sums`, the carry is (output, sums). `out`
+    None: the carry's output is None (`Chain.written`)."""
+    if out is None:
+      return self.run(body, (None, sums), peel=False)
     init = _zeros_after(out.shape, out.dtype, *operands)
     if init is None:
-      return self.run(body, jnp.zeros(out.shape, out.dtype))
-    return self.run(body, init, peel=False)
+      return self.run(body, (jnp.zeros(out.shape, out.dtype), sums))
+    return self.run(body, (init, sums), peel=False)
 
 
 def emit(chain: Chain, *operands):
-  """The region's output, computed tile by tile (`_emit_tiles`)."""
+  """The region's output, and its reductions' results where it has some (`Chain.outvars`),
+  computed tile by tile (`_emit_tiles`)."""
   loop = _Loop(chain)
 
-  def tile_at(operands, o, boxes):
+  def tile_at(operands, index, o, boxes):
     xs, smalls = _split(chain, operands)
-    return loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
+    if chain.reductions is None:
+      return loop.tile(o, boxes, loop.pieces(xs, boxes), smalls), []
+    windows = {}
+    tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls, keep=windows)
+    with jax.named_scope("reduce"):
+      return tile, _reduction_parts(chain, loop, index, o, windows)
 
-  return _emit_tiles(loop, tile_at, operands, chain.name)
+  out, sums = _emit_tiles(loop, tile_at, operands, chain.name, _reductions_of(chain))
+  return out if chain.reductions is None else [out] * chain.written + sums
 
 
-def _emit_tiles(loop: _Loop, tile_at, operands, name: str):
-  """The output of `loop.chain` (or its tangent), each tile `tile_at(operands, o, boxes)` at
-  offsets `o`: in one loop writing the tiles into the output, or where the policy has a mesh,
-  dealt out over the devices of its `mesh_axis`, as `distribute.lower` deals a conv's blocks:
-  device d computes tiles [d * m, (d + 1) * m) for m = ceil(tiles / devices) from the
-  replicated operands (the last devices recompute the final tile where the count is uneven; the
-  copy is dropped) and returns them stacked; the stack's first `tiles` entries are then written
-  at their offsets."""
+def _reductions_of(chain: Chain) -> list:
+  """Each reduction result's `_REDUCTIONS` entry (a weight gradient's: a sum), with the dtype
+  its parts add up in (float32 at least for sums)."""
+  if chain.reductions is None:
+    return []
+  by_var = {e.outvars[0]: e.primitive.name for e in chain.reductions.eqns}
+  out = []
+  for v in chain.reductions.outputs:
+    name = "reduce_sum" if by_var[v] not in _REDUCTIONS else by_var[v]
+    out.append((*_REDUCTIONS[name],
+                _accumulator_dtype(v.aval.dtype) if name == "reduce_sum" else v.aval.dtype))
+  return out
+
+
+def _emit_tiles(loop: _Loop, tile_at, operands, name: str, sums=()):
+  """The output of `loop.chain` (or its tangent) and the results of its reductions, each tile
+  `tile_at(operands, index, o, boxes)` (the tile and its parts of the reductions) at tile index
+  `index` and offsets `o`: in one loop writing the tiles into the output and combining the parts
+  as their `sums` entries (`_reductions_of`) say, or where the policy has a mesh, dealt out over
+  the devices of its `mesh_axis`, as `distribute.lower` deals a conv's blocks: device d computes
+  tiles [d * m, (d + 1) * m) for m = ceil(tiles / devices) from the replicated operands (the
+  last devices recompute the final tile where the count is uneven; the copy is dropped) and
+  returns them stacked, with its parts combined; the stack's first `tiles` entries are then
+  written at their offsets, and the devices' parts combined across them."""
   chain, policy = loop.chain, loop.chain.policy
   out_aval = chain.output.aval
+  written = chain.written
+  init = [jnp.full(v.aval.shape, _fill(r[0], r[3]))
+          for v, r in zip(() if chain.reductions is None else chain.reductions.outputs, sums)]
+
+  def add(acc, parts, valid=None):
+    new = [r[1](a, p.astype(a.dtype)) for r, a, p in zip(sums, acc, parts)]
+    return new if valid is None else [lax.select(valid, n, a) for n, a in zip(new, acc)]
+
+  def finish(out, acc):
+    return out, [a.astype(v.aval.dtype) for v, a in zip(chain.reductions.outputs, acc)] if (
+        sums) else []
+
   if policy.mesh is None:
-    def body(i, out):
-      o = loop.offsets(loop.index(i))
-      tile = tile_at(operands, o, loop.boxes(o))
+    def body(i, carry):
+      out, acc = carry
+      index = loop.index(i)
+      o = loop.offsets(index)
+      tile, parts = tile_at(operands, index, o, loop.boxes(o))
       with jax.named_scope("reassemble"):
-        return _update(out, tile, loop.out_box(o)[0])
+        if written:
+          out = _update(out, tile, loop.out_box(o)[0])
+        return out, add(acc, parts)
 
     with jax.named_scope(name):
-      return loop.run_into(body, out_aval, operands)
+      return finish(*loop.run_into(body, out_aval if written else None, operands, init))
 
   mesh, axis_name = policy.mesh, policy.mesh_axis
   m = loop.per_device()
@@ -1460,16 +1751,26 @@ def _emit_tiles(loop: _Loop, tile_at, operands, name: str):
   def per_device(*ops):
     first = lax.axis_index(axis_name) * m
 
-    def body(j, stack):
-      o = loop.offsets(loop.index(jnp.minimum(first + j, loop.n - 1)))
-      return lax.dynamic_update_index_in_dim(stack, tile_at(ops, o, loop.boxes(o)), j, 0)
-    stack = body(0, jnp.zeros((m, *tile_shape), out_aval.dtype))  # peeled, as `_Loop.run`
-    return stack if m == 1 else lax.fori_loop(1, m, body, stack)
+    def body(j, carry):
+      stack, acc = carry
+      index = loop.index(jnp.minimum(first + j, loop.n - 1))
+      o = loop.offsets(index)
+      tile, parts = tile_at(ops, index, o, loop.boxes(o))
+      if written:
+        stack = lax.dynamic_update_index_in_dim(stack, tile, j, 0)
+      return stack, add(acc, parts, valid=first + j < loop.n)  # a copy adds nothing
+    stack = jnp.zeros((m, *tile_shape), out_aval.dtype) if written else None
+    carry = body(0, (stack, init))  # peeled, as `_Loop.run`
+    stack, acc = carry if m == 1 else lax.fori_loop(1, m, body, carry)
+    return [stack] * written + [r[2](a, axis_name) for r, a in zip(sums, acc)]
 
   spread = _compat.shard_map(per_device, mesh, in_specs=(P(),) * len(operands),
-                             out_specs=P(axis_name))
+                             out_specs=[P(axis_name)] * written + [P()] * len(sums))
   with jax.named_scope(name):
-    stack = spread(*operands)
+    results = spread(*operands)
+    if not written:
+      return finish(None, results)
+    stack = results[0]
     with jax.named_scope("reassemble"):
       def write(i, out):
         begin = loop.out_box(loop.offsets(loop.index(i)))[0]
@@ -1479,7 +1780,72 @@ def _emit_tiles(loop: _Loop, tile_at, operands, name: str):
       spec = [None] * out.ndim
       spec[chain.layout.spatial[0]] = axis_name
       out = lax.with_sharding_constraint(out, NamedSharding(mesh, P(*spec)))
-  return out
+  return finish(out, results[1:])
+
+
+def _reduction_parts(chain: Chain, loop: _Loop, index, o, windows: dict) -> list:
+  """A tile's part of each of the chain's `Reductions`, from its windows of the chain's values
+  (`compute_tile`'s `keep`): of each reduced value, only the positions the tile owns
+  (`Reductions.bounds`) count. A group's equations run on the window of the value it reduces
+  (a reshape splitting the features keeps the spatial axes); a reduction conv reads the part
+  of its lhs window that the rhs window reaches (`_reduction_op`), zeros outside the image, and
+  runs unpadded on it: output k then reads lhs position j * rhs_dilation - low + k *
+  window_stride for each position j of the rhs window, as the conv at full size does."""
+  reductions, (p,) = chain.reductions, chain.stages
+  layout = p.layout
+  env = dict(windows)
+  source, spatial = {}, {}  # a group's value -> the reduced value it is computed from, axes
+  read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
+
+  def owned(x, v, axes, fill):
+    return _keep(x, {a: (_at(lo, index[d]), _at(hi, index[d]))
+                     for d, (a, (lo, hi)) in enumerate(zip(axes, reductions.bounds[v]))}, fill)
+
+  for e in reductions.eqns:
+    out = e.outvars[0]
+    if _compat.is_conv(e):
+      lhs, rhs = e.invars
+      shift, width = _window_through(_reduction_op(e), p.scale[rhs], p.shift[rhs],
+                                     p.width[rhs])[1:]
+      begin, end = [0] * lhs.aval.ndim, list(env[lhs].shape)
+      for d, a in enumerate(layout.spatial):
+        begin[a] = shift[d] - p.shift[lhs][d]
+        end[a] = begin[a] + width[d]
+      x = _mask_outside(lax.slice(env[lhs], begin, end),
+                        [o[-1][d] * p.scale[lhs][d] + shift[d] for d in range(len(shift))],
+                        p.extent[lhs], layout)
+      g = owned(env[rhs], rhs, layout.spatial, 0)
+      env[out] = forms.conv(x, g, dict(e.params, padding=((0, 0),) * len(shift)), loop.fast)
+      continue
+    full = next(v for v in e.invars if not isinstance(v, _compat.Literal))
+    src, axes = source.get(full, full), spatial.get(full, layout.spatial)
+    args = [read(v) for v in e.invars]
+    if e.primitive.name == "reshape":
+      env[out], axes = _split_features_of(e, args[0], axes, layout)
+    elif e.primitive.name in _REDUCTIONS:
+      env[out] = e.primitive.bind(owned(args[0], src, axes, _REDUCTIONS[e.primitive.name][0]),
+                                  **e.params)
+      continue
+    else:
+      env[out] = _eval_elementwise(e, args)
+    source[out], spatial[out] = src, axes
+  return [env[v] for v in reductions.outputs]
+
+
+def _split_features_of(eqn, x, axes, layout: Layout):
+  """A reshape splitting the feature axis (`_split_features`) on a window `x` whose spatial
+  axes are `axes`: the window reshaped, and where its spatial axes land."""
+  f = layout.feature
+  shape = x.shape
+  return (lax.reshape(x, (*shape[:f], *eqn.params["new_sizes"][f:f + 2], *shape[f + 1:])),
+          tuple(a + (a > f) for a in axes))
+
+
+def _at(table: np.ndarray, index):
+  """`table`'s entry at a tile index along one dim (an int or a `_PerTile` of the indices)."""
+  if isinstance(index, _PerTile):
+    return _PerTile(table[index.values], index.at)
+  return int(table[index])
 
 
 def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile) -> list:
@@ -1494,11 +1860,7 @@ def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile) -> list:
     full = next(v for v in e.invars if not isinstance(v, _compat.Literal))
     out = e.outvars[0]
     if e.primitive.name == "reshape":
-      f = layout.feature
-      shape = args[0].shape
-      env[out] = lax.reshape(args[0], (*shape[:f], *e.params["new_sizes"][f:f + 2],
-                                       *shape[f + 1:]))
-      spatial[out] = tuple(a + (a > f) for a in spatial[full])
+      env[out], spatial[out] = _split_features_of(e, args[0], spatial[full], layout)
     elif e.primitive.name in _REDUCTIONS:
       x = loop.owned(index, o, args[0], spatial[full], _REDUCTIONS[e.primitive.name][0])
       env[out] = e.primitive.bind(x, **e.params)
@@ -1590,6 +1952,9 @@ def _split(chain: Chain, operands) -> tuple[dict, dict]:
 
 region_p = _compat.Primitive("jaxtile_region")
 region_jvp_p = _compat.Primitive("jaxtile_region_jvp")
+# A region with `Reductions`: its written output, if any, and their results.
+region_reductions_p = _compat.Primitive("jaxtile_region_reductions")
+region_reductions_p.multiple_results = True
 
 
 def bind(plan: Chain, *operands):
@@ -1601,7 +1966,16 @@ def bind(plan: Chain, *operands):
   Without the constraint some programs were compiled for one device, and XLA:CPU rejected the
   `shard_map` left in them ("No registered implementation for ...
   xla.sdy.GlobalToLocalShape")."""
-  out = region_p.bind(*operands, plan=plan)
+  if plan.reductions is not None:  # the output where written, then the reductions' results
+    outs = region_reductions_p.bind(*operands, plan=plan)
+    if plan.written:
+      outs[0] = _constrained(plan, outs[0])
+    return outs
+  return _constrained(plan, region_p.bind(*operands, plan=plan))
+
+
+def _constrained(plan: Chain, out):
+  """A region's output constrained to its sharding on the policy's mesh (`bind`)."""
   policy = plan.policy
   if policy.mesh is None:
     return out
@@ -1656,15 +2030,15 @@ def emit_jvp(*operands, plan: Chain, nonzero):
   chain, loop = plan, _Loop(plan)
   keys = [v for v, nz in zip((*chain.inputs, *chain.smalls), nonzero) if nz]
 
-  def tile_at(operands, o, boxes):
+  def tile_at(operands, index, o, boxes):
     xs, smalls = _split(chain, operands[:len(nonzero)])
     tangents = dict(zip(keys, operands[len(nonzero):]))
     fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
                                              tangents)
     _, tile = jax.jvp(fun, args, _tangent_args(chain, tangents, boxes, slots, small_vars))
-    return tile
+    return tile, []
 
-  return _emit_tiles(loop, tile_at, operands, f"{chain.name}/jvp")
+  return _emit_tiles(loop, tile_at, operands, f"{chain.name}/jvp")[0]
 
 
 def _accumulator_dtype(dtype):
@@ -1747,19 +2121,21 @@ def _region_transpose(ct, *operands, plan, nonzero):
 # ---------------------------------------------------------------------------------------------
 # Batched and higher-order: the region's equations at full size, each conv tiled on its own
 # ---------------------------------------------------------------------------------------------
-def unfused(plan: Chain, *operands):
+def unfused(plan: Chain, *operands, outvars=None):
   """The region's equations at full size, each conv tiled on its own: what vmap and second
-  derivatives see (see `lower.tiled_conv_p`)."""
+  derivatives see (see `lower.tiled_conv_p`). Its output, or the values `outvars`, with its
+  reductions' equations evaluated too."""
   env = dict(zip((*plan.inputs, *plan.smalls), operands))
   read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
-  for e in plan.eqns:
+  eqns = plan.eqns if outvars is None else (*plan.eqns, *plan.reductions.eqns)
+  for e in eqns:
     args = [read(v) for v in e.invars]
     if _compat.is_conv(e):
       env[e.outvars[0]] = lower_lib.derived_conv(*args, policy=plan.policy, name=plan.name,
                                                  **e.params)
     else:
       (env[e.outvars[0]],) = _compat.eval_eqn(e, args)
-  return env[plan.output]
+  return env[plan.output] if outvars is None else [env[v] for v in outvars]
 
 
 def _unfused_tangent(fun, nonzero, *operands):
@@ -1883,6 +2259,21 @@ _compat.define_primitive(
         functools.partial(_statistics_unfused, stats), nonzero, args, dims),
         [0] * len(stats.outputs)),
     transpose=_statistics_transpose, multiple_results=True)
+def _all_unfused(plan: Chain):
+  """A region with reductions at full size (`unfused`): its outputs, as a function."""
+  return functools.partial(unfused, plan, outvars=plan.outvars)
+
+
+# Derivatives and vmap of a region with reductions (a gradient, differentiated again or
+# batched) run at full size, as a tangent's do.
+_compat.define_primitive(
+    region_reductions_p, impl_lowering=lambda *operands, plan: emit(plan, *operands),
+    abstract_eval=lambda *args, plan: ([v.aval for v in plan.outvars], set()),
+    jvp=lambda primals, tangents, *, plan: jax.jvp(
+        _all_unfused(plan), tuple(primals), _instantiate(primals, tangents)),
+    batch_rule=lambda args, dims, *, plan: (
+        jax.vmap(_all_unfused(plan), in_axes=dims)(*args), [0] * len(plan.outvars)),
+    multiple_results=True)
 _compat.define_primitive(
     region_jvp_p, impl_lowering=emit_jvp,
     abstract_eval=lambda *args, plan, nonzero: (plan.output.aval, set()),

@@ -201,24 +201,29 @@ class RegionReport:
   devices: int = 1  # the forward's tiles dealt out over this many devices (`devices=`)
   statistics: int = 0  # passes computing a norm's statistics over tiles (`region.Statistics`)
   upsamplings: int = 0  # nearest-neighbour upsamplings (`jaxtile._src.upsample`), each a stage
+  reductions: int = 0  # results the loop adds up itself: weight gradients, sums (`Reductions`)
 
   @classmethod
   def of(cls, plan, conv_names) -> RegionReport:
     return cls(
-        name=plan.name, convs=tuple(conv_names), n_eqns=len(plan.eqns),
+        name=plan.name, convs=tuple(conv_names), n_eqns=len(plan.all_eqns),
         tiles=plan.tiles,
         tile_shape=plan.tile,
         halo=plan.halo,
         tile_bytes=plan.tile_bytes, extra_macs_percent=plan.extra_macs_percent,
         stages=len(plan.stages), devices=plan.policy.n_devices,
-        statistics=len(plan.statistics), upsamplings=len(plan.upsamplings))
+        statistics=len(plan.statistics), upsamplings=len(plan.upsamplings),
+        reductions=0 if plan.reductions is None else len(plan.reductions.outputs))
 
   def describe(self) -> str:
     upsamplings = f" and {_plural(self.upsamplings, 'upsampling')}" if self.upsamplings else ""
     passes = f" and {_plural(self.statistics, 'statistics pass', 'es')}" if self.statistics else ""
+    reductions = (f"adding up {_plural(self.reductions, 'reduction')} (weight gradients, sums), "
+                  if self.reductions else "")
     return (f"{short_name(self)}: {', '.join(c.removeprefix('jaxtile/') for c in self.convs)} "
             f"and {self.n_eqns - len(self.convs) - self.upsamplings} elementwise ops"
             f"{upsamplings} fused{f' in {self.stages} stages' if self.stages > 1 else ''}, "
+            f"{reductions}"
             f"{'x'.join(map(str, self.tiles))} tiles of {'x'.join(map(str, self.tile_shape))}, "
             f"halo {'x'.join(map(str, self.halo))}, {spec_lib.format_bytes(self.tile_bytes)} "
             f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos{passes})"

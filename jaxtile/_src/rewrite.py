@@ -76,7 +76,9 @@ class Rewriter:
     # Unit axes added and taken away again (equinox's convs under vmap) are no equations at
     # all to a region (`canonical`); upsamplings are single equations it can take in, and
     # where none does, the equations they stand for go back (`upsample.group`).
-    jaxpr = simplified = canonical.drop_round_trips(jaxpr) if self._fuses() else jaxpr
+    if self._fuses():
+      jaxpr = canonical.place_broadcasts(canonical.drop_round_trips(_compat.dce(jaxpr)))
+    simplified = jaxpr
     grouped = upsample.group(jaxpr) if self._fuses() else upsample.Grouped(jaxpr, {})
     jaxpr = grouped.jaxpr
     chains = self._regions(jaxpr)
@@ -84,20 +86,40 @@ class Rewriter:
     # A statistics pass stands where its group's first equation stood: before anything reads
     # one of its reductions, after the inputs of its source.
     statistics = {id(s.eqns[0]): s for r in chains for s in r.statistics}
-    fused = {id(e) for r in chains for e in (*r.eqns, *(e for s in r.statistics
-                                                          for e in s.eqns))}
-    eqns = []
+    fused = {id(e) for r in chains for e in (*r.all_eqns, *(e for s in r.statistics
+                                                              for e in s.eqns))}
+    # A region's reductions may stand before its last equation, and what reads their results
+    # between them (an optimizer's update of a weight) waits for the region's loop: the
+    # equations are kept in order but for those, each placed once what it reads exists
+    # (nothing the region reads depends on them: `region._terminal`).
+    eqns, waiting = [], []
+    made = {v for v in (*jaxpr.invars, *jaxpr.constvars)}
+    ready = lambda e: all(isinstance(v, _compat.Literal) or v in made for v in e.invars)
+
+    def place(e):
+      if not ready(e):
+        waiting.append(e)
+        return
+      eqns.append(e)
+      made.update(e.outvars)
+      for w in list(waiting):
+        if w in waiting and ready(w):
+          waiting.remove(w)
+          place(w)
+
     for e in jaxpr.eqns:
       if id(e) in regions:  # a region's loop stands where its last equation stood
-        eqns.append(self.region(regions[id(e)]))
+        place(self.region(regions[id(e)]))
       elif id(e) in statistics:
-        eqns.append(self.statistics(statistics[id(e)]))
+        place(self.statistics(statistics[id(e)]))
       elif id(e) in fused:
         continue
       elif id(e) in grouped.originals:
-        eqns += map(self.nested, grouped.originals[id(e)])
+        for member in grouped.originals[id(e)]:
+          place(self.nested(member))
       else:
-        eqns.append(self.conv(e) if _compat.is_conv(e) else self.nested(e))
+        place(self.conv(e) if _compat.is_conv(e) else self.nested(e))
+    assert not waiting, waiting
     if len(eqns) == len(original.eqns) and all(a is b for a, b in zip(eqns, original.eqns)):
       return original
     return _compat.replace_jaxpr(simplified, eqns=eqns)
@@ -130,7 +152,7 @@ class Rewriter:
   def region(self, plan: region_lib.Chain) -> _compat.JaxprEqn:
     """One loop over the region's output tiles, bound in place of its equations."""
     self.regions.append(plan)
-    for e in plan.convs:
+    for e in plan.all_convs:
       spec = ConvSpec.from_eqn(e)
       self.records.append(ConvRecord(len(self.records), spec,
                                      functools.partial(self._decide, spec, plan.policy),
@@ -139,7 +161,7 @@ class Rewriter:
                  plan.name, len(plan.eqns), len(plan.convs), plan.n_tiles, plan.tile,
                  plan.extra_macs_percent)
     return _call(lambda *operands: region_lib.bind(plan, *operands), plan.name,
-                 [*plan.inputs, *plan.smalls], [plan.output], plan.eqns[-1].source_info)
+                 [*plan.inputs, *plan.smalls], plan.outvars, plan.eqns[-1].source_info)
 
   def statistics(self, stats: region_lib.Statistics) -> _compat.JaxprEqn:
     """One pass over the tiles of a region's value, computing its norm's reductions."""
