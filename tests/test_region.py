@@ -1203,3 +1203,35 @@ def test_a_differentiated_chain_holds_tiles_not_activations():
   tiled = temp_bytes(jaxtile.tile_convs(grad, max_bytes=8 * MiB), *_DEEP_ARGS)
   assert untiled >= 8 * 32 * MiB, untiled
   assert tiled <= untiled // 8, (tiled, untiled)
+
+
+def test_a_loss_inside_the_tiled_function_is_a_reduction_of_its_region():
+  # `jax.grad(tile_convs(loss))` with the loss inside: the sum over the last activation is
+  # the region's reduction, so neither that activation nor its cotangent exists at full size;
+  # the reduction's derivative runs over the same tiles (`region_reductions_jvp_p`, transposed
+  # by the backward loop). A max among them has its derivative at full size, exactly.
+  params, x, _ = _net_operands((1, 64, 60, 4))
+  losses = {"sum": lambda p, x: jnp.sum(_net(p, x) ** 2),
+            "sum and max": lambda p, x: (lambda y: jnp.sum(y) + jnp.max(y))(_net(p, x))}
+  for name, loss in losses.items():
+    tiled = jaxtile.tile_convs(loss, max_bytes=2**16)
+    (region,) = jaxtile.explain(tiled)(params, x).regions
+    assert region.reductions == (1 if name == "sum" else 2), region
+    np.testing.assert_allclose(jax.jit(tiled)(params, x), jax.jit(loss)(params, x), rtol=RTOL)
+    want = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    got = jax.jit(jax.grad(tiled, argnums=(0, 1)))(params, x)
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want),
+                            jax.tree_util.tree_leaves(got)):
+      np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(w).max()),
+                                 err_msg=f"{name}: {jax.tree_util.keystr(path)}")
+
+
+def test_a_loss_inside_the_tiled_chain_holds_less_than_one_outside():
+  # The 8-layer chain's gradient at max_bytes 8 MiB: with the sum outside `tile_convs` the last
+  # activation and its cotangent exist at full size (78 MiB); inside, neither does (48).
+  loss = lambda x, ws: (_deep_chain(x, ws) ** 2).sum()
+  grad = lambda f: jax.grad(f, argnums=(0, 1))
+  outside = temp_bytes(grad(lambda x, ws: (jaxtile.tile_convs(_deep_chain, max_bytes=8 * MiB)(
+      x, ws) ** 2).sum()), *_DEEP_ARGS)
+  inside = temp_bytes(grad(jaxtile.tile_convs(loss, max_bytes=8 * MiB)), *_DEEP_ARGS)
+  assert inside <= outside - 16 * MiB, (inside, outside)

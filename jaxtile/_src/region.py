@@ -665,10 +665,15 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
       e = jaxpr.eqns[i]
       if i in taken or i in grouped:
         continue
-      if _small_broadcast(e, layout) and uses.get(e.outvars[0]) == [i + 1] and any(
-          v in values for v in jaxpr.eqns[i + 1].invars if not isinstance(v, _compat.Literal)):
-        members.append(i)  # zeros or a seed its reader, next, takes with a region value
-        values.add(e.outvars[0])
+      if _small_broadcast(e, layout):
+        # Zeros or a seed, made just before the equation reading it (`place_broadcasts`):
+        # a member where that takes it with a region value.
+        reader = uses.get(e.outvars[0], [len(jaxpr.eqns)])[0]
+        if reader < len(jaxpr.eqns) and all(_small_broadcast(jaxpr.eqns[j], layout)
+                                      for j in range(i + 1, reader)) and any(
+            v in values for v in jaxpr.eqns[reader].invars if not isinstance(v, _compat.Literal)):
+          members.append(i)
+          values.add(e.outvars[0])
         continue
       if not any(v in values for v in e.invars if not isinstance(v, _compat.Literal)):
         continue
@@ -681,7 +686,8 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
       group = ([i] if _reduction_conv(e, values, layout)
                else _statistics_group(jaxpr, i, values, layout, uses))
       if group is None or any(j in taken for j in group):
-        if members[-1] == i - 1 and _small_broadcast(jaxpr.eqns[i - 1], layout):
+        while _small_broadcast(jaxpr.eqns[members[-1]], layout) and uses.get(
+            jaxpr.eqns[members[-1]].outvars[0]) == [i]:
           members.pop()  # read by this equation alone
         break  # a value of the region is read by what the region cannot hold
       groups.append(group)
@@ -832,6 +838,8 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout, reductions=()):
 
   for e in reversed(eqns):
     out = e.outvars[0]
+    if out not in scale:
+      raise _NotARegion  # read by reductions alone, off the way to the output: no tile's window
     reduced(out)  # every reader of `out` is after it: its window is whole
     op = _window_op(e, layout)
     d = _lhs_dilation(e, layout)
@@ -904,7 +912,9 @@ def _offsets(n: int, t: int) -> np.ndarray:
 
 def _tile_bytes(eqns, scale, width, layout: Layout, smalls_bytes: int) -> int:
   """Bytes live at once in one tile: the largest input window + output window of one equation,
-  plus the small operands (kernels)."""
+  plus the small operands (kernels). A proxy: a value read again later (a residual, or in a
+  differentiated program the forward activations its backward reads) stays live longer, so
+  such a tile holds more (the 8-layer chain's gradient at 8 MiB: 31 MiB of temporaries)."""
   def window_bytes(v):
     shape = list(v.aval.shape)
     for d, a in enumerate(layout.spatial):
@@ -1633,6 +1643,16 @@ class _Loop:
     with jax.named_scope("process"):
       return chain.compute(o, windows, smalls, self.fast, self.outside, keep)
 
+  def tile_and_parts(self, index, o, boxes, pieces, smalls: dict):
+    """`tile`, and the tile's parts of the chain's reductions (`_reduction_parts`; none
+    without)."""
+    if self.chain.reductions is None:
+      return self.tile(o, boxes, pieces, smalls), []
+    windows = {}
+    tile = self.tile(o, boxes, pieces, smalls, keep=windows)
+    with jax.named_scope("reduce"):
+      return tile, _reduction_parts(self.chain, self, index, o, windows)
+
   def out_box(self, o) -> tuple[list, list]:
     """Where the output tile at offsets `o` lies in the output: begin and size per axis."""
     out = self.chain.output
@@ -1681,14 +1701,14 @@ def emit(chain: Chain, *operands):
 
   def tile_at(operands, index, o, boxes):
     xs, smalls = _split(chain, operands)
-    if chain.reductions is None:
-      return loop.tile(o, boxes, loop.pieces(xs, boxes), smalls), []
-    windows = {}
-    tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls, keep=windows)
-    with jax.named_scope("reduce"):
-      return tile, _reduction_parts(chain, loop, index, o, windows)
+    return loop.tile_and_parts(index, o, boxes, loop.pieces(xs, boxes), smalls)
 
-  out, sums = _emit_tiles(loop, tile_at, operands, chain.name, _reductions_of(chain))
+  return _results(chain, *_emit_tiles(loop, tile_at, operands, chain.name,
+                                      _reductions_of(chain)))
+
+
+def _results(chain: Chain, out, sums: list):
+  """The output alone, or with reductions, what the chain makes (`Chain.outvars`)."""
   return out if chain.reductions is None else [out] * chain.written + sums
 
 
@@ -1952,9 +1972,11 @@ def _split(chain: Chain, operands) -> tuple[dict, dict]:
 
 region_p = _compat.Primitive("jaxtile_region")
 region_jvp_p = _compat.Primitive("jaxtile_region_jvp")
-# A region with `Reductions`: its written output, if any, and their results.
+# A region with `Reductions`: its written output, if any, and their results; and its tangent.
 region_reductions_p = _compat.Primitive("jaxtile_region_reductions")
 region_reductions_p.multiple_results = True
+region_reductions_jvp_p = _compat.Primitive("jaxtile_region_reductions_jvp")
+region_reductions_jvp_p.multiple_results = True
 
 
 def bind(plan: Chain, *operands):
@@ -1999,10 +2021,11 @@ def _region_jvp(primals, tangents, *, plan):
   return out, region_jvp_p.bind(*primals, *tangents, plan=plan, nonzero=nonzero)
 
 
-def _tile_fun(loop: _Loop, o, boxes, pieces, smalls: dict, wrt, finish=None):
-  """The output tile (or `finish` of it: a statistics pass's parts) as a function of the
-  pieces and small operands of the values in `wrt` (the others fixed), with those pieces'
-  (stage, position) slots and those smalls."""
+def _tile_fun(loop: _Loop, index, o, boxes, pieces, smalls: dict, wrt, finish=None):
+  """The output tile (or `finish` of it: a statistics pass's parts; or with reductions, the
+  tile where written, else None, and its parts of them) as a function of the pieces and small
+  operands of the values in `wrt` (the others fixed), with those pieces' (stage, position)
+  slots and those smalls."""
   chain = loop.chain
   slots = [(n, j) for n in range(len(pieces)) for j, v in enumerate(chain.read_by(n)) if v in wrt]
   small_vars = [v for v in chain.smalls if v in wrt]
@@ -2011,8 +2034,11 @@ def _tile_fun(loop: _Loop, o, boxes, pieces, smalls: dict, wrt, finish=None):
     ps = [list(row) for row in pieces]
     for (n, j), piece in zip(slots, piece_args):
       ps[n][j] = piece
-    tile = loop.tile(o, boxes, ps, {**smalls, **dict(zip(small_vars, small_args))})
-    return tile if finish is None else finish(tile)
+    smalls_ = {**smalls, **dict(zip(small_vars, small_args))}
+    if finish is not None:
+      return finish(loop.tile(o, boxes, ps, smalls_))
+    tile, parts = loop.tile_and_parts(index, o, boxes, ps, smalls_)
+    return tile if chain.reductions is None else (tile if chain.written else None, parts)
 
   args = ([pieces[n][j] for n, j in slots], [smalls[v] for v in small_vars])
   return fun, args, slots, small_vars
@@ -2025,20 +2051,21 @@ def _tangent_args(chain: Chain, tangents: dict, boxes, slots, small_vars):
 
 
 def emit_jvp(*operands, plan: Chain, nonzero):
-  """The region's tangent, tile by tile (`_emit_tiles`): each tile's forward pushed forward
-  (`jax.jvp`) on the tangents' pieces."""
+  """The region's tangent (with reductions, of what it makes: sums only), tile by tile
+  (`_emit_tiles`): each tile's forward pushed forward (`jax.jvp`) on the tangents' pieces."""
   chain, loop = plan, _Loop(plan)
   keys = [v for v, nz in zip((*chain.inputs, *chain.smalls), nonzero) if nz]
 
   def tile_at(operands, index, o, boxes):
     xs, smalls = _split(chain, operands[:len(nonzero)])
     tangents = dict(zip(keys, operands[len(nonzero):]))
-    fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
-                                             tangents)
+    fun, args, slots, small_vars = _tile_fun(loop, index, o, boxes, loop.pieces(xs, boxes),
+                                             smalls, tangents)
     _, tile = jax.jvp(fun, args, _tangent_args(chain, tangents, boxes, slots, small_vars))
-    return tile, []
+    return (tile, []) if chain.reductions is None else tile
 
-  return _emit_tiles(loop, tile_at, operands, f"{chain.name}/jvp")[0]
+  return _results(chain, *_emit_tiles(loop, tile_at, operands, f"{chain.name}/jvp",
+                                      _reductions_of(chain)))
 
 
 def _accumulator_dtype(dtype):
@@ -2051,7 +2078,8 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
   tile's forward recomputed from the primal pieces and pulled back (`jax.vjp`) from the tile's
   cotangent; a piece's cotangent is added into its input's at the piece's box, the small
   operands' summed over tiles. With `stats`, `chain` is its source and `ct` the cotangents of
-  its sums, which are every tile part's.
+  its sums, which are every tile part's; with reductions (sums), `ct` is a list of the
+  cotangents of what the chain makes (`Chain.outvars`).
 
   Where the policy has a mesh, the tiles are dealt out over its devices (`_dealt_out`), each
   adding into zeros of its own, and the devices' sums summed."""
@@ -2070,12 +2098,15 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
       o = loop.offsets(index)
       boxes = loop.boxes(o)
       finish = None if stats is None else functools.partial(_reduce_tile, stats, loop, index, o)
-      fun, args, slots, _ = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls, wrt,
-                                      finish)
+      fun, args, slots, _ = _tile_fun(loop, index, o, boxes, loop.pieces(xs, boxes), smalls,
+                                      wrt, finish)
       if stats is None:
+        # With reductions: the output's where written, and the sums', every tile part's.
+        out_ct = ct if chain.reductions is None else ct[0] if chain.written else None
         with jax.named_scope("select"):
-          begin, size = loop.out_box(o)
-          ct_tile = loop.owned(index, o, _slice(ct, begin, size))
+          tile_ct = None if out_ct is None else loop.owned(
+              index, o, _slice(out_ct, *loop.out_box(o)))
+        ct_tile = tile_ct if chain.reductions is None else (tile_ct, ct[chain.written:])
       else:
         ct_tile = ct
       _, pull = jax.vjp(fun, *args)
@@ -2168,11 +2199,11 @@ statistics_jvp_p = _compat.Primitive("jaxtile_region_statistics_jvp")
 statistics_jvp_p.multiple_results = True
 
 
-def _sums_only(stats: Statistics) -> bool:
-  """Whether every reduction is a sum: then each tile's part is linear in the total, and the
-  derivative runs over tiles too (`emit_statistics_jvp`); a max or min runs at full size."""
-  return all(e.primitive.name == "reduce_sum" for e in stats.eqns if e.primitive.name
-             in _REDUCTIONS)
+def _sums_only(eqns) -> bool:
+  """Whether every reduction among `eqns` is a sum (a conv's is): then each tile's part is
+  linear in the total, and the derivative runs over tiles too (`emit_statistics_jvp`,
+  `emit_jvp`); a max or min runs at full size."""
+  return all(e.primitive.name == "reduce_sum" for e in eqns if e.primitive.name in _REDUCTIONS)
 
 
 def _statistics_jvp(primals, tangents, *, stats):
@@ -2180,7 +2211,7 @@ def _statistics_jvp(primals, tangents, *, stats):
   nonzero = _nonzero(tangents)
   if not any(nonzero):
     return outs, [_compat.Zero(v.aval.to_tangent_aval()) for v in stats.outputs]
-  if not _sums_only(stats):
+  if not _sums_only(stats.eqns):
     return jax.jvp(functools.partial(_statistics_unfused, stats), tuple(primals),
                    _instantiate(primals, tangents))
   tangents = [t for t, nz in zip(tangents, nonzero) if nz]
@@ -2202,8 +2233,8 @@ def emit_statistics_jvp(*operands, stats: Statistics, nonzero) -> list:
       o = loop.offsets(index)
       boxes = loop.boxes(o)
       finish = functools.partial(_reduce_tile, stats, loop, index, o)
-      fun, args, slots, small_vars = _tile_fun(loop, o, boxes, loop.pieces(xs, boxes), smalls,
-                                               tangents, finish)
+      fun, args, slots, small_vars = _tile_fun(loop, index, o, boxes, loop.pieces(xs, boxes),
+                                               smalls, tangents, finish)
       _, parts = jax.jvp(fun, args, _tangent_args(source, tangents, boxes, slots, small_vars))
       return [a + p.astype(a.dtype) for a, p in zip(acc, parts)]
 
@@ -2264,16 +2295,45 @@ def _all_unfused(plan: Chain):
   return functools.partial(unfused, plan, outvars=plan.outvars)
 
 
-# Derivatives and vmap of a region with reductions (a gradient, differentiated again or
-# batched) run at full size, as a tangent's do.
+def _region_reductions_jvp(primals, tangents, *, plan):
+  """A region with reductions: where they are all sums, its tangent is linear in the tangents
+  and runs over the tiles (`region_reductions_jvp_p`, transposed by the backward loop); with
+  a max or min, at full size."""
+  outs = region_reductions_p.bind(*primals, plan=plan)
+  nonzero = _nonzero(tangents)
+  if not any(nonzero):
+    return outs, [_compat.Zero(v.aval.to_tangent_aval()) for v in plan.outvars]
+  if not _sums_only(plan.reductions.eqns):
+    return jax.jvp(_all_unfused(plan), tuple(primals), _instantiate(primals, tangents))
+  tangents = [t for t, nz in zip(tangents, nonzero) if nz]
+  return outs, region_reductions_jvp_p.bind(*primals, *tangents, plan=plan, nonzero=nonzero)
+
+
+def _region_reductions_transpose(cts, *operands, plan, nonzero):
+  if all(type(c) is _compat.Zero for c in cts):
+    cts = None
+  else:
+    cts = [jnp.zeros(v.aval.shape, v.aval.dtype) if type(c) is _compat.Zero else c
+           for v, c in zip(plan.outvars, cts)]
+  return _transpose(plan, cts, operands, nonzero)
+
+
+# vmap, and derivatives of the tangent (second order), run at full size.
 _compat.define_primitive(
     region_reductions_p, impl_lowering=lambda *operands, plan: emit(plan, *operands),
     abstract_eval=lambda *args, plan: ([v.aval for v in plan.outvars], set()),
-    jvp=lambda primals, tangents, *, plan: jax.jvp(
-        _all_unfused(plan), tuple(primals), _instantiate(primals, tangents)),
+    jvp=_region_reductions_jvp,
     batch_rule=lambda args, dims, *, plan: (
         jax.vmap(_all_unfused(plan), in_axes=dims)(*args), [0] * len(plan.outvars)),
     multiple_results=True)
+_compat.define_primitive(
+    region_reductions_jvp_p, impl_lowering=emit_jvp,
+    abstract_eval=lambda *args, plan, nonzero: ([v.aval for v in plan.outvars], set()),
+    jvp=lambda primals, tangents, *, plan, nonzero: _full_size_jvp(
+        _all_unfused(plan), nonzero, primals, tangents),
+    batch_rule=lambda args, dims, *, plan, nonzero: (_full_size_batch(
+        _all_unfused(plan), nonzero, args, dims), [0] * len(plan.outvars)),
+    transpose=_region_reductions_transpose, multiple_results=True)
 _compat.define_primitive(
     region_jvp_p, impl_lowering=emit_jvp,
     abstract_eval=lambda *args, plan, nonzero: (plan.output.aval, set()),
