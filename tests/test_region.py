@@ -1177,6 +1177,50 @@ def test_a_training_step_reading_weight_gradients_before_the_region_ends():
     np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(w).max()))
 
 
+@st.composite
+def differentiated_chains(draw) -> Chain:
+  """Chains whose differentiated program forms a region: convs at stride 1 (a strided conv's
+  input gradient is a transposed conv), no pools or upsamplings, images large enough for a few
+  tiles within the recomputation limit."""
+  rank = draw(st.sampled_from([1, 2]))
+  layer = st.builds(
+      Layer, kernel=st.tuples(*[st.sampled_from([1, 2, 3])] * rank),
+      strides=st.just((1,) * rank), rhs_dilation=st.tuples(*[st.sampled_from([1, 2])] * rank),
+      padding=st.one_of(st.sampled_from(["SAME", "VALID"]), pad_pairs(rank)),
+      groups=st.sampled_from([1, 2]), bias=st.booleans(),
+      activation=st.sampled_from(sorted(ACTIVATIONS)), residual=st.booleans())
+  chain = Chain(
+      channels_last=draw(st.booleans()), batch=draw(st.integers(1, 2)),
+      spatial=draw(st.tuples(*[st.integers(96, 128)] * rank) if rank == 2 else st.tuples(
+          st.integers(400, 600))),
+      layers=tuple(draw(st.lists(layer, min_size=2, max_size=3))),
+      seed=draw(st.integers(0, 2**16)), per_example=draw(st.booleans()))
+  assume(chain.activation_shapes() is not None)
+  return chain
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(differentiated_chains())
+def test_random_differentiated_chains_match_untiled(chain):
+  # `tile_convs(jax.grad(f))` on random chains whose gradient forms a region with reductions:
+  # every operand's gradient (input, kernels, biases) against the untiled gradient of the same
+  # function with its padding explicit (the module docstring).
+  f = chain.fn()
+  x, params = chain.operands()
+  ct = jnp.asarray(np.random.default_rng(chain.seed).standard_normal(
+      jax.eval_shape(f, x, *params).shape).astype(np.float32))
+  argnums = tuple(range(1 + len(params)))
+  grad = lambda fun: jax.grad(lambda *a: jnp.sum(fun(*a) * ct), argnums=argnums)
+  max_bytes = 2 * chain.budget()  # half the largest activation's bytes
+  tiled = jaxtile.tile_convs(grad(f), max_bytes=max_bytes, fuse=True)
+  regions = jaxtile.explain(tiled)(x, *params).regions
+  want = jax.jit(grad(chain.fn(explicit_padding=True)))(x, *params)
+  got = jax.jit(tiled)(x, *params)
+  for i, (g, w) in enumerate(zip(got, want)):
+    np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * max(1.0, float(
+        jnp.abs(w).max())), err_msg=f"gradient w.r.t. argument {i}: {chain}, {regions}")
+
+
 def test_a_differentiated_region_under_jvp_and_vmap():
   # Forward mode through a gradient (a Hessian-vector product) and vmap run the region's
   # equations at full size, each conv tiled on its own: exact, without the loop.

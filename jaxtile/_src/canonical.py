@@ -13,6 +13,10 @@ so that a region (`region.find_regions`) sees the ops it can hold.
 * A broadcast of a broadcast (`fold_broadcasts`) is one broadcast. A `vmap`ped custom JVP rule
   (`jax.nn.relu`'s) makes its zeros unbatched, a scalar broadcast to (C, H, W), and then
   broadcasts them to (N, C, H, W); a tile evaluates one broadcast of the scalar to its window.
+* A call of several results whose body acts elementwise (`inline_calls`) is its body. JAX
+  linearizes a jitted activation (`jax.nn.gelu`, `silu`, `elu`) into a call that returns its
+  value and the residuals of its derivative, and a call that applies that derivative; inlined,
+  each is a few elementwise equations a region can hold.
 * A broadcast of a scalar (`place_broadcasts`) is made again just before each equation that
   reads it. A differentiated program makes its zeros (`select_n(mask, zeros, g)` for a relu) and
   its cotangent seed as full-size broadcasts of a scalar; one read by a region's equation alone
@@ -129,3 +133,37 @@ def place_broadcasts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
         eqns.append(_compat.replace_eqn(made, outvars=[invars[n]]))
     eqns.append(_compat.replace_eqn(e, invars=invars) if invars != list(e.invars) else e)
   return _compat.replace_jaxpr(jaxpr, eqns=eqns)
+
+
+def inline_calls(jaxpr: _compat.Jaxpr, inline) -> _compat.Jaxpr:
+  """`jaxpr` with each call equation (`jit`) that `inline(eqn)` accepts replaced by its body's
+  equations (calls in it too, where accepted), on fresh variables (one body may stand for
+  several calls), its constants as literals; what read the call's results reads the body's
+  outputs."""
+  subst: dict = {}  # a call's result -> what stands for it
+  read = lambda env, v: v if isinstance(v, _compat.Literal) else env.get(v, v)
+  eqns = []
+
+  def expand(e, invars, fresh: bool) -> list:
+    """`e` on `invars`: appended as it is (on fresh outputs inside a body), or its body."""
+    if not inline(e):
+      outvars = [_compat.new_var(v.aval) for v in e.outvars] if fresh else list(e.outvars)
+      eqns.append(e if not fresh and invars == list(e.invars) else _compat.replace_eqn(
+          e, invars=invars, outvars=outvars))
+      return outvars
+    closed = e.params["jaxpr"]
+    body = getattr(closed, "jaxpr", closed)
+    env = dict(zip(body.invars, invars))
+    env.update((v, _compat.Literal(c, v.aval)) for v, c in zip(
+        body.constvars, getattr(closed, "consts", ())))
+    for inner in body.eqns:
+      env.update(zip(inner.outvars, expand(inner, [read(env, v) for v in inner.invars], True)))
+    return [read(env, v) for v in body.outvars]
+
+  for e in jaxpr.eqns:
+    results = expand(e, [read(subst, v) for v in e.invars], False)
+    if results != list(e.outvars):
+      subst.update(zip(e.outvars, results))
+  if not subst:
+    return jaxpr
+  return _compat.replace_jaxpr(jaxpr, eqns=eqns, outvars=[read(subst, v) for v in jaxpr.outvars])

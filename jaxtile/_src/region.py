@@ -354,6 +354,22 @@ def _elementwise_body(eqn, rule: bool = True) -> Optional[Any]:
   return closed
 
 
+def inlined(eqn) -> bool:
+  """A call whose body acts elementwise but that is no one equation to a region (it has several
+  results, or holds a call that does): inlined (`canonical.inline_calls`). Each equation of its
+  body is elementwise, a broadcast of a scalar, or a call `_elementwise_body` or this accepts."""
+  if eqn.primitive.name not in _CALLS or "jaxpr" not in eqn.params:
+    return False
+  closed = eqn.params["jaxpr"]
+  if any(np.ndim(c) for c in getattr(closed, "consts", ())):
+    return False
+  body = getattr(closed, "jaxpr", closed).eqns
+  nested = [e for e in body if inlined(e)]
+  return (len(eqn.outvars) > 1 or bool(nested)) and all(
+      e.primitive.name in ELEMENTWISE or _elementwise_body(e) is not None or e in nested or (
+          e.primitive.name == "broadcast_in_dim" and e.invars[0].aval.ndim == 0) for e in body)
+
+
 def _broadcast_to(eqn, full) -> bool:
   """A broadcast of a scalar or small operand to a call's full shape (`jnp.where(m, x, 0.0)`'s
   zeros, a masked tangent): on a window, a broadcast to the window's shape (`_eval_eqns`)."""
@@ -826,14 +842,33 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout, reductions=()):
 
   dilation = {}
   by_rhs: dict = {}
+  made_by_reductions = {r.outvars[0] for r in reductions}
+  summed = set()  # the values reductions sum over: a conv's rhs, a group's source
   for r in reductions:
     if _compat.is_conv(r):
       by_rhs.setdefault(r.invars[1], []).append(r)
+      summed.add(r.invars[1])
+    else:
+      summed.update(v for v in r.invars if not isinstance(v, _compat.Literal)
+                    and v not in made_by_reductions)
+  offsets = [_offsets(n, t) for n, t in zip(
+      (output.aval.shape[a] for a in layout.spatial), tile)]
 
   def reduced(g):
-    for r in by_rhs.pop(g, []):
+    """Once `g`'s readers have set its window: where reductions sum over it, the window
+    widened so that the tiles' windows reach from 0 to its extent (the first tile's starting at
+    or before 0, the last's ending at or after it: `_partition`; a position the output does not
+    depend on, a weight gradient still sums over); then the lhs window of each reduction conv
+    reading it."""
+    if g in summed:
       if g not in scale or g in dilation:
-        raise _NotARegion  # a weight gradient of a value no tile computes
+        raise _NotARegion  # a reduction of a value no tile computes
+      extent = [g.aval.shape[a] for a in layout.spatial]
+      lo = [min(sh, int(o[0]) * sc) for sh, sc, o in zip(shift[g], scale[g], offsets)]
+      hi = [max(sh + w, n - int(o[-1]) * sc) for sh, w, sc, n, o
+            in zip(shift[g], width[g], scale[g], extent, offsets)]
+      need(g, scale[g], tuple(lo), tuple(h - l for h, l in zip(hi, lo)))
+    for r in by_rhs.pop(g, []):
       need(r.invars[0], *_window_through(_reduction_op(r), scale[g], shift[g], width[g]))
 
   for e in reversed(eqns):
@@ -865,7 +900,7 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout, reductions=()):
             and not _is_small(v.aval, layout, len(out.aval.shape))
             and spatial(v) == spatial(out)):
           need(v, scale[out], shift[out], width[out], dilation.get(out))
-  for g in list(by_rhs):  # the region's inputs
+  for g in summed - {e.outvars[0] for e in eqns}:  # the region's inputs
     reduced(g)
   return scale, shift, width, dilation
 

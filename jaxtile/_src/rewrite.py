@@ -74,10 +74,13 @@ class Rewriter:
   def jaxpr(self, jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
     original = jaxpr
     # Unit axes added and taken away again (equinox's convs under vmap) are no equations at
-    # all to a region (`canonical`); upsamplings are single equations it can take in, and
-    # where none does, the equations they stand for go back (`upsample.group`).
+    # all to a region, elementwise calls of several results are their bodies, and broadcasts
+    # of a scalar stand before each reader (`canonical`); upsamplings are single equations it
+    # can take in, and where none does, the equations they stand for go back
+    # (`upsample.group`).
     if self._fuses():
-      jaxpr = canonical.place_broadcasts(canonical.drop_round_trips(_compat.dce(jaxpr)))
+      jaxpr = canonical.drop_round_trips(_compat.dce(jaxpr))
+      jaxpr = canonical.place_broadcasts(canonical.inline_calls(jaxpr, region_lib.inlined))
     simplified = jaxpr
     grouped = upsample.group(jaxpr) if self._fuses() else upsample.Grouped(jaxpr, {})
     jaxpr = grouped.jaxpr
