@@ -47,8 +47,9 @@ from jaxtile._src.spec import ConvSpec
 
 # Primitives that act on each element alone (with operands broadcast along size-1 dims).
 ELEMENTWISE = frozenset({
-    "abs", "add", "add_any", "atan2", "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p",
-    "cos", "cosh", "div", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "integer_pow",
+    "abs", "add", "add_any", "atan2", "cbrt", "ceil", "clamp", "convert_element_type", "copy",
+    "copy_p", "cos", "cosh", "div", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor",
+    "integer_pow",
     "is_finite", "log", "log1p", "logistic", "max", "min", "mul", "ne", "neg", "nextafter", "not",
     "pow", "reduce_precision", "rem", "round", "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt",
     "square", "sub", "tan", "tanh", "eq", "ge", "gt", "le", "lt", "and", "or", "xor",
