@@ -2282,13 +2282,17 @@ def emit_statistics_jvp(*operands, stats: Statistics, nonzero) -> list:
   return [a.astype(v.aval.dtype) for v, a in zip(stats.outputs, acc)]
 
 
-def _statistics_transpose(cts, *operands, stats, nonzero):
+def _cotangents(cts, outvars) -> Optional[list]:
+  """A transpose rule's cotangents of several results: None where all are zero, else each
+  symbolic zero made zeros of its result's aval."""
   if all(type(c) is _compat.Zero for c in cts):
-    cts = None
-  else:
-    cts = [jnp.zeros(v.aval.shape, v.aval.dtype) if type(c) is _compat.Zero else c
-           for v, c in zip(stats.outputs, cts)]
-  return _transpose(stats.source, cts, operands, nonzero, stats)
+    return None
+  return [jnp.zeros(v.aval.shape, v.aval.dtype) if type(c) is _compat.Zero else c
+          for v, c in zip(outvars, cts)]
+
+
+def _statistics_transpose(cts, *operands, stats, nonzero):
+  return _transpose(stats.source, _cotangents(cts, stats.outputs), operands, nonzero, stats)
 
 
 def bind_statistics(stats: Statistics, *operands) -> list:
@@ -2346,12 +2350,7 @@ def _region_reductions_jvp(primals, tangents, *, plan):
 
 
 def _region_reductions_transpose(cts, *operands, plan, nonzero):
-  if all(type(c) is _compat.Zero for c in cts):
-    cts = None
-  else:
-    cts = [jnp.zeros(v.aval.shape, v.aval.dtype) if type(c) is _compat.Zero else c
-           for v, c in zip(plan.outvars, cts)]
-  return _transpose(plan, cts, operands, nonzero)
+  return _transpose(plan, _cotangents(cts, plan.outvars), operands, nonzero)
 
 
 # vmap, and derivatives of the tangent (second order), run at full size.
