@@ -306,22 +306,30 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
         f"jax.Arrays; got {[type(x).__name__ for x in leaves]}. Pass the image as a host array, "
         "or name it with argnums=.")
   def operand(i, x):
+    """What `fun` is traced on for leaf i: an image's shape, an array, or None for a leaf that
+    is no array (a function inside an equinox module: static, as `tile_convs` keeps it)."""
     if i in images or isinstance(x, _Abstract):
       return jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
     if isinstance(x, jax.Array):
       return x
     try:
       return jnp.asarray(x)
-    except TypeError as e:
-      raise StreamError(
-          f"stream: argument leaf {i} ({type(x).__name__}) is neither an image nor an array: "
-          "stream traces every argument leaf. Close over it instead (a lambda or "
-          "functools.partial; for an equinox module, `eqx.partition` it and pass its arrays)."
-      ) from e
-  avals = [operand(i, x) for i, x in enumerate(leaves)]
+    except TypeError:
+      return None
+  operands = [operand(i, x) for i, x in enumerate(leaves)]
+  traced = [i for i, a in enumerate(operands) if a is not None]
+  avals = [operands[i] for i in traced]
+  static = list(leaves)
 
-  def flat(*leaves):
-    return fun(*jax.tree_util.tree_unflatten(treedef, leaves))
+  def flat(*traced_leaves):
+    every = list(static)
+    for i, x in zip(traced, traced_leaves):
+      every[i] = x
+    return fun(*jax.tree_util.tree_unflatten(treedef, every))
+
+  # From here on the leaves are the traced ones, in the order of the jaxpr's inputs.
+  leaves = [leaves[i] for i in traced]
+  images = [traced.index(i) for i in images]
   try:
     closed = jax.make_jaxpr(flat)(*avals)
   except Exception as e:
@@ -1084,7 +1092,8 @@ def stream(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = None
   `fun` is an ordinary JAX function of spatially local ops (convs of every form, pools,
   elementwise ops, channel concatenations). Its *images* are the arguments that slice like NumPy
   arrays but are not `jax.Array`s (`numpy.ndarray`, `numpy.memmap`, zarr, tensorstore, h5py,
-  dask arrays), or those named by `argnums`; its other arguments (parameters) are device arrays.
+  dask arrays), or those named by `argnums`; its other arguments (parameters) are device arrays,
+  and leaves that are no arrays (an equinox module's functions) are static, as in `tile_convs`.
   Each output tile's input window, halo included and zeros beyond the image, is read from the
   images, computed by one compiled tile program, and written to `out`, so no device ever holds
   more than a few tiles. The result equals `fun` on the whole image.
