@@ -1221,6 +1221,24 @@ def test_random_differentiated_chains_match_untiled(chain):
         jnp.abs(w).max())), err_msg=f"gradient w.r.t. argument {i}: {chain}, {regions}")
 
 
+def test_a_differentiated_per_example_chain_is_one_region():
+  # Convs run per example under vmap (equinox's): the gradient transposes each added unit axis
+  # into a sum over that axis of extent 1 and a broadcast back, a round trip too
+  # (`canonical.drop_round_trips`). Before, the region started after the first layer.
+  layer = Layer(kernel=(3, 3), strides=(1, 1), rhs_dilation=(1, 1), padding="SAME")
+  chain = Chain(True, 1, (96, 96), (layer, dataclasses.replace(layer, activation="tanh")),
+                per_example=True)
+  f = chain.fn()
+  x, params = chain.operands()
+  grad = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=tuple(range(1 + len(params))))
+  tiled = jaxtile.tile_convs(grad, max_bytes=2 * chain.budget())
+  report = jaxtile.explain(tiled)(x, *params)
+  (region,) = report.regions
+  assert len(region.convs) == len(report.convs) == 6, str(report)  # 2 forward, 2 + 2 backward
+  for g, w in zip(jax.jit(tiled)(x, *params), jax.jit(grad)(x, *params)):
+    np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(w).max()))
+
+
 def test_a_differentiated_region_under_jvp_and_vmap():
   # Forward mode through a gradient (a Hessian-vector product) and vmap run the region's
   # equations at full size, each conv tiled on its own: exact, without the loop.

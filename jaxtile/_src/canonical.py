@@ -7,9 +7,10 @@ so that a region (`region.find_regions`) sees the ops it can hold.
   `broadcast_in_dim` inserting a unit axis and a `reshape` merging it into the batch on the way
   in, and a `reshape` splitting one out and a `squeeze` on the way out: what comes out is what
   went in. A region grows through the equations reading its values and stopped at the first.
-  Every reshape (`dimensions=None`), `squeeze` and `broadcast_in_dim` that only inserts unit
-  axes keeps the elements in row-major order, so a chain of them that ends at the shape and dtype
-  it started from is the identity.
+  Every reshape (`dimensions=None`), `squeeze`, `broadcast_in_dim` that only inserts unit axes
+  and sum over axes of extent 1 (how JAX transposes such a broadcast, in a gradient) keeps the
+  elements in row-major order, so a chain of them that ends at the shape and dtype it started
+  from is the identity.
 * A broadcast of a broadcast (`fold_broadcasts`) is one broadcast. A `vmap`ped custom JVP rule
   (`jax.nn.relu`'s) makes its zeros unbatched, a scalar broadcast to (C, H, W), and then
   broadcasts them to (N, C, H, W); a tile evaluates one broadcast of the scalar to its window.
@@ -39,6 +40,9 @@ def _keeps_order(eqn) -> bool:
     return eqn.params.get("dimensions") is None
   if name == "squeeze":
     return True
+  if name == "reduce_sum":  # over axes of extent 1 (a transposed broadcast's): a squeeze
+    shape = eqn.invars[0].aval.shape
+    return eqn.params.get("out_sharding") is None and all(shape[a] == 1 for a in eqn.params["axes"])
   if name == "broadcast_in_dim":
     # Same size: nothing broadcast, so the dims not mapped have extent 1; increasing: in order.
     dims = tuple(eqn.params["broadcast_dimensions"])
