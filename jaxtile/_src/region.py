@@ -843,15 +843,10 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout, reductions=()):
 
   dilation = {}
   by_rhs: dict = {}
-  made_by_reductions = {r.outvars[0] for r in reductions}
-  summed = set()  # the values reductions sum over: a conv's rhs, a group's source
   for r in reductions:
     if _compat.is_conv(r):
       by_rhs.setdefault(r.invars[1], []).append(r)
-      summed.add(r.invars[1])
-    else:
-      summed.update(v for v in r.invars if not isinstance(v, _compat.Literal)
-                    and v not in made_by_reductions)
+  summed = set(_summed(reductions))
   offsets = [_offsets(n, t) for n, t in zip(
       (output.aval.shape[a] for a in layout.spatial), tile)]
 
@@ -904,6 +899,16 @@ def _windows(eqns, output, tile: Sequence[int], layout: Layout, reductions=()):
   for g in summed - {e.outvars[0] for e in eqns}:  # the region's inputs
     reduced(g)
   return scale, shift, width, dilation
+
+
+def _summed(reductions) -> list:
+  """The values reduction equations sum over, first read first: each conv's rhs, and what a
+  group reads from outside itself (its source)."""
+  made = {r.outvars[0] for r in reductions}
+  return list(dict.fromkeys(
+      v for r in reductions
+      for v in ([r.invars[1]] if _compat.is_conv(r) else r.invars)
+      if not isinstance(v, _compat.Literal) and v not in made))
 
 
 def _reduction_op(eqn):
@@ -1124,17 +1129,9 @@ def _with_reductions(jaxpr, chain: Chain, members: Sequence[int], indices: Seque
   `MAX_EXTRA_MACS`."""
   (p,) = chain.stages
   eqns = tuple(jaxpr.eqns[i] for i in sorted(indices))
-  reduced = []
-  for e in eqns:
-    full = [e.invars[1]] if _compat.is_conv(e) else [
-        v for v in e.invars if not isinstance(v, _compat.Literal) and v in p.width]
-    reduced += [v for v in full if v not in reduced]
-  if any(v in p.dilation for v in reduced) or any(
-      v not in p.width for e in eqns if _compat.is_conv(e) for v in e.invars):
-    return None
   offsets = [_offsets(n, t) for n, t in zip(p.extent[p.output], p.tile)]
   bounds = {}
-  for v in reduced:
+  for v in _summed(eqns):  # each with a window (`_windows` planned them)
     bounds[v] = [_partition(o * sc + sh, w, n) for o, sc, sh, w, n
                  in zip(offsets, p.scale[v], p.shift[v], p.width[v], p.extent[v])]
     if None in bounds[v]:
@@ -1158,30 +1155,19 @@ def _terminal(jaxpr, run: Sequence[int], groups, uses) -> list:
   made = [jaxpr.eqns[i].outvars[0] for i in run]
   read = {v for i in run for v in jaxpr.eqns[i].invars if not isinstance(v, _compat.Literal)}
   inside = set(run).union(*groups)
-  last_read_after = any(u not in inside for u in uses.get(made[-1], []))
-  terminal = []
-  for g in groups:
-    reads = _group_reads(jaxpr, g)
-    if not reads & set(made):
-      continue
-    if len(g) == 1 and _compat.is_conv(jaxpr.eqns[g[0]]):
-      if not reads <= set(made) | read:
-        continue
-    elif len(reads) != 1 or (reads == {made[-1]} and last_read_after):
-      continue  # a norm's statistics, or the sum of what exists at full size anyway
-    if not _feeds(jaxpr, g, run):
-      terminal.append(g)
-  return terminal
+  read_inside = lambda v: all(u in inside for u in uses.get(v, []))
+  return [g for g in groups if _group_reads(jaxpr, g) & set(made)
+          and _joins(jaxpr, g, made, read, read_inside) and not _feeds(jaxpr, g, run)]
 
 
 def _feeds(jaxpr, group: Sequence[int], run: Sequence[int]) -> bool:
-  """Whether an equation of `run` depends on a result of `group`."""
+  """Whether an equation of `run` depends on a result of `group` (a norm's statistics)."""
   reached = {v for j in group for v in jaxpr.eqns[j].outvars}
-  last = max(run)
-  for i in range(min(group) + 1, last + 1):
+  members = set(run)
+  for i in range(min(group) + 1, max(run) + 1):
     e = jaxpr.eqns[i]
     if any(not isinstance(v, _compat.Literal) and v in reached for v in e.invars):
-      if i in run:
+      if i in members:
         return True
       reached.update(e.outvars)
   return False
