@@ -6,6 +6,7 @@
     python benchmarks/whole_models.py --model vae # examples/flax_vae_decoder.py, 256x256 latent
     python benchmarks/whole_models.py --model resnet  # examples/equinox_resnet.py, 2x3x1024x1024
     python benchmarks/whole_models.py --model haiku-resnet18  # 1x1024x1024x3, needs dm-haiku
+    python benchmarks/whole_models.py --model equinox-vae  # the VAE decoder in equinox, vmapped
 
 The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`), and the temporaries are
 XLA's buffer assignment (`memory_analysis().temp_size_in_bytes`). Compile time is split into
@@ -28,13 +29,54 @@ import jaxtile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
 
 
+def _equinox_decoder(eqx, widths, groups):
+  """examples/flax_vae_decoder.py's decoder written with equinox's layers (on one (C, H, W)
+  latent): its GroupNorm normalises in the grouped shape, with a centred variance."""
+  keys = iter(jax.random.split(jax.random.key(0), 64))
+  conv = lambda i, o, k=3: eqx.nn.Conv2d(i, o, k, padding=k // 2, key=next(keys))
+
+  class Block(eqx.Module):
+    layers: tuple
+    skip: object
+
+    def __call__(self, x):
+      n1, c1, n2, c2 = self.layers
+      h = c2(jax.nn.silu(n2(c1(jax.nn.silu(n1(x))))))
+      return (x if self.skip is None else self.skip(x)) + h
+
+  class Decoder(eqx.Module):
+    layers: tuple
+
+    def __call__(self, z):
+      x = self.layers[0](z)
+      for layer in self.layers[1:-2]:
+        if isinstance(layer, Block):
+          x = layer(x)
+        else:  # an upsampling by 2 and its conv
+          c, h, w = x.shape
+          x = layer(jax.image.resize(x, (c, 2 * h, 2 * w), method="nearest"))
+      return self.layers[-1](jax.nn.silu(self.layers[-2](x)))
+
+  layers, width = [conv(4, widths[0])], widths[0]
+  for level, w in enumerate(widths):
+    layers.append(Block((eqx.nn.GroupNorm(groups, width), conv(width, w),
+                         eqx.nn.GroupNorm(groups, w), conv(w, w)),
+                        None if width == w else conv(width, w, 1)))
+    width = w
+    if level + 1 < len(widths):
+      layers.append(conv(w, w))
+  layers += [eqx.nn.GroupNorm(groups, width), conv(width, 3)]
+  return Decoder(tuple(layers))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", choices=("unet", "vae", "resnet", "haiku-resnet18"),
+  parser.add_argument("--model", choices=("unet", "vae", "resnet", "haiku-resnet18",
+                                          "equinox-vae"),
                       default="unet")
   parser.add_argument("--size", type=int, default=None,
                       help="image side (unet, default 2048; resnet and haiku-resnet18, 1024) or "
-                           "latent side (vae, default 256)")
+                           "latent side (vae and equinox-vae, default 256)")
   parser.add_argument("--max-bytes", type=int, default=16 * 2**20)
   parser.add_argument("--time", type=int, default=0, help="alternating timed rounds (0: none)")
   args = parser.parse_args(argv)
@@ -54,6 +96,17 @@ def main(argv=None):
     params = jax.eval_shape(init, x)
     apply = lambda p, x: net.apply(*p, None, x, False)[0]
     label = f"haiku ResNet18 (inference) on 1x{size}x{size}x3"
+  elif args.model == "equinox-vae":
+    import equinox as eqx  # noqa: E402
+    size = args.size or 256
+    net = _equinox_decoder(eqx, (128, 64, 32), 32)
+    real_params, static = eqx.partition(net, eqx.is_array)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), real_params)
+    apply = lambda p, z: jax.vmap(eqx.combine(p, static))(z)
+    init = lambda z: real_params
+    x = jax.ShapeDtypeStruct((1, 4, size, size), jnp.float32)
+    label = (f"equinox VAE decoder widths (128, 64, 32), GroupNorm(32), under vmap on a "
+             f"1x4x{size}x{size} latent (image {4 * size}x{4 * size})")
   elif args.model == "resnet":
     import equinox as eqx  # noqa: E402
     import equinox_resnet  # noqa: E402

@@ -284,10 +284,13 @@ def test_region_on_a_mesh_axis_with_sharded_output():
 
 
 @needs_8
-def test_region_statistics_and_derivatives_are_dealt_out_over_devices():
+@pytest.mark.parametrize("centred", [False, True], ids=["mean-square", "jnp.var"])
+def test_region_statistics_and_derivatives_are_dealt_out_over_devices(centred):
   # A norm's statistics over the image, of a value the region makes, are a pass over its tiles:
   # on 4 devices each pass takes a quarter of them and the parts are summed across devices, in
-  # the forward, in the tangent and in the backward loops.
+  # the forward, in the tangent and in the backward loops. A centred variance (`jnp.var`) is
+  # computed in the mean's pass: each device's count, mean and sum of squares about its mean
+  # are joined about the total mean; its derivative is the program's two passes.
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(2, 36, 30, 4)), jnp.float32)
   ws = [jnp.asarray(rng.normal(size=s) / 4, jnp.float32)
@@ -296,8 +299,11 @@ def test_region_statistics_and_derivatives_are_dealt_out_over_devices():
   def f(x, w1, w2, w3):
     h = jax.nn.relu(conv(x, w1))
     mean = h.mean(axis=(1, 2), keepdims=True)
-    square = (h * h).mean(axis=(1, 2), keepdims=True)
-    h = (h - mean) * lax.rsqrt(square - mean * mean + 1e-5)
+    if centred:
+      var = h.var(axis=(1, 2), keepdims=True)
+    else:
+      var = (h * h).mean(axis=(1, 2), keepdims=True) - mean * mean
+    h = (h - mean) * lax.rsqrt(var + 1e-5)
     return conv(jax.nn.relu(conv(jax.nn.silu(h), w2)), w3)
 
   tiled = jaxtile.tile_convs(f, max_bytes=12000, devices=jax.devices()[:4])
@@ -307,9 +313,9 @@ def test_region_statistics_and_derivatives_are_dealt_out_over_devices():
   loss = lambda g: jax.grad(lambda *a: jnp.sum(g(*a) ** 2), argnums=(0, 1, 2, 3))
   for got, want in zip(jax.jit(loss(tiled))(x, *ws), jax.jit(loss(f))(x, *ws)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
-  # The region's backward loop and the statistics pass's (the forward ones are inside their
+  # The region's backward loop and the statistics passes' (the forward ones are inside their
   # primitives' lowering, not in the jaxpr).
-  assert _loops_per_device(jax.make_jaxpr(loss(tiled))(x, *ws).jaxpr) == 2
+  assert _loops_per_device(jax.make_jaxpr(loss(tiled))(x, *ws).jaxpr) == 2 + centred
   tangents = tuple(jnp.ones_like(a) for a in (x, *ws))
   jvp = lambda g: jax.jit(lambda *a: jax.jvp(g, a, tangents)[1])
   np.testing.assert_allclose(jvp(tiled)(x, *ws), jvp(f)(x, *ws), rtol=1e-4, atol=1e-4)

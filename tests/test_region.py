@@ -968,6 +968,119 @@ def test_flax_group_norm_blocks_hold_less_than_untiled():
   assert got <= untiled // 3, (got, untiled)
 
 
+def _centered_group_norm(x, scale, groups, channel_axis, eps=1e-5, xp=jnp):
+  """GroupNorm as equinox and haiku write it: the channels split into groups, the mean and
+  `jnp.var` (centred: a second pass over x - mean) per group, normalized while split, then
+  merged back."""
+  shape, c = x.shape, x.shape[channel_axis]
+  g = x.reshape(shape[:channel_axis] + (groups, c // groups) + shape[channel_axis + 1:])
+  axes = tuple(a for a in range(1, g.ndim) if a != channel_axis)
+  mean, var = xp.mean(g, axes, keepdims=True), xp.var(g, axes, keepdims=True)
+  return ((g - mean) / xp.sqrt(var + eps)).reshape(shape) * scale
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+def test_centered_group_norm_statistics_are_tiled_passes(channels_last):
+  # The variance's sum reads the mean, a small value made from the first pass's sums, as a
+  # second pass would; it is computed in the first pass by Chan's update. The normalization on
+  # the split channels runs on the unsplit ones (`canonical.sink_splits`), and the per-channel
+  # scale, broadcast to the image, is broadcast to each window. Before, no region formed.
+  spec = ("NHWC", "HWIO", "NHWC") if channels_last else ("NCHW", "OIHW", "NCHW")
+  c = -1 if channels_last else 1
+  shape = (1, 1, 8) if channels_last else (8, 1, 1)  # one image's
+
+  def make(xp, conv, offset):
+    """The network in `xp` (jnp, or NumPy in float64 for the reference)."""
+    silu = lambda v: v / (1 + xp.exp(-v))
+
+    def net(x, w0, w1, w2, w3, s):
+      x = conv(x, w0)
+      # The scale broadcast to one image first, as equinox's GroupNorm does.
+      scale = xp.broadcast_to(s.reshape(shape), x.shape[1:])
+      h = conv(silu(_centered_group_norm(x + offset, scale, 4, c % 4, xp=xp)), w1)
+      h = silu(_centered_group_norm(h + offset, s.reshape(shape), 4, c % 4, xp=xp))
+      return conv(xp.maximum(x + conv(h, w2), 0), w3)
+    return net
+
+  net = make(jnp, lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                        dimension_numbers=spec), 0)
+  batch = 1 if channels_last else 2
+  args = _norm_operands(channels_last, (batch, 61, 47))
+  tiled = jaxtile.tile_convs(net, max_bytes=batch * 120000, fuse=True)
+  report = jaxtile.explain(tiled)(*args)
+  (region,) = report.regions
+  # One pass per norm: the variance's sum of squares about the mean is computed in the mean's
+  # pass (`region._centred`). As two passes each, the four would cost +129% multiply-adds,
+  # past the recomputation limit, and the region would hold only the last two convs.
+  assert region.statistics == 2 and len(region.convs) == 3, str(report)
+  np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(net)(*args), rtol=1e-5, atol=1e-5)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=range(6)))
+  for got, want in zip(loss(tiled)(*args), loss(net)(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+  # The norms' inputs far from zero: E[x^2] - E[x]^2 would lose the variance to rounding (about
+  # 1 against a mean square of 9e4, in float32); Chan's update is as accurate as the program's
+  # two passes, against the NumPy reference in float64.
+  far = make(jnp, lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                        dimension_numbers=spec), 300)
+  exact = make(np, lambda x, w: jaxtile.reference.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=spec), 300)(
+          *[np.asarray(a, np.float64) for a in args])
+  errors = [float(np.abs(np.asarray(jax.jit(f)(*args), np.float64) - exact).max())
+            for f in (jaxtile.tile_convs(far, max_bytes=batch * 120000, fuse=True), far)]
+  assert errors[0] <= 2 * errors[1], errors
+
+
+def test_equinox_group_norm_blocks_hold_less_than_untiled():
+  # equinox's GroupNorm under vmap: (C, H, W) split into groups, a centred variance, the
+  # channelwise affine broadcast to the image. Before, no region formed, and the weights'
+  # broadcasts made each conv's loop hold twice what untiled holds.
+  eqx = pytest.importorskip("equinox")
+  keys = jax.random.split(jax.random.key(0), 6)
+
+  class Block(eqx.Module):
+    n1: eqx.nn.GroupNorm
+    c1: eqx.nn.Conv2d
+    n2: eqx.nn.GroupNorm
+    c2: eqx.nn.Conv2d
+
+    def __init__(self, k1, k2):
+      self.n1, self.n2 = eqx.nn.GroupNorm(4, 16), eqx.nn.GroupNorm(4, 16)
+      self.c1 = eqx.nn.Conv2d(16, 16, 3, padding=1, key=k1)
+      self.c2 = eqx.nn.Conv2d(16, 16, 3, padding=1, key=k2)
+
+    def __call__(self, x):
+      h = self.c1(jax.nn.silu(self.n1(x)))
+      return x + self.c2(jax.nn.silu(self.n2(h)))
+
+  model = (eqx.nn.Conv2d(3, 16, 3, padding=1, key=keys[0]), Block(*keys[1:3]),
+           Block(*keys[3:5]), eqx.nn.Conv2d(16, 3, 3, padding=1, key=keys[5]))
+
+  def net(model, x):
+    def one(x):
+      for layer in model:
+        x = layer(x)
+      return x
+    return jax.vmap(one)(x)
+
+  x = jax.random.normal(jax.random.key(1), (1, 3, 160, 120))
+  tiled = jaxtile.tile_convs(net, max_bytes=160_000)
+  report = jaxtile.explain(tiled)(model, x)
+  assert len(report.regions) == 2 and all(r.statistics for r in report.regions), str(report)
+  # Each program compiled once: its temporaries, then its result.
+  grad = lambda f: jax.grad(lambda m, x: jnp.sum(f(m, x) ** 2))
+  (untiled, want), (got_bytes, got) = [
+      (c.memory_analysis().temp_size_in_bytes, c(model, x))
+      for c in (jax.jit(f).lower(model, x).compile() for f in (net, tiled))]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert got_bytes <= untiled // 2, (got_bytes, untiled)
+  (untiled, want), (got_bytes, got) = [
+      (c.memory_analysis().temp_size_in_bytes, c(model, x))
+      for c in (jax.jit(grad(f)).lower(model, x).compile() for f in (net, tiled))]
+  assert got_bytes <= untiled // 2, (got_bytes, untiled)
+  for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
+
+
 def test_vae_decoder_gradient_matches_untiled():
   # examples/flax_vae_decoder.py at a small size: GroupNorm statistics passes, upsamplings
   # starting stages, residual blocks; every parameter's gradient and the latent's against

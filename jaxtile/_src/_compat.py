@@ -48,6 +48,21 @@ def traced_call_eqn(fun: Callable, avals, invars, outvars, source_info) -> Jaxpr
   return eqn.replace(invars=list(invars), outvars=list(outvars), source_info=source_info)
 
 
+def traced_eqns(fun: Callable, invars, outvars, source_info) -> list:
+  """The equations of `fun` traced at `invars`' avals, reading `invars` and making `outvars`
+  (its intermediates fresh), each at `source_info`: params right for the running JAX version.
+  `fun` must compute its outputs with equations (no input or constant returned as it is)."""
+  closed = jax.make_jaxpr(fun)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
+                                 for v in invars])
+  assert not closed.consts and not closed.jaxpr.constvars, closed
+  jaxpr = closed.jaxpr
+  env = {**dict(zip(jaxpr.invars, invars)), **dict(zip(jaxpr.outvars, outvars))}
+  read = lambda v: v if isinstance(v, Literal) else env.get(v, v)
+  assert all(v in {o for e in jaxpr.eqns for o in e.outvars} for v in jaxpr.outvars), jaxpr
+  return [e.replace(invars=[read(v) for v in e.invars], outvars=[read(v) for v in e.outvars],
+                    source_info=source_info) for e in jaxpr.eqns]
+
+
 # Frames from these places are library code; the user's line is the innermost frame outside them.
 _LIBRARY_DIRS = tuple(
     os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (jax, lax, jex))

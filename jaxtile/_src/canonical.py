@@ -17,16 +17,26 @@ so that a region (`region.find_regions`) sees the ops it can hold.
 * A call of several results whose body acts elementwise (`inline_calls`) is its body. JAX
   linearizes a jitted activation (`jax.nn.gelu`, `silu`, `elu`) into a call that returns its
   value and the residuals of its derivative, and a call that applies that derivative; inlined,
-  each is a few elementwise equations a region can hold.
-* A broadcast of a scalar (`place_broadcasts`) is made again just before each equation that
-  reads it. A differentiated program makes its zeros (`select_n(mask, zeros, g)` for a relu) and
-  its cotangent seed as full-size broadcasts of a scalar; one read by a region's equation alone
-  can join the region, where a tile broadcasts the scalar to its window.
+  each is a few elementwise equations a region can hold. So is a call computing statistics
+  (`jnp.var`'s), whose sums a region computes in passes over tiles.
+* An elementwise op on a value whose channels a reshape split into groups (`sink_splits`) runs
+  on the unsplit value instead. Equinox's and haiku's GroupNorm split the channels, normalize
+  in that shape and merge them back; with the ops before the split, split and merge are a
+  round trip that `drop_round_trips` drops, and only the norm's sums read the split value.
+* A broadcast that repeats a scalar or a small operand (`place_broadcasts`) is made again
+  just before each equation that reads it. A differentiated program makes its zeros
+  (`select_n(mask, zeros, g)` for a relu) and its cotangent seed as full-size broadcasts of a
+  scalar, and equinox's GroupNorm and haiku's conv bias broadcast per-channel weights to the
+  image; one read by a region's equation alone can join the region, where a tile broadcasts
+  the operand to its window.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
+
+from jax import lax
 
 from jaxtile._src import _compat
 
@@ -110,31 +120,56 @@ def fold_broadcasts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
   return _compat.replace_jaxpr(jaxpr, eqns=kept[::-1])
 
 
-def _scalar_broadcast(eqn) -> bool:
+def _placed_broadcast(eqn) -> bool:
+  """A broadcast that repeats its operand: of a scalar, or to more elements than it has (a
+  bias of shape (C,) to (N, H, W, C), a weight of shape (C, 1, 1) to (1, C, H, W)). Run after
+  `upsample.group`, which takes `jnp.repeat`'s broadcasts into upsamplings first."""
   return (eqn.primitive.name == "broadcast_in_dim" and len(eqn.invars) == 1
-          and eqn.invars[0].aval.ndim == 0 and eqn.params.get("sharding") is None)
+          and eqn.params.get("sharding") is None and (
+              eqn.invars[0].aval.ndim == 0
+              or math.prod(eqn.invars[0].aval.shape) < math.prod(eqn.params["shape"])))
 
 
-def place_broadcasts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
-  """`jaxpr` with each broadcast of a scalar (`_scalar_broadcast`) made just before each equation
-  that reads it, one copy per reader, and none where nothing reads it. A copy reads the same
-  scalar, made before the original, so it is made before its reader, in order."""
-  broadcasts = {e.outvars[0]: e for e in jaxpr.eqns if _scalar_broadcast(e)}
+def place_broadcasts(jaxpr: _compat.Jaxpr, elementwise=lambda eqn: False) -> _compat.Jaxpr:
+  """`jaxpr` with each broadcast that repeats its operand (`_placed_broadcast`) made again just
+  before each equation that reads it, one copy per reader, and none where nothing reads it.
+
+  A copy read by an equation `elementwise(eqn)` accepts is made at that equation's shape
+  (a weight of shape (C, 1, 1) broadcast to (1, C, H, W) and multiplied into (N, C, H, W):
+  the copy is (N, C, H, W)), else at the broadcast's. An operand of lower rank than the result
+  (not a scalar) is first given the result's rank, with axes of extent 1 (a broadcast that adds
+  no elements, made where the original was), so a copy reads a value of its own rank. A copy
+  reads what the original read, made before the original, so it is made before its reader."""
+  broadcasts = {e.outvars[0]: e for e in jaxpr.eqns if _placed_broadcast(e)}
   if not broadcasts:
     return jaxpr
   kept = {v for v in jaxpr.outvars if not isinstance(v, _compat.Literal) and v in broadcasts}
-  eqns = []
+  eqns, ranked = [], {}
   for e in jaxpr.eqns:
-    if _scalar_broadcast(e):
+    if _placed_broadcast(e):
       if e.outvars[0] in kept:
         eqns.append(e)  # a jaxpr output: it stays where it is
+      x, shape = e.invars[0], tuple(e.params["shape"])
+      if 0 < x.aval.ndim < len(shape):
+        dims = tuple(e.params["broadcast_dimensions"])
+        keep = tuple(x.aval.shape[dims.index(a)] if a in dims else 1 for a in range(len(shape)))
+        ranked[e.outvars[0]] = _compat.new_var(x.aval.update(shape=keep))
+        eqns.append(_compat.replace_eqn(e, outvars=[ranked[e.outvars[0]]],
+                                        params=dict(e.params, shape=keep)))
       continue
     invars = list(e.invars)
     for n, v in enumerate(invars):
       if not isinstance(v, _compat.Literal) and v in broadcasts:
         made = broadcasts[v]
-        invars[n] = _compat.new_var(v.aval)
-        eqns.append(_compat.replace_eqn(made, outvars=[invars[n]]))
+        shape = tuple(made.params["shape"])
+        if elementwise(e) and len(e.outvars) == 1 and e.outvars[0].aval.ndim == len(shape):
+          shape = tuple(e.outvars[0].aval.shape)
+        params = dict(made.params, shape=shape)
+        x = made.invars
+        if v in ranked:
+          x, params["broadcast_dimensions"] = [ranked[v]], tuple(range(len(shape)))
+        invars[n] = _compat.new_var(v.aval.update(shape=shape))
+        eqns.append(_compat.replace_eqn(made, invars=x, outvars=[invars[n]], params=params))
     eqns.append(_compat.replace_eqn(e, invars=invars) if invars != list(e.invars) else e)
   return _compat.replace_jaxpr(jaxpr, eqns=eqns)
 
@@ -171,3 +206,72 @@ def inline_calls(jaxpr: _compat.Jaxpr, inline) -> _compat.Jaxpr:
   if not subst:
     return jaxpr
   return _compat.replace_jaxpr(jaxpr, eqns=eqns, outvars=[read(subst, v) for v in jaxpr.outvars])
+
+
+def _split_axis(eqn) -> Optional[int]:
+  """The axis a reshape splits into two adjacent ones, keeping every other axis (GroupNorm as
+  equinox and haiku write it: the channels into groups and channels per group), else None."""
+  if (eqn.primitive.name != "reshape" or eqn.params.get("dimensions") is not None
+      or eqn.params.get("sharding") is not None or isinstance(eqn.invars[0], _compat.Literal)):
+    return None
+  old, new = tuple(eqn.invars[0].aval.shape), tuple(eqn.params["new_sizes"])
+  return next((a for a in range(len(old)) if len(new) == len(old) + 1 and old[:a] == new[:a]
+               and old[a + 1:] == new[a + 2:] and new[a] * new[a + 1] == old[a]), None)
+
+
+def sink_splits(jaxpr: _compat.Jaxpr, elementwise) -> _compat.Jaxpr:
+  """`jaxpr` with each equation that `elementwise(eqn)` accepts and that reads the result of a
+  reshape splitting an axis in two (`_split_axis`) computed before the split instead: on the
+  unsplit values, with the split made of its result. `drop_round_trips` then drops a split
+  that a reshape merges back, and what is left split is read by what needs it split (the
+  reductions of a norm's statistics).
+
+  Row-major order makes merging axes a and a + 1 a bijection of indices, (i, j) -> i * q + j for
+  a pair of extents (p, q), whatever the other axes are. An elementwise op reads each operand at
+  the same index, broadcasting along axes of extent 1; so `op(split(x), s)` is
+  `split(op(x, merge(s')))`, where `s'` is the operand broadcast along the pair to (p, q) where
+  either of its extents there is not 1 (a per-group mean, `(n, g, 1, 1, 1)`, becomes
+  `(n, g, q, 1, 1)`, then `(n, g * q, 1, 1)`) and left at (1, 1) otherwise."""
+  split = {}  # a split's result -> (the value it splits, the axis, the reshape)
+  eqns, changed = [], False
+  for e in jaxpr.eqns:
+    a = _split_axis(e)
+    if a is not None:
+      split[e.outvars[0]] = (e.invars[0], a, e)
+      eqns.append(e)
+      continue
+    read = [split[v] for v in e.invars if not isinstance(v, _compat.Literal) and v in split]
+    out = e.outvars[0] if len(e.outvars) == 1 else None
+    if (not read or out is None or not elementwise(e) or e.params.get("sharding") is not None
+        or len({r[1] for r in read}) != 1
+        or any(v in split and v.aval.shape != out.aval.shape for v in e.invars
+               if not isinstance(v, _compat.Literal))):
+      eqns.append(e)
+      continue
+    a, template = read[0][1], read[0][2]
+    full = tuple(out.aval.shape)
+    merge = lambda shape: shape[:a] + (shape[a] * shape[a + 1],) + shape[a + 2:]
+    invars = []
+    for v in e.invars:
+      if isinstance(v, _compat.Literal) or v.aval.ndim == 0:
+        invars.append(v)
+      elif v in split:
+        invars.append(split[v][0])
+      else:
+        shape = tuple(v.aval.shape)
+        if shape[a:a + 2] != (1, 1):
+          shape = shape[:a] + full[a:a + 2] + shape[a + 2:]
+        m = _compat.new_var(v.aval.update(shape=merge(shape)))
+        eqns += _compat.traced_eqns(
+            lambda s, shape=shape: lax.reshape(
+                lax.broadcast_in_dim(s, shape, tuple(range(len(shape)))), merge(shape)),
+            [v], [m], e.source_info)
+        invars.append(m)
+    merged = _compat.new_var(out.aval.update(shape=merge(full)))
+    eqns.append(_compat.replace_eqn(e, invars=invars, outvars=[merged]))
+    eqns.append(_compat.replace_eqn(template, invars=[merged], outvars=[out],
+                                    params=dict(template.params, new_sizes=full),
+                                    source_info=e.source_info))
+    split[out] = (merged, a, template)
+    changed = True
+  return _compat.replace_jaxpr(jaxpr, eqns=eqns) if changed else jaxpr

@@ -55,6 +55,14 @@ ELEMENTWISE = frozenset({
     "square", "sub", "tan", "tanh", "eq", "ge", "gt", "le", "lt", "and", "or", "xor",
     "stop_gradient",
 })
+
+
+def is_elementwise(eqn) -> bool:
+  """An equation of an `ELEMENTWISE` primitive (not a call: a call's body is traced at its
+  operands' shapes)."""
+  return eqn.primitive.name in ELEMENTWISE
+
+
 # Call-like primitives whose body may be elementwise (jax.nn.relu is a custom_jvp, gelu a jit).
 _CALLS = {"custom_jvp_call": "call_jaxpr", "pjit": "jaxpr", "jit": "jaxpr"}
 
@@ -279,6 +287,25 @@ class Statistics:
   eqns: tuple[Any, ...]
   outputs: tuple[Any, ...]
   name: str
+  # Centred sums of squares this pass computes too (`_centred`): `jnp.var`'s second pass, the
+  # sum of (value - mean) ** 2 with the mean made from a sum among `outputs`. Per entry: the
+  # position in `outputs` of that sum, of the eqn summing, and the result. `two_pass` has what
+  # derivatives and vmap see instead, the passes as the program wrote them: this pass without
+  # them, and per entry the equations making the mean and the second pass's `Statistics`.
+  centred: tuple[tuple[int, Any, Any], ...] = ()
+  two_pass: Optional[tuple["Statistics", tuple[tuple[tuple[Any, ...], "Statistics"], ...]]] = None
+
+  @property
+  def all_outputs(self) -> tuple[Any, ...]:
+    """The reductions' results, then the centred sums of squares'."""
+    return self.outputs + tuple(out for _, _, out in self.centred)
+
+  @property
+  def all_eqns(self) -> tuple[Any, ...]:
+    """Every equation of the program whose work this pass does: its group's and its source's,
+    and a merged second pass's (`two_pass`)."""
+    seconds = () if self.two_pass is None else self.two_pass[1]
+    return (*self.eqns, *self.source.eqns, *(e for _, s in seconds for e in s.all_eqns))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -357,8 +384,11 @@ def _elementwise_body(eqn, rule: bool = True) -> Optional[Any]:
 
 def inlined(eqn) -> bool:
   """A call whose body acts elementwise but that is no one equation to a region (it has several
-  results, or holds a call that does): inlined (`canonical.inline_calls`). Each equation of its
-  body is elementwise, a broadcast of a scalar, or a call `_elementwise_body` or this accepts."""
+  results, or holds a call that does), or that computes statistics (`jnp.var`'s call: sums
+  over axes, and elementwise ops and broadcasts around them): inlined
+  (`canonical.inline_calls`), so a region sees its equations. Each equation of its body is
+  elementwise, a broadcast of a scalar, or a call `_elementwise_body` or this accepts; with
+  statistics also a reduction (`_REDUCTIONS`), a broadcast or a reshape."""
   if eqn.primitive.name not in _CALLS or "jaxpr" not in eqn.params:
     return False
   closed = eqn.params["jaxpr"]
@@ -366,9 +396,12 @@ def inlined(eqn) -> bool:
     return False
   body = getattr(closed, "jaxpr", closed).eqns
   nested = [e for e in body if inlined(e)]
-  return (len(eqn.outvars) > 1 or bool(nested)) and all(
-      e.primitive.name in ELEMENTWISE or _elementwise_body(e) is not None or e in nested or (
-          e.primitive.name == "broadcast_in_dim" and e.invars[0].aval.ndim == 0) for e in body)
+  reduces = any(e.primitive.name in _REDUCTIONS for e in body)
+  return (len(eqn.outvars) > 1 or bool(nested) or reduces) and all(
+      e.primitive.name in ELEMENTWISE or _elementwise_body(e) is not None or e in nested
+      or e.primitive.name == "broadcast_in_dim" and (e.invars[0].aval.ndim == 0 or reduces)
+      or e.primitive.name in _REDUCTIONS or e.primitive.name == "reshape" and reduces
+      for e in body)
 
 
 def _broadcast_to(eqn, full) -> bool:
@@ -532,11 +565,13 @@ def _region_conv(eqn, values, layout: Optional[Layout]) -> Optional[Layout]:
 
 
 def _small_broadcast(eqn, layout: Layout) -> bool:
-  """A broadcast of a scalar to a value of the layout's rank (`canonical.place_broadcasts` puts
-  one before each equation reading it): on a window, a broadcast to the window's shape."""
-  return (eqn.primitive.name == "broadcast_in_dim" and eqn.invars[0].aval.ndim == 0
-          and len(eqn.params["shape"]) == len(layout.spatial) + 2
-          and eqn.params.get("sharding") is None)
+  """A broadcast of a scalar or a small value (`_is_small`: a weight of extent 1 along every
+  spatial dim) to a value of the layout's rank (`canonical.place_broadcasts` puts one before
+  each equation reading it): on a window, a broadcast to the window's shape."""
+  rank = len(layout.spatial) + 2
+  return (eqn.primitive.name == "broadcast_in_dim" and len(eqn.params["shape"]) == rank
+          and eqn.params.get("sharding") is None
+          and (eqn.invars[0].aval.ndim == 0 or _is_small(eqn.invars[0].aval, layout, rank)))
 
 
 def _reduction_conv(eqn, values, layout: Layout) -> bool:
@@ -1210,8 +1245,131 @@ def _with_statistics(jaxpr, chain: Chain, members: Sequence[int], groups, policy
     eqns = tuple(jaxpr.eqns[j] for j in sorted(group))
     outputs = tuple(e.outvars[0] for e in eqns if e.primitive.name in _REDUCTIONS)
     statistics.append(Statistics(plan, source, eqns, outputs, name))
-  chain = dataclasses.replace(chain, statistics=tuple(statistics))
+  chain = dataclasses.replace(chain, statistics=_merge_centred(jaxpr, statistics))
   return None if chain.extra_macs_percent > 100 * MAX_EXTRA_MACS else chain
+
+
+def _merge_centred(jaxpr, statistics: list) -> tuple:
+  """`statistics` with each centred second pass (`_centred`) taken into the pass its mean
+  comes from: one pass over the source's tiles instead of two."""
+  merged = {id(s): s for s in statistics}
+  for second in statistics:
+    for first in statistics:
+      found = None if first is second or id(first) not in merged else _centred(
+          jaxpr, merged[id(first)], second)
+      if found is not None:
+        k, total, mean_eqns = found
+        into = merged[id(first)]
+        base, seconds = into.two_pass or (into, ())
+        merged[id(first)] = dataclasses.replace(
+            into, centred=(*into.centred, (k, total, second.outputs[0])),
+            two_pass=(base, (*seconds, (mean_eqns, second))))
+        del merged[id(second)]
+        break
+  return tuple(merged[id(s)] for s in statistics if id(s) in merged)
+
+
+_SQUARES = ("square", "integer_pow", "mul")
+
+
+def _centred(jaxpr, first: Statistics, second: Statistics) -> Optional[tuple]:
+  """Whether `second` sums the squares of its source `first.value - mean` (or `mean - ...`),
+  where `mean` is a sum of `first` over the same axes (and the same split of the features)
+  divided by the number of elements it sums, broadcast back: `jnp.var`'s centred pass. Then
+  the position of that sum in `first.outputs`, the equation summing, and the equations making
+  `mean` from its result.
+
+  `first`'s pass computes it too, by Chan, Golub and LeVeque's pairwise update: each tile's
+  count n_t, mean m_t and centred sum of squares M_t, combined into the running (n, m, M) as
+  M += M_t + (m_t - m)^2 n n_t / (n + n_t), m += (m_t - m) n_t / (n + n_t). That is exact in
+  real arithmetic and as stable as two passes in floating point (it never subtracts two large
+  sums), so the result differs from the program's two passes by rounding, as any order of a
+  sum does."""
+  layout = first.source.layout
+  sub, x = second.source.eqns[-1], first.value
+  if sub.primitive.name != "sub" or sub.outvars[0] is not second.value or x not in sub.invars:
+    return None
+  mean = sub.invars[1] if sub.invars[0] is x else sub.invars[0]
+  if isinstance(mean, _compat.Literal) or not _is_small(mean.aval, layout, x.aval.ndim):
+    return None
+  square, *rest = second.eqns
+  f = second.value
+  if square.invars[0] is not f or not (
+      square.primitive.name == "square"
+      or square.primitive.name == "integer_pow" and square.params.get("y") == 2
+      or square.primitive.name == "mul" and square.invars[1] is f):
+    return None
+  split = rest.pop(0) if rest and rest[0].primitive.name == "reshape" else None
+  if len(rest) != 1 or rest[0].primitive.name != "reduce_sum" or (
+      split is not None and split.invars[0] is not square.outvars[0]) or (
+      rest[0].invars[0] is not (square if split is None else split).outvars[0]):
+    return None
+  axes = tuple(rest[0].params["axes"])
+  making = {e.outvars[0]: e for e in first.eqns}
+  for k, out in enumerate(first.outputs):
+    r = making[out]
+    if r.primitive.name != "reduce_sum" or tuple(r.params["axes"]) != axes:
+      continue
+    operand = r.invars[0]
+    if split is None:
+      if operand is not x:
+        continue
+    elif operand not in making or making[operand].primitive.name != "reshape" or (
+        making[operand].invars[0] is not x
+        or tuple(making[operand].params["new_sizes"]) != tuple(split.params["new_sizes"])):
+      continue
+    chain = _mean_chain(jaxpr, mean, out, x.aval.shape, operand.aval.shape, axes, layout,
+                        split is not None)
+    if chain is not None:
+      return k, r, chain
+  return None
+
+
+def _mean_chain(jaxpr, mean, total, x_shape, shape, axes, layout: Layout, split: bool
+                ) -> Optional[tuple]:
+  """The equations making `mean` from `total`, a sum over `axes` of a value of `shape` (the
+  value of `x_shape`, its features split in two where `split`), if they divide it by the
+  number of elements
+  summed and only broadcast and reshape it back, each position of `mean` holding the sum of
+  its own group; else None. Checked on indices in NumPy: the chain run on the sum's flat
+  indices (the division left out) must give, at every position of the unsplit value with
+  extent 1 along the spatial dims, the index of the sum that position belongs to."""
+  making = {e.outvars[0]: e for e in jaxpr.eqns}
+  chain, v = [], mean
+  while v is not total:
+    e = making.get(v)
+    if e is None or len([u for u in e.invars if not isinstance(u, _compat.Literal)]) != 1:
+      return None
+    chain.insert(0, e)
+    v = e.invars[0]
+  count = math.prod(shape[a] for a in axes)
+  divides = [e for e in chain if e.primitive.name == "div"]
+  if len(divides) != 1 or not isinstance(divides[0].invars[1], _compat.Literal) or float(
+      np.asarray(divides[0].invars[1].val)) != count:
+    return None
+  index = np.arange(math.prod(total.aval.shape), dtype=np.int64).reshape(total.aval.shape)
+  got = index
+  for e in chain:
+    if e.primitive.name == "broadcast_in_dim":
+      dims = tuple(e.params["broadcast_dimensions"])
+      if list(dims) != sorted(dims):
+        return None
+      out = tuple(e.params["shape"])
+      got = np.broadcast_to(got.reshape([got.shape[dims.index(a)] if a in dims else 1
+                                         for a in range(len(out))]), out)
+    elif e.primitive.name == "reshape" and e.params.get("dimensions") is None:
+      got = got.reshape(e.params["new_sizes"])
+    elif e.primitive.name not in ("div", "convert_element_type"):
+      return None
+  # Where each position of the summed value lands: the sum's index, at spatial extent 1.
+  spatial = {a + (split and a > layout.feature) for a in layout.spatial}
+  small = [1 if a in spatial else n for a, n in enumerate(shape)]
+  want = np.broadcast_to(np.expand_dims(index, axes), small).reshape(
+      [1 if a in layout.spatial else n for a, n in enumerate(x_shape)])
+  try:
+    return tuple(chain) if np.array_equal(np.broadcast_to(got, want.shape), want) else None
+  except ValueError:  # `mean` does not broadcast to the value
+    return None
 
 
 def _next_halved(tile: Sequence[int], halo: int) -> Optional[int]:
@@ -1267,11 +1425,13 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
         if any(_compat.is_conv(jaxpr.eqns[g[0]]) and _group_reads(jaxpr, g) & internal
                for g in groups if g not in terminal):
           continue  # a weight gradient would read a value this run keeps inside
-        plan = plan_chain(jaxpr, run, policy, name, inside=grouped, uses=uses,
+        statistics = [g for g in groups if g not in terminal]
+        only = _for_statistics(jaxpr, run, statistics, uses)
+        plan = plan_chain(jaxpr, [i for i in run if i not in only], policy, name,
+                          inside=grouped | only, uses=uses,
                           reductions=sorted(j for g in terminal for j in g))
         if plan is not None:
-          plan = _with_statistics(jaxpr, plan, run, [g for g in groups if g not in terminal],
-                                  policy, uses)
+          plan = _with_statistics(jaxpr, plan, run, statistics, policy, uses)
         if plan is not None:
           break
       if plan is None:
@@ -1286,6 +1446,20 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
     regions.append(best[2])
     start, last_stop = best[0] + 1, best[1]
   return regions
+
+
+def _for_statistics(jaxpr, run: Sequence[int], groups, uses) -> frozenset:
+  """The equations of `run` that only statistics `groups` read, directly or through others of
+  them (a two-pass variance's `(x - mean) ** 2`, whose mean is small and read whole): their
+  statistics passes compute them (`_with_statistics`), and the region's loop does not."""
+  # Only groups a pass can compute: those reading one value (`_group_source`).
+  grouped = {j for g in groups if len(_group_reads(jaxpr, g)) == 1 for j in g}
+  only: set = set()
+  for i in reversed(run[:-1]):
+    readers = uses.get(jaxpr.eqns[i].outvars[0], [])
+    if readers and all(r in grouped or r in only for r in readers):
+      only.add(i)
+  return frozenset(only)
 
 
 # Longer runs that do not plan before `split_region` stops extending one: a residual block's
@@ -1890,10 +2064,12 @@ def _at(table: np.ndarray, index):
   return int(table[index])
 
 
-def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile) -> list:
+def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile, centred=None) -> list:
   """Each reduction of the statistics group on the source's tile at offsets `o`: the group's
   equations on the tile (a reshape splitting the features keeps the tile's spatial extent),
-  each reduction's operand set to its identity where the tile does not own a position."""
+  each reduction's operand set to its identity where the tile does not own a position. With
+  `centred` (a list), it gets the tile's (count, mean, centred sum of squares) of each of
+  `stats.centred` (`_centred_parts`)."""
   layout = stats.source.layout
   env, spatial = {stats.value: tile}, {stats.value: layout.spatial}
   read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
@@ -1909,7 +2085,40 @@ def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile) -> list:
     else:
       env[out] = _eval_elementwise(e, args)
       spatial[out] = spatial[full]
+  for _, total, _ in (stats.centred if centred is not None else ()):
+    x = env[total.invars[0]]
+    centred.append(_centred_parts(loop, index, o, x, spatial[total.invars[0]],
+                                  tuple(total.params["axes"])))
   return [env[v] for v in stats.outputs]
+
+
+def _centred_parts(loop: _Loop, index, o, x, spatial, axes) -> tuple:
+  """A tile's count of owned positions, their mean and their centred sum of squares, per
+  result of a sum of `x` over `axes` (in float32 at least)."""
+  x = x.astype(_accumulator_dtype(x.dtype))
+  ones = loop.owned(index, o, jnp.ones_like(x), spatial)
+  count = jnp.sum(ones, axes)
+  mean = jnp.sum(loop.owned(index, o, x, spatial), axes) / jnp.maximum(count, 1)
+  deviation = loop.owned(index, o, x - jnp.expand_dims(mean, axes), spatial)
+  return count, mean, jnp.sum(deviation * deviation, axes)
+
+
+def _chan(a, b):
+  """Two (count, mean, centred sum of squares) combined (`_centred`)."""
+  (n, m, s), (n_b, m_b, s_b) = a, b
+  total = n + n_b
+  weight = n_b / jnp.maximum(total, 1)
+  delta = m_b - m
+  return total, m + delta * weight, s + s_b + delta * delta * n * weight
+
+
+def _chan_across(acc, axis):
+  """(count, mean, centred sum of squares) of each device combined over mesh `axis`: the
+  count and the sum add, and each device's sum of squares is taken about the total mean."""
+  n, m, s = acc
+  total = lax.psum(n, axis)
+  mean = lax.psum(n * m, axis) / jnp.maximum(total, 1)
+  return total, mean, lax.psum(s + n * (m - mean) ** 2, axis)
 
 
 def _dealt_out(loop: _Loop, accumulate, operands, combine):
@@ -1942,30 +2151,61 @@ def emit_statistics(stats: Statistics, *operands) -> list:
   def accumulate(operands, first, count):
     xs, smalls = _split(stats.source, operands)
 
-    def body(j, acc):
+    def body(j, carry):
+      acc, moments = carry
       index = loop.index(first + j)
       o = loop.offsets(index)
       boxes = loop.boxes(o)
       tile = loop.tile(o, boxes, loop.pieces(xs, boxes), smalls)
       with jax.named_scope("reduce"):
-        parts = _reduce_tile(stats, loop, index, o, tile)
-        return [r[1](a, p.astype(a.dtype)) for r, a, p in zip(reduction, acc, parts)]
+        centred = []
+        parts = _reduce_tile(stats, loop, index, o, tile, centred)
+        return ([r[1](a, p.astype(a.dtype)) for r, a, p in zip(reduction, acc, parts)],
+                [_chan(m, c) for m, c in zip(moments, centred)])
 
     init = [jnp.full(v.aval.shape, _fill(r[0], dtype))
             for v, r, name in zip(stats.outputs, reduction, names)
             for dtype in [_accumulator_dtype(v.aval.dtype) if name == "reduce_sum"
                           else v.aval.dtype]]
-    return lax.fori_loop(0, count, body, init)  # a small carry: made early, it costs nothing
+    moments = [tuple(jnp.zeros(out.aval.shape, _accumulator_dtype(out.aval.dtype))
+                     for _ in range(3)) for _, _, out in stats.centred]
+    # A small carry: made early, it costs nothing.
+    return lax.fori_loop(0, count, body, (init, moments))
 
-  combine = lambda acc, axis: [r[2](a, axis) for r, a in zip(reduction, acc)]
+  def combine(carry, axis):
+    acc, moments = carry
+    return ([r[2](a, axis) for r, a in zip(reduction, acc)],
+            [_chan_across(m, axis) for m in moments])
+
   with jax.named_scope(stats.name):
-    acc = _dealt_out(loop, accumulate, list(operands), combine)
-  return [a.astype(v.aval.dtype) for v, a in zip(stats.outputs, acc)]
+    acc, moments = _dealt_out(loop, accumulate, list(operands), combine)
+  return [a.astype(v.aval.dtype) for v, a in
+          zip(stats.all_outputs, [*acc, *(s for _, _, s in moments)])]
+
+
+def _two_passes(stats: Statistics, bind_pass, *operands) -> list:
+  """A pass that merged centred second passes (`Statistics.two_pass`) as the program wrote
+  it: the first pass by `bind_pass`, the equations making each mean, then each second pass by
+  `bind_pass`: what derivatives and vmap see."""
+  first, seconds = stats.two_pass
+  source = first.source
+  env = dict(zip((*source.inputs, *source.smalls), operands))
+  outs = bind_pass(first, *operands)
+  env.update(zip(first.outputs, outs))
+  read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
+  for mean_eqns, second in seconds:
+    for e in mean_eqns:
+      env.update(zip(e.outvars, _compat.eval_eqn(e, [read(v) for v in e.invars])))
+    outs = [*outs, *bind_pass(second, *map(read, (*second.source.inputs,
+                                                   *second.source.smalls)))]
+  return outs
 
 
 def _statistics_unfused(stats: Statistics, *operands) -> list:
   """The statistics at full size: the source by `unfused`, the group's equations as they are
   (what derivatives and vmap see)."""
+  if stats.two_pass is not None:
+    return _two_passes(stats, _statistics_unfused, *operands)
   env = {stats.value: unfused(stats.source, *operands)}
   read = lambda v: v.val if isinstance(v, _compat.Literal) else env[v]
   for e in stats.eqns:
@@ -2229,6 +2469,9 @@ def _sums_only(eqns) -> bool:
 
 
 def _statistics_jvp(primals, tangents, *, stats):
+  if stats.two_pass is not None:  # differentiated as the program's two passes, tile by tile
+    return jax.jvp(functools.partial(_two_passes, stats, bind_statistics), tuple(primals),
+                   _instantiate(primals, tangents))
   outs = statistics_p.bind(*primals, stats=stats)
   nonzero = _nonzero(tangents)
   if not any(nonzero):
@@ -2288,11 +2531,11 @@ def bind_statistics(stats: Statistics, *operands) -> list:
 
 _compat.define_primitive(
     statistics_p, impl_lowering=lambda *operands, stats: emit_statistics(stats, *operands),
-    abstract_eval=lambda *args, stats: ([v.aval for v in stats.outputs], set()),
+    abstract_eval=lambda *args, stats: ([v.aval for v in stats.all_outputs], set()),
     jvp=_statistics_jvp,
     batch_rule=lambda args, dims, *, stats: (
         jax.vmap(functools.partial(_statistics_unfused, stats), in_axes=dims)(*args),
-        [0] * len(stats.outputs)),
+        [0] * len(stats.all_outputs)),
     multiple_results=True)
 
 

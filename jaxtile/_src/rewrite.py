@@ -73,24 +73,27 @@ class Rewriter:
 
   def jaxpr(self, jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
     original = jaxpr
-    # Unit axes added and taken away again (equinox's convs under vmap) are no equations at
-    # all to a region, elementwise calls of several results are their bodies, and broadcasts
-    # of a scalar stand before each reader (`canonical`); upsamplings are single equations it
-    # can take in, and where none does, the equations they stand for go back
-    # (`upsample.group`).
+    # The equations a region sees (`canonical`): unit axes added and taken away again
+    # (equinox's convs under vmap) are none; calls of several elementwise results, or
+    # computing statistics, are their bodies; elementwise ops on channels split into groups
+    # run on the unsplit ones; upsamplings are single equations it can take in, and where none
+    # does, the equations they stand for go back (`upsample.group`); and broadcasts that repeat
+    # a small operand stand before each reader.
+    grouped = upsample.Grouped(jaxpr, {})
     if self._fuses():
-      jaxpr = canonical.drop_round_trips(_compat.dce(jaxpr))
-      jaxpr = canonical.place_broadcasts(canonical.inline_calls(jaxpr, region_lib.inlined))
+      jaxpr = canonical.inline_calls(_compat.dce(jaxpr), region_lib.inlined)
+      jaxpr = canonical.drop_round_trips(canonical.sink_splits(jaxpr, region_lib.is_elementwise))
+      grouped = upsample.group(jaxpr)
+      jaxpr = canonical.place_broadcasts(canonical.fold_broadcasts(grouped.jaxpr),
+                                         region_lib.is_elementwise)
     simplified = jaxpr
-    grouped = upsample.group(jaxpr) if self._fuses() else upsample.Grouped(jaxpr, {})
-    jaxpr = grouped.jaxpr
     chains = self._regions(jaxpr)
     regions = {id(r.eqns[-1]): r for r in chains}
     # A statistics pass stands where its group's first equation stood: before anything reads
     # one of its reductions, after the inputs of its source.
     statistics = {id(s.eqns[0]): s for r in chains for s in r.statistics}
-    fused = {id(e) for r in chains for e in (*r.all_eqns, *(e for s in r.statistics
-                                                              for e in s.eqns))}
+    fused = {id(e) for r in chains
+             for e in (*r.all_eqns, *(e for s in r.statistics for e in s.all_eqns))}
     # A region's reductions may stand before its last equation, and what reads their results
     # between them (an optimizer's update of a weight) waits for the region's loop: the
     # equations are kept in order but for those, each placed once what it reads exists
@@ -169,7 +172,7 @@ class Rewriter:
   def statistics(self, stats: region_lib.Statistics) -> _compat.JaxprEqn:
     """One pass over the tiles of a region's value, computing its norm's reductions."""
     return _call(lambda *operands: region_lib.bind_statistics(stats, *operands), stats.name,
-                 [*stats.source.inputs, *stats.source.smalls], list(stats.outputs),
+                 [*stats.source.inputs, *stats.source.smalls], list(stats.all_outputs),
                  stats.eqns[0].source_info)
 
   def nested(self, eqn: _compat.JaxprEqn) -> _compat.JaxprEqn:
