@@ -219,12 +219,16 @@ def _split_axis(eqn) -> Optional[int]:
                and old[a + 1:] == new[a + 2:] and new[a] * new[a + 1] == old[a]), None)
 
 
+_REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min")
+
+
 def sink_splits(jaxpr: _compat.Jaxpr, elementwise) -> _compat.Jaxpr:
   """`jaxpr` with each equation that `elementwise(eqn)` accepts and that reads the result of a
   reshape splitting an axis in two (`_split_axis`) computed before the split instead: on the
   unsplit values, with the split made of its result. `drop_round_trips` then drops a split
   that a reshape merges back, and what is left split is read by what needs it split (the
-  reductions of a norm's statistics).
+  reductions of a norm's statistics). An equation whose result only reductions read stays
+  where it is (flax's `x * x` of a mean square): they read it split either way.
 
   Row-major order makes merging axes a and a + 1 a bijection of indices, (i, j) -> i * q + j for
   a pair of extents (p, q), whatever the other axes are. An elementwise op reads each operand at
@@ -233,6 +237,13 @@ def sink_splits(jaxpr: _compat.Jaxpr, elementwise) -> _compat.Jaxpr:
   either of its extents there is not 1 (a per-group mean, `(n, g, 1, 1, 1)`, becomes
   `(n, g, q, 1, 1)`, then `(n, g * q, 1, 1)`) and left at (1, 1) otherwise."""
   split = {}  # a split's result -> (the value it splits, the axis, the reshape)
+  reduced = {}  # value -> whether reductions alone read it
+  for e in jaxpr.eqns:
+    for v in e.invars:
+      if not isinstance(v, _compat.Literal):
+        reduced[v] = reduced.get(v, True) and e.primitive.name in _REDUCTIONS
+  for v in jaxpr.outvars:
+    reduced[v] = False
   eqns, changed = [], False
   for e in jaxpr.eqns:
     a = _split_axis(e)
@@ -243,6 +254,7 @@ def sink_splits(jaxpr: _compat.Jaxpr, elementwise) -> _compat.Jaxpr:
     read = [split[v] for v in e.invars if not isinstance(v, _compat.Literal) and v in split]
     out = e.outvars[0] if len(e.outvars) == 1 else None
     if (not read or out is None or not elementwise(e) or e.params.get("sharding") is not None
+        or reduced.get(out, False)  # summed split as it is (a norm's mean square)
         or len({r[1] for r in read}) != 1
         or any(v in split and v.aval.shape != out.aval.shape for v in e.invars
                if not isinstance(v, _compat.Literal))):

@@ -1292,19 +1292,27 @@ def _centred(jaxpr, first: Statistics, second: Statistics) -> Optional[tuple]:
   mean = sub.invars[1] if sub.invars[0] is x else sub.invars[0]
   if isinstance(mean, _compat.Literal) or not _is_small(mean.aval, layout, x.aval.ndim):
     return None
-  square, *rest = second.eqns
-  f = second.value
+  # The square of `second.value`, split into groups before or after it, then summed.
+  eqns = list(second.eqns)
+  split = next((e for e in eqns if e.primitive.name == "reshape"), None)
+  if split is not None:
+    eqns.remove(split)
+  if len(eqns) != 2 or eqns[1].primitive.name != "reduce_sum":
+    return None
+  square, total = eqns
+  if split is None:
+    f, chain = second.value, [square, total]
+  elif split.invars[0] is second.value:
+    f, chain = split.outvars[0], [split, square, total]
+  else:
+    f, chain = second.value, [square, split, total]
   if square.invars[0] is not f or not (
       square.primitive.name == "square"
       or square.primitive.name == "integer_pow" and square.params.get("y") == 2
-      or square.primitive.name == "mul" and square.invars[1] is f):
+      or square.primitive.name == "mul" and square.invars[1] is f) or any(
+      b.invars[0] is not a.outvars[0] for a, b in zip(chain, chain[1:])):
     return None
-  split = rest.pop(0) if rest and rest[0].primitive.name == "reshape" else None
-  if len(rest) != 1 or rest[0].primitive.name != "reduce_sum" or (
-      split is not None and split.invars[0] is not square.outvars[0]) or (
-      rest[0].invars[0] is not (square if split is None else split).outvars[0]):
-    return None
-  axes = tuple(rest[0].params["axes"])
+  axes = tuple(total.params["axes"])
   making = {e.outvars[0]: e for e in first.eqns}
   for k, out in enumerate(first.outputs):
     r = making[out]
