@@ -1337,11 +1337,10 @@ def _mean_chain(jaxpr, mean, total, x_shape, shape, axes, layout: Layout, split:
                 ) -> Optional[tuple]:
   """The equations making `mean` from `total`, a sum over `axes` of a value of `shape` (the
   value of `x_shape`, its features split in two where `split`), if they divide it by the
-  number of elements
-  summed and only broadcast and reshape it back, each position of `mean` holding the sum of
-  its own group; else None. Checked on indices in NumPy: the chain run on the sum's flat
-  indices (the division left out) must give, at every position of the unsplit value with
-  extent 1 along the spatial dims, the index of the sum that position belongs to."""
+  number of elements summed and only broadcast and reshape it back, each position of `mean`
+  holding the sum of its own group; else None. Checked on indices in NumPy: the chain run on
+  the sum's flat indices (the division left out) must give, at every position of the unsplit
+  value with extent 1 along the spatial dims, the index of the sum that position belongs to."""
   making = {e.outvars[0]: e for e in jaxpr.eqns}
   chain, v = [], mean
   while v is not total:
