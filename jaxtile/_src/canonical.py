@@ -219,6 +219,7 @@ def _split_axis(eqn) -> Optional[int]:
                and old[a + 1:] == new[a + 2:] and new[a] * new[a + 1] == old[a]), None)
 
 
+# The reductions a statistics pass computes (`region._REDUCTIONS`; region imports this module).
 _REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min")
 
 
