@@ -1606,10 +1606,22 @@ def _keep(x, bounds: dict, fill=0):
   evaluates once more (a third of the UNet gradient's trace went there)."""
   valid = None
   for a, (low, high) in bounds.items():
+    low, high = _traced(low), _traced(high)
+    if all(b is None or isinstance(b, (int, np.integer)) for b in (low, high)):
+      # The same for every tile: a constant, not an `iota` compare that XLA hoists out of the
+      # loop into a kernel of its own (one LLVM module each on CPU).
+      pos = np.arange(x.shape[a])
+      keep = (pos >= (pos[0] if low is None else low)) & (pos < (pos[-1] + 1 if high is None
+                                                                 else high))
+      if keep.all():
+        continue
+      ok = lax.broadcast_in_dim(keep, x.shape, (a,))
+      valid = ok if valid is None else lax.bitwise_and(valid, ok)
+      continue
     pos = lax.broadcasted_iota(np.int32, x.shape, a)
     for bound, compare in ((low, lax.ge), (high, lax.lt)):
       if bound is not None:
-        bound = lax.broadcast(lax.convert_element_type(_traced(bound), np.int32), x.shape)
+        bound = lax.broadcast(lax.convert_element_type(bound, np.int32), x.shape)
         ok = compare(pos, bound)
         valid = ok if valid is None else lax.bitwise_and(valid, ok)
   return x if valid is None else lax.select(valid, x, lax.full_like(x, _fill(fill, x.dtype)))
