@@ -34,7 +34,6 @@ so that a region (`region.find_regions`) sees the ops it can hold.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from jax import lax
 
@@ -208,15 +207,16 @@ def inline_calls(jaxpr: _compat.Jaxpr, inline) -> _compat.Jaxpr:
   return _compat.replace_jaxpr(jaxpr, eqns=eqns, outvars=[read(subst, v) for v in jaxpr.outvars])
 
 
-def _split_axis(eqn) -> Optional[int]:
-  """The axis a reshape splits into two adjacent ones, keeping every other axis (GroupNorm as
-  equinox and haiku write it: the channels into groups and channels per group), else None."""
+def split_axes(eqn) -> tuple[int, ...]:
+  """The axes a reshape may be read as splitting into two adjacent ones, keeping every other
+  axis (GroupNorm: the channels into groups and channels per group); more than one only where
+  axes of extent 1 make it ambiguous. Empty for any other equation."""
   if (eqn.primitive.name != "reshape" or eqn.params.get("dimensions") is not None
       or eqn.params.get("sharding") is not None or isinstance(eqn.invars[0], _compat.Literal)):
-    return None
+    return ()
   old, new = tuple(eqn.invars[0].aval.shape), tuple(eqn.params["new_sizes"])
-  return next((a for a in range(len(old)) if len(new) == len(old) + 1 and old[:a] == new[:a]
-               and old[a + 1:] == new[a + 2:] and new[a] * new[a + 1] == old[a]), None)
+  return tuple(a for a in range(len(old)) if len(new) == len(old) + 1 and old[:a] == new[:a]
+               and old[a + 1:] == new[a + 2:] and new[a] * new[a + 1] == old[a])
 
 
 # The reductions a statistics pass computes (`region._REDUCTIONS`; region imports this module).
@@ -225,7 +225,7 @@ _REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min")
 
 def sink_splits(jaxpr: _compat.Jaxpr, elementwise) -> _compat.Jaxpr:
   """`jaxpr` with each equation that `elementwise(eqn)` accepts and that reads the result of a
-  reshape splitting an axis in two (`_split_axis`) computed before the split instead: on the
+  reshape splitting an axis in two (`split_axes`) computed before the split instead: on the
   unsplit values, with the split made of its result. `drop_round_trips` then drops a split
   that a reshape merges back, and what is left split is read by what needs it split (the
   reductions of a norm's statistics). An equation whose result only reductions read stays
@@ -247,9 +247,9 @@ def sink_splits(jaxpr: _compat.Jaxpr, elementwise) -> _compat.Jaxpr:
     reduced[v] = False
   eqns, changed = [], False
   for e in jaxpr.eqns:
-    a = _split_axis(e)
-    if a is not None:
-      split[e.outvars[0]] = (e.invars[0], a, e)
+    axes = split_axes(e)
+    if axes:
+      split[e.outvars[0]] = (e.invars[0], axes[0], e)
       eqns.append(e)
       continue
     read = [split[v] for v in e.invars if not isinstance(v, _compat.Literal) and v in split]

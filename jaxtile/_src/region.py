@@ -615,13 +615,10 @@ _REDUCTIONS = {"reduce_sum": (0, lax.add, lax.psum), "reduce_max": (-np.inf, lax
 def _split_features(eqn, layout: Layout, spatial: tuple) -> Optional[tuple]:
   """For a reshape that only splits the feature axis in two (GroupNorm's channels into groups),
   where the spatial axes `spatial` of its operand land; else None."""
-  if eqn.params.get("dimensions") is not None:
-    return None
-  old, new = tuple(eqn.invars[0].aval.shape), tuple(eqn.params["new_sizes"])
   f = layout.feature
-  if len(spatial) != len(layout.spatial) or len(old) != len(layout.spatial) + 2 or (
-      len(new) != len(old) + 1 or new[:f] != old[:f] or new[f + 2:] != old[f + 1:]
-      or new[f] * new[f + 1] != old[f]):
+  if (len(spatial) != len(layout.spatial) or isinstance(eqn.invars[0], _compat.Literal)
+      or eqn.invars[0].aval.ndim != len(layout.spatial) + 2
+      or f not in canonical.split_axes(eqn)):
     return None
   return tuple(a + (a > f) for a in spatial)
 
