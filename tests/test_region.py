@@ -1017,6 +1017,8 @@ def test_centered_group_norm_statistics_are_tiled_passes(channels_last):
   loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=range(6)))
   for got, want in zip(loss(tiled)(*args), loss(net)(*args)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+  if not channels_last:
+    return  # the accuracy below once: it does not depend on the layout
   # The norms' inputs far from zero: E[x^2] - E[x]^2 would lose the variance to rounding (about
   # 1 against a mean square of 9e4, in float32); Chan's update is as accurate as the program's
   # two passes, against the NumPy reference in float64.

@@ -173,6 +173,11 @@ def new_var(aval) -> Any:
   return jex.core.Var(aval)
 
 
+def with_shape(aval, shape) -> Any:
+  """`aval` (dtype, weak type) at `shape`: what a reshape or broadcast of it makes."""
+  return aval.update(shape=tuple(shape))
+
+
 def dce(jaxpr: Jaxpr) -> Jaxpr:
   """`jaxpr` without the equations no output depends on (effects kept), its inputs all kept."""
   return _pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)[0]

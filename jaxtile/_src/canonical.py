@@ -152,7 +152,7 @@ def place_broadcasts(jaxpr: _compat.Jaxpr, elementwise=lambda eqn: False) -> _co
       if 0 < x.aval.ndim < len(shape):
         dims = tuple(e.params["broadcast_dimensions"])
         keep = tuple(x.aval.shape[dims.index(a)] if a in dims else 1 for a in range(len(shape)))
-        ranked[e.outvars[0]] = _compat.new_var(x.aval.update(shape=keep))
+        ranked[e.outvars[0]] = _compat.new_var(_compat.with_shape(x.aval, keep))
         eqns.append(_compat.replace_eqn(e, outvars=[ranked[e.outvars[0]]],
                                         params=dict(e.params, shape=keep)))
       continue
@@ -167,7 +167,7 @@ def place_broadcasts(jaxpr: _compat.Jaxpr, elementwise=lambda eqn: False) -> _co
         x = made.invars
         if v in ranked:
           x, params["broadcast_dimensions"] = [ranked[v]], tuple(range(len(shape)))
-        invars[n] = _compat.new_var(v.aval.update(shape=shape))
+        invars[n] = _compat.new_var(_compat.with_shape(v.aval, shape))
         eqns.append(_compat.replace_eqn(made, invars=x, outvars=[invars[n]], params=params))
     eqns.append(_compat.replace_eqn(e, invars=invars) if invars != list(e.invars) else e)
   return _compat.replace_jaxpr(jaxpr, eqns=eqns)
@@ -274,13 +274,13 @@ def sink_splits(jaxpr: _compat.Jaxpr, elementwise) -> _compat.Jaxpr:
         shape = tuple(v.aval.shape)
         if shape[a:a + 2] != (1, 1):
           shape = shape[:a] + full[a:a + 2] + shape[a + 2:]
-        m = _compat.new_var(v.aval.update(shape=merge(shape)))
+        m = _compat.new_var(_compat.with_shape(v.aval, merge(shape)))
         eqns += _compat.traced_eqns(
             lambda s, shape=shape: lax.reshape(
                 lax.broadcast_in_dim(s, shape, tuple(range(len(shape)))), merge(shape)),
             [v], [m], e.source_info)
         invars.append(m)
-    merged = _compat.new_var(out.aval.update(shape=merge(full)))
+    merged = _compat.new_var(_compat.with_shape(out.aval, merge(full)))
     eqns.append(_compat.replace_eqn(e, invars=invars, outvars=[merged]))
     eqns.append(_compat.replace_eqn(template, invars=[merged], outvars=[out],
                                     params=dict(template.params, new_sizes=full),
