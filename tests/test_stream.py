@@ -402,7 +402,10 @@ def test_a_norm_between_convs_spills_to_the_host(tmp_path):
   streamed = jaxtile.stream(f, max_bytes=60_000)
   text = str(streamed.explain(x))
   assert "needs the whole image" in text and "to a temporary file" in text, text
+  # The norm's reductions and the elementwise ops between them are one segment on the host,
+  # which keeps its full-size `(y - mean) ** 2` to itself.
   assert text.count("streamed on the device") == 2, text
+  assert text.count("whole, on the host's CPU") == 1 and " 3 segments" in text, text
   out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32,
                                   shape=whole.shape)
   streamed(x, out=out, progress=False)
@@ -450,3 +453,102 @@ def test_an_unbatched_equinox_model_streams():
   apply_both = lambda layers, x: layers[1](layers[0](x))
   assert_same(np.asarray(jaxtile.stream(apply_both, max_bytes=30_000)(wrapped, x)),
               untiled(lambda x: apply_both(wrapped, x), x))
+
+
+def test_biases_broadcast_to_the_activation_stream_in_one_program():
+  """haiku's `Conv2D` adds its bias as `jnp.broadcast_to(b, out.shape)`, and equinox's
+  `GroupNorm` scales by a weight broadcast to the activation's shape: full-size values computed
+  from parameters alone. Streaming such a network crashed (a KeyError: the tile program read
+  the broadcast as a full-size input it had no windows of). Each broadcast is now made on the
+  window of the stage that reads it, as a region's is (`region.canonical_form`), and the
+  network is one tile program."""
+  keys = jax.random.split(jax.random.key(15), 4)
+  w1 = jax.random.normal(keys[0], (3, 3, 3, 8)) * 0.3
+  w2 = jax.random.normal(keys[1], (3, 3, 8, 2)) * 0.3
+  b1, scale = jax.random.normal(keys[2], (8,)), jax.random.normal(keys[3], (1, 1, 8))
+
+  def f(x):
+    y = _conv(x, w1)
+    y = y + jnp.broadcast_to(b1, y.shape)
+    y = jax.nn.relu(jnp.broadcast_to(scale, y.shape) * y)
+    y = _conv(y, w2, stride=2)
+    return y + jnp.broadcast_to(b1[:2], y.shape)
+
+  x = np.random.default_rng(16).normal(size=(1, 50, 44, 3)).astype(np.float32)
+  streamed = jaxtile.stream(f, max_bytes=20_000)
+  plan = streamed.explain(x)
+  assert isinstance(plan, jaxtile.StreamPlan) and plan.n_tiles > 1, str(plan)
+  assert "broadcast_in_dim x3" in str(plan), str(plan)
+  assert_same(streamed(x, progress=False), untiled(f, x))
+
+
+def test_norms_with_batch_statistics_or_repeated_group_statistics_spill():
+  """Two norms between convs, each spilled to the host (`spill`), each of which crashed:
+  - batch norm in training mode, after a bias broadcast to the activation's shape (haiku's
+    `Conv2D` and `BatchNorm`): the segment after it read the broadcast, computed once at full
+    size, as a parameter it had no windows of (a KeyError);
+  - GroupNorm's per-group statistics repeated to the channels (flax's `GroupNorm`: a
+    `jnp.repeat` of a (N, groups) value, an upsampling of rank 2), which the segmentation
+    took for an upsampling of the image (an IndexError)."""
+  keys = jax.random.split(jax.random.key(17), 3)
+  w1 = jax.random.normal(keys[0], (3, 3, 3, 8)) * 0.3
+  w2 = jax.random.normal(keys[1], (3, 3, 8, 2)) * 0.3
+  b1 = jax.random.normal(keys[2], (8,))
+
+  def batch_norm(y):
+    mean = y.mean(axis=(0, 1, 2))
+    return (y - mean) * lax.rsqrt(((y - mean) ** 2).mean(axis=(0, 1, 2)) + 1e-5)
+
+  def group_norm(y, groups=4):
+    n, c = y.shape[0], y.shape[-1]
+    grouped = y.reshape(n, -1, groups, c // groups)
+    mean = jnp.repeat(grouped.mean(axis=(1, 3)), c // groups, axis=-1)
+    var = jnp.repeat((grouped ** 2).mean(axis=(1, 3)), c // groups, axis=-1) - mean ** 2
+    return (y - mean[:, None, None]) * lax.rsqrt(var[:, None, None] + 1e-5)
+
+  x = np.random.default_rng(18).normal(size=(2, 36, 30, 3)).astype(np.float32)
+  for norm in (batch_norm, group_norm):
+    def f(x):
+      y = _conv(x, w1)
+      y = jax.nn.relu(norm(y + jnp.broadcast_to(b1, y.shape)))
+      return _conv(y, w2)
+
+    streamed = jaxtile.stream(f, max_bytes=20_000)
+    text = str(streamed.explain(x))
+    assert text.count("streamed on the device") == 2, text
+    assert_same(streamed(x, progress=False), untiled(f, x))
+
+
+def test_a_full_size_value_that_is_no_image_is_refused():
+  """A value of the image's size made from a device array (a positional encoding) would be read
+  whole by every tile: a clear error naming the op and the remedy, not a KeyError from the
+  reader threads; passed as an image it streams."""
+  w = jax.random.normal(jax.random.key(19), (3, 3, 3, 4))
+  f = lambda x, pos: _conv(x + pos, w)
+  x = np.random.default_rng(20).normal(size=(1, 40, 30, 3)).astype(np.float32)
+  pos = np.random.default_rng(21).normal(size=x.shape).astype(np.float32)
+  with pytest.raises(jaxtile.StreamError, match=r"`add` at .*test_stream.py.* reads "
+                     r"float32\[1,40,30,3\].*no image.*argnums"):
+    jaxtile.stream(f, max_bytes=20_000)(x, jnp.asarray(pos), progress=False)
+  assert_same(jaxtile.stream(f, max_bytes=20_000)(x, pos, progress=False), untiled(f, x, pos))
+
+
+def test_convs_reading_different_images_stream_as_one_program():
+  """Two images, each read by a conv of its own (a residual block's 1x1 skip conv reading the
+  block's input beside its main branch, as a spilled segment of a VAE decoder's block sees them):
+  one tile program reading a window of each. It used to be refused (`plan_region` took only
+  the first conv's input, or values read by elementwise ops, as inputs), so the segment ran
+  whole on the host's CPU."""
+  keys = jax.random.split(jax.random.key(22), 3)
+  w1 = jax.random.normal(keys[0], (3, 3, 3, 8)) * 0.3
+  w2 = jax.random.normal(keys[1], (1, 1, 5, 8)) * 0.3
+  w3 = jax.random.normal(keys[2], (3, 3, 8, 2)) * 0.3
+  f = lambda x, y: _conv(jax.nn.relu(_conv(x, w1)) + _conv(y, w2), w3)
+  rng = np.random.default_rng(23)
+  x = rng.normal(size=(1, 44, 38, 3)).astype(np.float32)
+  y = rng.normal(size=(1, 44, 38, 5)).astype(np.float32)
+  streamed = jaxtile.stream(f, max_bytes=20_000)
+  plan = streamed.explain(x, y)
+  assert isinstance(plan, jaxtile.StreamPlan) and plan.n_tiles > 1, str(plan)
+  assert "conv_general_dilated x3" in str(plan), str(plan)
+  assert_same(streamed(x, y, progress=False), untiled(f, x, y))

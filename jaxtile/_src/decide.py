@@ -86,21 +86,36 @@ def tuned_plan(spec: ConvSpec, policy: Policy) -> Optional[ConvPlan]:
   return plan if plan is not None and plan.fits(policy.max_bytes) else None
 
 
+def _kept(spec: ConvSpec, policy: Policy) -> Optional[str]:
+  """Why `decide` leaves the conv whole, or None where it splits it."""
+  if policy.tier == "native":
+    return "tier='native'"
+  if policy.tier == "reference":
+    return "tier='reference': evaluated by the NumPy reference"
+  if not is_splittable(spec):
+    return "zero-size operand: nothing to split"
+  mono = monolithic_plan(spec)
+  if policy.tier == "auto" and not policy.has_overrides and mono.fits(policy.max_bytes):
+    return f"fits: {mono.tile_bytes()} <= max_bytes={policy.max_bytes}"
+  return None
+
+
+def splits(spec: ConvSpec, policy: Policy) -> bool:
+  """Whether `decide` looks for a split of the conv, without the search: its `Decision.tiled`
+  but where no split exists at all (a conv of one position, one channel and a batch of one)."""
+  return _kept(spec, policy) is None
+
+
 def decide(spec: ConvSpec, policy: Policy, warn: bool = True) -> Decision:
   """Plans one conv under `policy`: split it, leave it, or (strict) raise `BudgetError`.
 
   With `warn`, a split the budget makes wasteful (see `wasteful`) is logged once, as an absl
   warning naming the budget that avoids it.
   """
-  if policy.tier == "native":
-    return Decision(None, "tier='native'")
-  if policy.tier == "reference":
-    return Decision(None, "tier='reference': evaluated by the NumPy reference")
+  kept = _kept(spec, policy)
+  if kept is not None:
+    return Decision(None, kept)
   mono = monolithic_plan(spec)
-  if not is_splittable(spec):
-    return Decision(None, "zero-size operand: nothing to split")
-  if policy.tier == "auto" and not policy.has_overrides and mono.fits(policy.max_bytes):
-    return Decision(None, f"fits: {mono.tile_bytes()} <= max_bytes={policy.max_bytes}")
   start, fixed = normalize_blocks(spec, policy.tile_shape, policy.channel_block,
                                   policy.batch_block)
   tuned = tuned_plan(spec, policy)

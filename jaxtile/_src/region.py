@@ -289,16 +289,16 @@ class Statistics:
   name: str
   # Centred sums of squares this pass computes too (`_centred`): `jnp.var`'s second pass, the
   # sum of (value - mean) ** 2 with the mean made from a sum among `outputs`. Per entry: the
-  # position in `outputs` of that sum, of the eqn summing, and the result. `two_pass` has what
+  # equation making that sum, and the result. `two_pass` has what
   # derivatives and vmap see instead, the passes as the program wrote them: this pass without
   # them, and per entry the equations making the mean and the second pass's `Statistics`.
-  centred: tuple[tuple[int, Any, Any], ...] = ()
+  centred: tuple[tuple[Any, Any], ...] = ()
   two_pass: Optional[tuple["Statistics", tuple[tuple[tuple[Any, ...], "Statistics"], ...]]] = None
 
   @property
   def all_outputs(self) -> tuple[Any, ...]:
     """The reductions' results, then the centred sums of squares'."""
-    return self.outputs + tuple(out for _, _, out in self.centred)
+    return self.outputs + tuple(out for _, out in self.centred)
 
   @property
   def all_eqns(self) -> tuple[Any, ...]:
@@ -523,7 +523,8 @@ def _lhs_dilation(eqn, layout: Layout) -> Optional[tuple[int, ...]]:
 def _region_upsample(eqn, values, layout: Layout) -> bool:
   """An upsampling of a value in `values` (or any, for None) along spatial dims alone."""
   factors = upsample.factors_of(eqn)
-  return (factors is not None and factors[layout.batch] == factors[layout.feature] == 1
+  return (factors is not None and len(factors) == len(layout.spatial) + 2
+          and factors[layout.batch] == factors[layout.feature] == 1
           and (values is None or eqn.invars[0] in values))
 
 
@@ -672,6 +673,20 @@ def _statistics_group(jaxpr, i: int, values, layout: Layout, uses) -> Optional[l
   if not any(jaxpr.eqns[j].primitive.name in _REDUCTIONS for j in group):
     return None
   return sorted(group)
+
+
+def canonical_form(jaxpr) -> upsample.Grouped:
+  """`jaxpr` as regions and streamed stages see it (`canonical`), for `tile_convs` and `stream`
+  alike: unit axes added and taken away again (equinox's convs under vmap) are none; calls of
+  several elementwise results, or computing statistics, are their bodies; elementwise ops on
+  channels split into groups run on the unsplit ones; each upsampling is one equation
+  (`upsample.group`, whose `originals` are the equations it stands for); and broadcasts that
+  repeat a small operand stand before each reader, at its shape."""
+  jaxpr = canonical.inline_calls(_compat.dce(jaxpr), inlined)
+  grouped = upsample.group(canonical.drop_round_trips(canonical.sink_splits(jaxpr,
+                                                                            is_elementwise)))
+  return upsample.Grouped(canonical.place_broadcasts(canonical.fold_broadcasts(grouped.jaxpr),
+                                                     is_elementwise), grouped.originals)
 
 
 def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
@@ -1046,10 +1061,8 @@ def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: 
       seen.add(v)
       if (_compat.is_conv(e) and n == 1) or _is_small(v.aval, layout, rank):
         smalls.append(v)
-      elif not _compat.is_conv(e) and not _is_pool(e) or v is x:
-        inputs.append(v)  # read, like x, a window at a time
       else:
-        return None
+        inputs.append(v)  # read, like x, a window at a time (zeros outside: `compute_tile`)
   smalls_bytes = sum(_aval_bytes(v.aval.shape, v.aval.dtype) for v in smalls)
   out_extent = tuple(output.aval.shape[a] for a in layout.spatial)
   mono_macs = sum(_macs(e) for e in eqns if _compat.is_conv(e))
@@ -1255,11 +1268,11 @@ def _merge_centred(jaxpr, statistics: list) -> tuple:
       found = None if first is second or id(first) not in merged else _centred(
           jaxpr, merged[id(first)], second)
       if found is not None:
-        k, total, mean_eqns = found
+        total, mean_eqns = found
         into = merged[id(first)]
         base, seconds = into.two_pass or (into, ())
         merged[id(first)] = dataclasses.replace(
-            into, centred=(*into.centred, (k, total, second.outputs[0])),
+            into, centred=(*into.centred, (total, second.outputs[0])),
             two_pass=(base, (*seconds, (mean_eqns, second))))
         del merged[id(second)]
         break
@@ -1273,8 +1286,7 @@ def _centred(jaxpr, first: Statistics, second: Statistics) -> Optional[tuple]:
   """Whether `second` sums the squares of its source `first.value - mean` (or `mean - ...`),
   where `mean` is a sum of `first` over the same axes (and the same split of the features)
   divided by the number of elements it sums, broadcast back: `jnp.var`'s centred pass. Then
-  the position of that sum in `first.outputs`, the equation summing, and the equations making
-  `mean` from its result.
+  the equation making that sum and the equations making `mean` from its result.
 
   `first`'s pass computes it too, by Chan, Golub and LeVeque's pairwise update: each tile's
   count n_t, mean m_t and centred sum of squares M_t, combined into the running (n, m, M) as
@@ -1311,7 +1323,7 @@ def _centred(jaxpr, first: Statistics, second: Statistics) -> Optional[tuple]:
     return None
   axes = tuple(total.params["axes"])
   making = {e.outvars[0]: e for e in first.eqns}
-  for k, out in enumerate(first.outputs):
+  for out in first.outputs:
     r = making[out]
     if r.primitive.name != "reduce_sum" or tuple(r.params["axes"]) != axes:
       continue
@@ -1326,7 +1338,7 @@ def _centred(jaxpr, first: Statistics, second: Statistics) -> Optional[tuple]:
     chain = _mean_chain(jaxpr, mean, out, x.aval.shape, operand.aval.shape, axes, layout,
                         split is not None)
     if chain is not None:
-      return k, r, chain
+      return r, chain
   return None
 
 
@@ -2101,7 +2113,7 @@ def _reduce_tile(stats: Statistics, loop: _Loop, index, o, tile, centred=None) -
     else:
       env[out] = _eval_elementwise(e, args)
       spatial[out] = spatial[full]
-  for _, total, _ in (stats.centred if centred is not None else ()):
+  for total, _ in (stats.centred if centred is not None else ()):
     x = env[total.invars[0]]
     centred.append(_centred_parts(loop, index, o, x, spatial[total.invars[0]],
                                   tuple(total.params["axes"])))
@@ -2184,7 +2196,7 @@ def emit_statistics(stats: Statistics, *operands) -> list:
             for dtype in [_accumulator_dtype(v.aval.dtype) if name == "reduce_sum"
                           else v.aval.dtype]]
     moments = [tuple(jnp.zeros(out.aval.shape, _accumulator_dtype(out.aval.dtype))
-                     for _ in range(3)) for _, _, out in stats.centred]
+                     for _ in range(3)) for _, out in stats.centred]
     # A small carry: made early, it costs nothing.
     return lax.fori_loop(0, count, body, (init, moments))
 

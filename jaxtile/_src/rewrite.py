@@ -17,7 +17,6 @@ import numpy as np
 from absl import logging
 
 from jaxtile._src import _compat
-from jaxtile._src import canonical
 from jaxtile._src import distribute
 from jaxtile._src import lower as lower_lib
 from jaxtile._src import decide as decide_lib
@@ -73,19 +72,10 @@ class Rewriter:
 
   def jaxpr(self, jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
     original = jaxpr
-    # The equations a region sees (`canonical`): unit axes added and taken away again
-    # (equinox's convs under vmap) are none; calls of several elementwise results, or
-    # computing statistics, are their bodies; elementwise ops on channels split into groups
-    # run on the unsplit ones; upsamplings are single equations it can take in, and where none
-    # does, the equations they stand for go back (`upsample.group`); and broadcasts that repeat
-    # a small operand stand before each reader.
     grouped = upsample.Grouped(jaxpr, {})
-    if self._fuses():
-      jaxpr = canonical.inline_calls(_compat.dce(jaxpr), region_lib.inlined)
-      jaxpr = canonical.drop_round_trips(canonical.sink_splits(jaxpr, region_lib.is_elementwise))
-      grouped = upsample.group(jaxpr)
-      jaxpr = canonical.place_broadcasts(canonical.fold_broadcasts(grouped.jaxpr),
-                                         region_lib.is_elementwise)
+    if self._fuses():  # the equations a region sees
+      grouped = region_lib.canonical_form(jaxpr)
+      jaxpr = grouped.jaxpr
     simplified = jaxpr
     chains = self._regions(jaxpr)
     regions = {id(r.eqns[-1]): r for r in chains}
@@ -138,8 +128,8 @@ class Rewriter:
     regions = []
     for members, groups in region_lib.find_regions(jaxpr):
       convs = [jaxpr.eqns[i] for i in members if _compat.is_conv(jaxpr.eqns[i])]
-      if policy.tier == "auto" and policy.fuse == "auto" and all(
-          not self._decide(ConvSpec.from_eqn(e), policy).tiled for e in convs):
+      if policy.tier == "auto" and policy.fuse == "auto" and not any(
+          decide_lib.splits(ConvSpec.from_eqn(e), policy) for e in convs):
         continue
       regions += region_lib.split_region(jaxpr, members, policy,
                                         len(self.regions) + len(regions), groups)

@@ -75,12 +75,26 @@ def segments(traced: stream_lib._Traced) -> list[Segment]:
   layout = None if first_conv is None else region_lib._conv_layout(first_conv)[0]
   runs: list[list[int]] = []
   kinds: list[bool] = []
+  # Broadcasts of small values to an activation's shape run with their reader, on its windows.
+  on_windows = ({} if layout is None else stream_lib.window_broadcasts(
+      jaxpr, traced.dep_eqns, traced.static_eqns, layout))
   for i in traced.dep_eqns:
     local = stream_lib._stage_kind(jaxpr.eqns[i], layout) is not None
     if not runs or kinds[-1] != local:
       runs.append([])
       kinds.append(local)
-    runs[-1].append(i)
+    runs[-1] += [*on_windows.get(i, []), i]
+  # A local run without a conv has nothing to tile (a norm's elementwise ops on its
+  # statistics): it runs whole, in one segment with the whole runs beside it.
+  merged_runs, merged_kinds = [], []
+  for run, local in zip(runs, kinds):
+    local = local and any(_compat.is_conv(jaxpr.eqns[i]) for i in run)
+    if merged_runs and not local and not merged_kinds[-1]:
+      merged_runs[-1] += run
+    else:
+      merged_runs.append(list(run))
+      merged_kinds.append(local)
+  runs, kinds = merged_runs, merged_kinds
   # Full-size values: an image's or what an image equation makes, unless it is small (a norm's
   # statistics: size 1 along every spatial dim), which segments take like parameters.
   dependent = set(traced.image_vars)
@@ -120,8 +134,10 @@ class Spilled:
     self.streamed = streamed
     self.traced = error.traced
     self.segments = segments(self.traced)
-    self.statics = stream_lib.static_values(self.traced.closed, self.traced.leaves,
-                                            self.traced.images, self.traced.static_eqns)
+    in_segments = {i for s in self.segments for i in s.eqns}
+    self.statics = stream_lib.static_values(
+        self.traced.closed, self.traced.leaves, self.traced.images,
+        [i for i in self.traced.static_eqns if i not in in_segments])
     self.first_global = stream_lib._where(error.eqn)
     jaxpr = self.traced.closed.jaxpr
     # One sub-`Streamed` per segment, kept by `streamed` for calls of the same function at the

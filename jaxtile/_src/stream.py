@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtile._src import _compat
-from jaxtile._src import canonical
 from jaxtile._src import forms
 from jaxtile._src import decide as decide_lib
 from jaxtile._src import region as region_lib
@@ -336,12 +335,11 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
     shapes = ", ".join(f"{tuple(leaves[i].shape)}:{np.dtype(leaves[i].dtype)}" for i in images)
     raise StreamError(f"stream: tracing fun at its image shapes ({shapes}) failed: "
                       f"{type(e).__name__}: {e}") from e
+  # The equations as `tile_convs`'s regions see them (`region.canonical_form`): an upsampling is
+  # one equation, a stage of the tile program as a transposed conv is; a broadcast of a bias or
+  # a norm's weight stands before each reader and runs on its window (`_stages`).
   closed = _compat.inline_calls(closed)
-  # Unit axes added and taken away again between convs (equinox's) are no equations at all
-  # (`canonical`); upsamplings (`jax.image.resize`'s gathers, `jnp.repeat`'s reshapes) are
-  # single equations: a stage of the tile program, as a transposed conv is.
-  closed = _compat.ClosedJaxpr(upsample.group(canonical.drop_round_trips(closed.jaxpr)).jaxpr,
-                               closed.consts)
+  closed = _compat.ClosedJaxpr(region_lib.canonical_form(closed.jaxpr).jaxpr, closed.consts)
   jaxpr = closed.jaxpr
   if len(jaxpr.outvars) != 1 or isinstance(jaxpr.outvars[0], _compat.Literal):
     raise StreamError(f"stream: fun must return one array (the streamed image), but it returns "
@@ -383,6 +381,23 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
                  tuple(dep_eqns), tuple(static_eqns))
 
 
+def window_broadcasts(jaxpr, dep_eqns, static_eqns, layout) -> dict[int, list[int]]:
+  """Per image equation, the broadcasts that read no image and only it reads, of a small value
+  to its shape (a bias or a norm's weight broadcast to the activation's shape, standing before
+  its reader: `canonical.place_broadcasts`). The tile program makes them on each window, as a
+  region does, instead of reading a full-size value computed once."""
+  made = {jaxpr.eqns[j].outvars[0]: j for j in static_eqns if len(jaxpr.eqns[j].outvars) == 1}
+  uses = region_lib._uses(jaxpr)
+  found: dict[int, list[int]] = {}
+  for i in dep_eqns:
+    for v in jaxpr.eqns[i].invars:
+      j = None if isinstance(v, _compat.Literal) else made.get(v)
+      if (j is not None and uses.get(v) == [i]
+          and region_lib._small_broadcast(jaxpr.eqns[j], layout)):
+        found.setdefault(i, []).append(j)
+  return found
+
+
 def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, out,
             squeeze) -> tuple[_Analysis, list]:
   """The image equations cut into stages of one chain, or `NotLocalError`."""
@@ -392,6 +407,8 @@ def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, o
   stages, current = [], []
   first_conv = next((jaxpr.eqns[i] for i in dep_eqns if _compat.is_conv(jaxpr.eqns[i])), None)
   layout = None if first_conv is None else region_lib._conv_layout(first_conv)[0]
+  on_windows = ({} if layout is None else
+                window_broadcasts(jaxpr, dep_eqns, static_eqns, layout))
   for i in dep_eqns:
     e = jaxpr.eqns[i]
     kind = _stage_kind(e, layout)
@@ -408,7 +425,7 @@ def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, o
       current = []
     if _compat.is_conv(e):
       layout = region_lib._conv_layout(e)[1]
-    current.append(i)
+    current += [*on_windows.get(i, []), i]
   if not any(_compat.is_conv(jaxpr.eqns[j]) for j in current):
     if not stages:
       raise StreamError("stream: fun has no conv on the image; there is nothing to tile (run it "
@@ -421,6 +438,8 @@ def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, o
 
   # Each stage reads the previous stage's output alone (the first: the images) and only its
   # last value is read outside it.
+  moved = {j for js in on_windows.values() for j in js}
+  static_eqns = [j for j in static_eqns if j not in moved]
   uses = region_lib._uses(jaxpr)
   image_set = set(image_vars)
   made_by = {}
@@ -465,6 +484,15 @@ def _plan_chain(analysis: _Analysis, policy: decide_lib.Policy, tile) -> region_
     raise StreamError("stream: the image equations cannot be tiled as a chain of regions (an "
                       "operand of full size that is neither the image nor the stage before's "
                       "output).")
+  jaxpr = analysis.closed.jaxpr
+  for v in chain.stages[0].inputs:
+    if v not in analysis.image_vars:  # read a window at a time: only an image can be
+      reader = next(e for e in jaxpr.eqns if any(u is v for u in e.invars))
+      raise StreamError(
+          f"stream: {_where(reader)} reads {v.aval.str_short()}, a value of the image's size "
+          "that is no image: made from fun's other arguments (parameters, device arrays), it "
+          "would be read whole. Pass it as an image (a NumPy or on-disk array, or name its "
+          "argument in argnums).")
   return chain
 
 
