@@ -593,6 +593,65 @@ def test_residual_adds_and_pools_fuse_exactly(net, n_weights, max_bytes):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+def _padded_net(channels_last):
+  """`jnp.pad` with zeros (the image, and between convs: low, high, one side), crops by
+  slicing, and `lax.pad` with negative low padding (a crop of one side, a pad of the other)."""
+  dn = _DN if channels_last else ("NCHW", "OIHW", "NCHW")
+  h, w = (1, 2) if channels_last else (2, 3)
+
+  def spatial(pairs):
+    config = [(0, 0)] * 4
+    config[h], config[w] = pairs
+    return config
+
+  def crop(x, lo, hi):
+    index = [slice(None)] * 4
+    index[h], index[w] = slice(lo[0], x.shape[h] - hi[0]), slice(lo[1], x.shape[w] - hi[1])
+    return x[tuple(index)]
+
+  def f(x, w1, w2, w3):
+    c = lambda x, k, padding: lax.conv_general_dilated(x, k, (1, 1), padding,
+                                                       dimension_numbers=dn)
+    y = jax.nn.relu(c(jnp.pad(x, spatial([(2, 1), (0, 3)])), w1, "VALID"))
+    y = crop(jax.nn.relu(c(y, w2, "SAME") - 0.5), (1, 0), (2, 3))
+    y = lax.pad(y, 0.0, [(lo, hi, 0) for lo, hi in spatial([(-1, 2), (3, -2)])])
+    return c(jnp.pad(jnp.tanh(y), spatial([(1, 1), (1, 1)])), w3, "VALID")
+  return f
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+def test_pads_with_zeros_and_crops_are_region_ops(channels_last):
+  # A pad's border is zeros, a crop drops positions: both shift the window a tile reads, and the
+  # positions a pad adds are the zeros outside its operand (`region._shift_window`). Every op
+  # is in one region; the output and every gradient (a pad's transpose is a crop, and a crop's
+  # a pad) against the untiled program, at two budgets.
+  f = _padded_net(channels_last)
+  rng = np.random.default_rng(5)
+  shape = (2, 33, 29, 3) if channels_last else (2, 3, 33, 29)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = lambda i, o: (3, 3, i, o) if channels_last else (o, i, 3, 3)
+  ws = [jnp.asarray(rng.normal(size=kernel(i, o)) / 3, jnp.float32)
+        for i, o in ((3, 6), (6, 6), (6, 4))]
+  for budget in (12_000, 30_000):
+    report = jaxtile.explain(f, max_bytes=budget)(x, *ws)
+    (region,) = report.regions
+    assert len(region.convs) == 3 and region.tiles != (1, 1), report
+    np.testing.assert_allclose(jax.jit(jaxtile.tile_convs(f, max_bytes=budget))(x, *ws),
+                               jax.jit(f)(x, *ws), rtol=1e-5, atol=1e-5)
+  grads = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(g(*a))), argnums=range(4)))(
+      x, *ws)
+  for i, (got, want) in enumerate(zip(grads(jaxtile.tile_convs(f, max_bytes=12_000)),
+                                      grads(f))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
+                               err_msg=f"gradient w.r.t. argument {i}")
+  # Differentiated by JAX first, the crops' and pads' transposes are region ops too.
+  loss = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=range(4))
+  for i, (got, want) in enumerate(zip(
+      jax.jit(jaxtile.tile_convs(loss, max_bytes=30_000))(x, *ws), jax.jit(loss)(x, *ws))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
+                               err_msg=f"tile_convs(grad): argument {i}")
+
+
 def test_skip_concatenation_joins_the_decoder_region():
   # A UNet decoder level: transposed conv + bias, concatenated with the skip, then two convs.
   # All of it is one region starting at the transposed conv; the low-resolution input and the

@@ -23,6 +23,9 @@ so that a region (`region.find_regions`) sees the ops it can hold.
   on the unsplit value instead. Equinox's and haiku's GroupNorm split the channels, normalize
   in that shape and merge them back; with the ops before the split, split and merge are a
   round trip that `drop_round_trips` drops, and only the norm's sums read the split value.
+* A conversion of a literal (`fold_literal_converts`) is a literal. `jnp.pad` is a call that
+  converts its padding value (a literal at the call) to the image's dtype; inlined, its `pad`
+  reads a literal zero, which a region reads as a shift of windows (`region._shift_window`).
 * A broadcast that repeats a scalar or a small operand (`place_broadcasts`) is made again
   just before each equation that reads it. A differentiated program makes its zeros
   (`select_n(mask, zeros, g)` for a relu) and its cotangent seed as full-size broadcasts of a
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from jax import lax
 
 from jaxtile._src import _compat
@@ -85,6 +89,23 @@ def drop_round_trips(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
     live.update(v for v in e.invars if not isinstance(v, _compat.Literal))
     eqns.append(e)
   return _compat.replace_jaxpr(jaxpr, eqns=eqns[::-1], outvars=outvars)
+
+
+def fold_literal_converts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
+  """`jaxpr` with each `convert_element_type` of a literal replaced by the converted literal."""
+  folded: dict = {}
+  read = lambda v: v if isinstance(v, _compat.Literal) else folded.get(v, v)
+  eqns = []
+  for e in jaxpr.eqns:
+    x = read(e.invars[0]) if e.invars else None
+    if e.primitive.name == "convert_element_type" and isinstance(x, _compat.Literal):
+      aval = e.outvars[0].aval
+      folded[e.outvars[0]] = _compat.Literal(np.asarray(x.val).astype(aval.dtype), aval)
+      continue
+    eqns.append(e if not folded else _compat.replace_eqn(e, invars=[read(v) for v in e.invars]))
+  if not folded:
+    return jaxpr
+  return _compat.replace_jaxpr(jaxpr, eqns=eqns, outvars=[read(v) for v in jaxpr.outvars])
 
 
 def fold_broadcasts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:

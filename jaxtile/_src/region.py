@@ -385,10 +385,10 @@ def _elementwise_body(eqn, rule: bool = True) -> Optional[Any]:
 def inlined(eqn) -> bool:
   """A call whose body acts elementwise but that is no one equation to a region (it has several
   results, or holds a call that does), or that computes statistics (`jnp.var`'s call: sums
-  over axes, and elementwise ops and broadcasts around them): inlined
-  (`canonical.inline_calls`), so a region sees its equations. Each equation of its body is
-  elementwise, a broadcast of a scalar, or a call `_elementwise_body` or this accepts; with
-  statistics also a reduction (`_REDUCTIONS`), a broadcast or a reshape."""
+  over axes, and elementwise ops and broadcasts around them), or pads or slices (`jnp.pad`'s):
+  inlined (`canonical.inline_calls`), so a region sees its equations. Each equation of its body
+  is elementwise, a broadcast of a scalar, a pad, a slice, or a call `_elementwise_body` or
+  this accepts; with statistics also a reduction (`_REDUCTIONS`), a broadcast or a reshape."""
   if eqn.primitive.name not in _CALLS or "jaxpr" not in eqn.params:
     return False
   closed = eqn.params["jaxpr"]
@@ -397,11 +397,16 @@ def inlined(eqn) -> bool:
   body = getattr(closed, "jaxpr", closed).eqns
   nested = [e for e in body if inlined(e)]
   reduces = any(e.primitive.name in _REDUCTIONS for e in body)
-  return (len(eqn.outvars) > 1 or bool(nested) or reduces) and all(
+  shifts = any(e.primitive.name in _SHIFTS for e in body)
+  return (len(eqn.outvars) > 1 or bool(nested) or reduces or shifts) and all(
       e.primitive.name in ELEMENTWISE or _elementwise_body(e) is not None or e in nested
       or e.primitive.name == "broadcast_in_dim" and (e.invars[0].aval.ndim == 0 or reduces)
       or e.primitive.name in _REDUCTIONS or e.primitive.name == "reshape" and reduces
-      for e in body)
+      or e.primitive.name in _SHIFTS for e in body)
+
+
+# Pads and slices, which may shift windows (`_shift_window`): `jnp.pad` is a call of one pad.
+_SHIFTS = ("pad", "slice")
 
 
 def _broadcast_to(eqn, full) -> bool:
@@ -442,8 +447,9 @@ def _is_concat(eqn, layout: Layout) -> bool:
 
 def _makes_input(eqn, layout: Layout) -> bool:
   """A feature concatenation, or an elementwise equation whose full-size operands all have its
-  output's shape, or an upsampling: one that may stand before a region's first conv."""
-  if _region_upsample(eqn, None, layout):
+  output's shape, an upsampling, a pad or a crop: one that may stand before a region's first
+  conv."""
+  if _region_upsample(eqn, None, layout) or _shift_window(eqn, layout) is not None:
     return True
   if _is_concat(eqn, layout):
     return _is_local(eqn, set(eqn.invars), layout)
@@ -485,6 +491,38 @@ def _is_pool(eqn) -> bool:
   return eqn.primitive.name in _POOLS
 
 
+def _shift_window(eqn, layout: Layout):
+  """A `pad` with zeros or a `slice` with unit strides, along spatial dims alone (`jnp.pad` of
+  an image, a crop, and each one's transpose, the other): the window op of a one-wide conv
+  with stride 1 and low padding `lo` (negative: a crop), as `_window_op` gives it, else None.
+
+  Output position i of such an op is operand position i - lo, zero where that lies outside
+  the operand (a pad's zeros): its output window is its operand's window, shifted by lo, and
+  zeros outside the operand's extent, which is how `compute_tile` reads any conv's operand.
+  Interior padding, another padding value and strided slices are not this (they end a
+  region)."""
+  rank = len(layout.spatial) + 2
+  if eqn.primitive.name == "pad":
+    value, config = eqn.invars[1], eqn.params["padding_config"]
+    if (not isinstance(value, _compat.Literal) or np.asarray(value.val) != 0
+        or np.signbit(np.asarray(value.val)) or len(config) != rank
+        or any(interior != 0 for _, _, interior in config)):
+      return None
+    low, whole = [int(lo) for lo, _, _ in config], [(lo, hi) == (0, 0) for lo, hi, _ in config]
+  elif eqn.primitive.name == "slice":
+    p, shape = eqn.params, eqn.invars[0].aval.shape
+    if len(shape) != rank or any(s != 1 for s in (p["strides"] or ())):
+      return None
+    low = [-int(b) for b in p["start_indices"]]
+    whole = [b == 0 and e == n for b, e, n in zip(p["start_indices"], p["limit_indices"], shape)]
+  else:
+    return None
+  if not (whole[layout.batch] and whole[layout.feature]):
+    return None
+  k = len(layout.spatial)
+  return (1,) * k, tuple(low[a] for a in layout.spatial), (1,) * k, (1,) * k
+
+
 def _window_op(eqn, layout: Layout):
   """(strides, low paddings, window extents, window dilations) per spatial dim of the window a
   conv, pool or upsampling reads, else None. An upsampling by f reads as a transposed conv with
@@ -504,7 +542,7 @@ def _window_op(eqn, layout: Layout):
   if factors is not None:
     f = tuple(factors[a] for a in layout.spatial)
     return (1,) * len(f), tuple(n - 1 for n in f), f, (1,) * len(f)
-  return None
+  return _shift_window(eqn, layout)
 
 
 def _lhs_dilation(eqn, layout: Layout) -> Optional[tuple[int, ...]]:
@@ -682,7 +720,7 @@ def canonical_form(jaxpr) -> upsample.Grouped:
   channels split into groups run on the unsplit ones; each upsampling is one equation
   (`upsample.group`, whose `originals` are the equations it stands for); and broadcasts that
   repeat a small operand stand before each reader, at its shape."""
-  jaxpr = canonical.inline_calls(_compat.dce(jaxpr), inlined)
+  jaxpr = canonical.fold_literal_converts(canonical.inline_calls(_compat.dce(jaxpr), inlined))
   grouped = upsample.group(canonical.drop_round_trips(canonical.sink_splits(jaxpr,
                                                                             is_elementwise)))
   return upsample.Grouped(canonical.place_broadcasts(canonical.fold_broadcasts(grouped.jaxpr),
@@ -742,8 +780,9 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
       if not any(v in values for v in e.invars if not isinstance(v, _compat.Literal)):
         continue
       pool = _is_pool(e) and e.invars[0] in values and _pool_ok(e, layout)
-      if (pool or _region_conv(e, values, layout) is not None or _is_local(e, values, layout)
-          or _region_upsample(e, values, layout)):
+      shifted = _shift_window(e, layout) is not None and e.invars[0] in values
+      if (pool or shifted or _region_conv(e, values, layout) is not None
+          or _is_local(e, values, layout) or _region_upsample(e, values, layout)):
         members.append(i)
         values.add(e.outvars[0])
         continue
@@ -1754,7 +1793,8 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None,
         begin[a] = shift[d] - plan.shift[v][d]
         end[a] = begin[a] + width[d]
       val = lax.slice(val, begin, end)
-    padded_by = 0 if _compat.is_conv(e) else _POOLS.get(e.primitive.name)
+    padded_by = (0 if _compat.is_conv(e) or _shift_window(e, layout) is not None
+                 else _POOLS.get(e.primitive.name))
     if (padded_by is not None and (v not in plan.inputs or padded_by != 0)
         and (outside is None or outside(v, shift, width))):
       starts = [o[d] * plan.scale[v][d] + shift[d] for d in range(k)]
@@ -1778,6 +1818,8 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None,
     elif _is_pool(e):
       params = dict(e.params, padding=((0, 0),) * len(e.params["padding"]))
       env[e.outvars[0]] = e.primitive.bind(*args, **params)
+    elif _shift_window(e, layout) is not None:
+      env[e.outvars[0]] = args[0]  # its operand's window, read for its output's (`_required`)
     elif _small_broadcast(e, layout):
       shape = list(e.params["shape"])
       for d, a in enumerate(layout.spatial):

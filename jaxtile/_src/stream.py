@@ -83,6 +83,8 @@ def _stage_kind(eqn, layout) -> Optional[str]:
                        or region_lib._elementwise_body(eqn) is not None) else None
   if region_lib._is_pool(eqn):
     return "pool" if region_lib._pool_ok(eqn, layout) else None
+  if region_lib._shift_window(eqn, layout) is not None:
+    return "local"  # a pad with zeros or a crop
   if region_lib._is_concat(eqn, layout) or region_lib._makes_input(eqn, layout):
     return "local"
   return None
@@ -416,10 +418,10 @@ def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, o
       raise NotLocalError(
           f"stream: fun is not spatially local: {_where(e)} mixes positions of the image "
           f"(output {e.outvars[0].aval.str_short()}). A tile program holds convs, pools, "
-          "elementwise ops, channel concatenations and nearest upsampling; norms, reductions "
-          "over space, reshapes and other gathers need the whole image. With spill=True (the "
-          "default) stream runs such a function in segments, spilling full-size values to the "
-          "host.", e)
+          "elementwise ops, channel concatenations, nearest upsampling, zero pads and crops; "
+          "norms, reductions over space, reshapes and other gathers need the whole image. With "
+          "spill=True (the default) stream runs such a function in segments, spilling "
+          "full-size values to the host.", e)
     if kind == "transposed" and any(_compat.is_conv(jaxpr.eqns[j]) for j in current):
       stages.append(current)  # as `region.stages_of` cuts
       current = []
