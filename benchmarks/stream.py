@@ -94,13 +94,17 @@ class Case:
     # The small operands as the tile program takes them (per stage, or per chain of stages).
     stages = getattr(self.plan, "chain", None) or self.plan.stages
     self.smalls = jax.device_put(stream_lib._smalls(self.analysis, leaves, stages))
-    first = self.plan.stages[0]
     self.tiles = []
     for t in range(self.plan.n_tiles):
       offsets = self.plan.offsets(self.plan.tile_index(t))
-      windows = [stream_lib.read_window(self.image_np, first.start(v, offsets[0]), first.width[v],
-                                        first.layout.spatial) for v in first.inputs]
+      windows = stream_lib.tile_windows(self.plan, offsets, self.reader(self.image_np))
       self.tiles.append((windows, [np.asarray(o, np.int32) for o in offsets]))
+
+  @staticmethod
+  def reader(source):
+    """`stream_lib.tile_windows`'s `read` from `source` (every image of the network is it)."""
+    return lambda v, starts, widths, spatial: stream_lib.read_window(source, starts, widths,
+                                                                     spatial)
 
   def new_out(self) -> zarr.Array:
     chunk = min(gigapixel.OUT_CHUNK, self.size)
@@ -128,7 +132,7 @@ class Case:
 
   def per_tile_costs(self, n: int = 16) -> list[tuple[str, float]]:
     """Mean seconds per tile of each thing a streamed run does, one tile at a time, one thread."""
-    first, plan = self.plan.stages[0], self.plan
+    plan = self.plan
     picks = [round(i * (plan.n_tiles - 1) / max(n - 1, 1)) for i in range(min(n, plan.n_tiles))]
     out = self.new_out()
     costs = {"compute (program, blocked)": 0.0, "read window from zarr": 0.0,
@@ -137,14 +141,10 @@ class Case:
     for t in picks:
       windows, offsets = self.tiles[t]
       start = time.perf_counter()
-      for v in first.inputs:
-        stream_lib.read_window(self.image, first.start(v, offsets[0]), first.width[v],
-                               first.layout.spatial)
+      stream_lib.tile_windows(plan, offsets, self.reader(self.image))
       costs["read window from zarr"] += time.perf_counter() - start
       start = time.perf_counter()
-      for v in first.inputs:
-        stream_lib.read_window(self.image_np, first.start(v, offsets[0]), first.width[v],
-                               first.layout.spatial)
+      stream_lib.tile_windows(plan, offsets, self.reader(self.image_np))
       costs["read window from numpy"] += time.perf_counter() - start
       start = time.perf_counter()
       y = self.program(windows, self.smalls, offsets).block_until_ready()

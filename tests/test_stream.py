@@ -238,16 +238,69 @@ def test_a_global_op_is_named_with_its_line():
     jaxtile.stream(f, spill=False)(np.zeros((1, 16, 16, 3), np.float32))
 
 
-def test_a_skip_across_an_upsampling_is_refused():
-  w = jnp.ones((3, 3, 2, 2))
+def test_an_image_read_after_a_transposed_conv_is_a_window_of_that_stage():
+  """A stage after a transposed conv may read an image (a full-resolution guide beside a
+  low-resolution one): each stage reads its own windows of the images, at its own offsets."""
+  keys = jax.random.split(jax.random.key(24), 3)
+  w1 = jax.random.normal(keys[0], (3, 3, 2, 4)) * 0.3
+  wt = jax.random.normal(keys[1], (2, 2, 4, 4)) * 0.3
+  w2 = jax.random.normal(keys[2], (3, 3, 7, 2)) * 0.3
+
+  def f(low, guide):
+    y = lax.conv_transpose(jax.nn.relu(_conv(low, w1)), wt, (2, 2), "VALID",
+                           dimension_numbers=DN)
+    return _conv(jnp.concatenate([jax.nn.relu(y), guide], axis=-1), w2)
+
+  rng = np.random.default_rng(25)
+  low = rng.normal(size=(1, 21, 17, 2)).astype(np.float32)
+  guide = rng.normal(size=(1, 42, 34, 3)).astype(np.float32)
+  streamed = jaxtile.stream(f, max_bytes=15_000)
+  plan = streamed.explain(low, guide)
+  assert isinstance(plan, jaxtile.StreamPlan) and len(plan.stages) == 2, str(plan)
+  assert plan.n_tiles > 1, str(plan)
+  assert_same(streamed(low, guide, progress=False), untiled(f, low, guide))
+
+
+def _unet(widths=(4, 8)):
+  """Two levels: a conv block, a strided conv down, a block; back up by a transposed conv at
+  the inner level and a nearest upsampling at the outer one, each concatenated with its skip."""
+  keys = iter(jax.random.split(jax.random.key(26), 16))
+  w = lambda i, o, k=3: jax.random.normal(next(keys), (k, k, i, o)) * (0.5 / k)
+  a, b = widths
+  ws = dict(e1=w(3, a), e2=w(a, a), down=w(a, b), m1=w(b, b), up=w(b, b, 2), d1=w(2 * b, b),
+            up2=w(b, a, 1), d2=w(2 * a, a), out=w(a, 2, 1))
 
   def f(x):
-    y = _conv(x, w, stride=2)
-    z = lax.conv_transpose(y, w, (2, 2), "SAME", dimension_numbers=DN)
-    return _conv(z, w) + _conv(x, w)
+    s1 = jax.nn.relu(_conv(jax.nn.relu(_conv(x, ws["e1"])), ws["e2"]))
+    s2 = jax.nn.relu(_conv(s1, ws["down"], stride=2))
+    m = jax.nn.relu(_conv(jax.nn.relu(_conv(s2, ws["m1"], stride=2)), ws["m1"]))
+    u = lax.conv_transpose(m, ws["up"], (2, 2), "SAME", dimension_numbers=DN)
+    d = jax.nn.relu(_conv(jnp.concatenate([u, s2], axis=-1), ws["d1"]))
+    n, h, w_, c = d.shape
+    u2 = _conv(jax.image.resize(d, (n, 2 * h, 2 * w_, c), "nearest"), ws["up2"])
+    d2 = jax.nn.relu(_conv(jnp.concatenate([u2, s1], axis=-1), ws["d2"]))
+    return _conv(d2, ws["out"])
+  return f
 
-  with pytest.raises(jaxtile.StreamError, match="earlier|image after a transposed conv"):
-    jaxtile.stream(f)(np.zeros((1, 16, 16, 2), np.float32))
+
+def test_a_unet_streams_with_its_skips_spilled_to_the_host(tmp_path):
+  """A value read across an upsampling (a UNet's skip) cannot be carried by one tile program:
+  `stream` cuts the function after each skip, the part before writes it to the host, and the
+  part after reads it back as an image, in the stage that reads it. Every part streams on the
+  device; the result is the untiled one, into a memmap. With spill=False, a clear error."""
+  f = _unet()
+  x = np.random.default_rng(27).normal(size=(2, 52, 44, 3)).astype(np.float32)
+  streamed = jaxtile.stream(f, max_bytes=40_000)
+  text = str(streamed.explain(x))
+  assert " 3 segments" in text and "is read across an upsampling" in text, text
+  assert text.count("streamed on the device") == 3 and "whole, on the host" not in text, text
+  out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32,
+                                  shape=(2, 52, 44, 2))
+  streamed(x, out=out, progress=False)
+  assert_same(np.asarray(out), untiled(f, x))
+  with pytest.raises(jaxtile.StreamError, match="skip connection spanning an upsampling.*"
+                     "spill=True"):
+    jaxtile.stream(f, max_bytes=40_000, spill=False)(x)
 
 
 @pytest.mark.parametrize("out, message", [

@@ -44,14 +44,14 @@ class SpillPlan:
   the host between them. `str()` prints it."""
   segments: tuple[Segment, ...]
   plans: tuple[Optional[stream_lib.StreamPlan], ...]
-  first_global: str  # the first op that needs the whole image, with its source line
+  first_global: str  # the first op that cannot be tiled, its source line and why
   result: Any  # fun's output aval
   _names: tuple = ()  # per segment, its equations' primitives
 
   def __str__(self) -> str:
     mib = lambda aval: math.prod(aval.shape) * np.dtype(aval.dtype).itemsize / 2**20
     lines = [f"stream: -> {'x'.join(map(str, self.result.shape))} {self.result.dtype} in "
-             f"{len(self.segments)} segments: {self.first_global} needs the whole image, so "
+             f"{len(self.segments)} segments: {self.first_global}, so "
              "full-size values between segments are spilled to the host, never to the device"]
     for k, (segment, plan) in enumerate(zip(self.segments, self.plans)):
       if plan is not None:
@@ -84,6 +84,12 @@ def segments(traced: stream_lib._Traced) -> list[Segment]:
       runs.append([])
       kinds.append(local)
     runs[-1] += [*on_windows.get(i, []), i]
+  # A value a later stage reads across a transposed conv or upsampling (a UNet's skip) is
+  # the output of its own segment: the part after reads it back as an image.
+  if layout is not None:
+    parts = [(part, local) for run, local in zip(runs, kinds)
+             for part in (_cut_carried(jaxpr, run, layout) if local else [run])]
+    runs, kinds = [p for p, _ in parts], [k for _, k in parts]
   # A local run without a conv has nothing to tile (a norm's elementwise ops on its
   # statistics): it runs whole, in one segment with the whole runs beside it.
   merged_runs, merged_kinds = [], []
@@ -117,6 +123,28 @@ def segments(traced: stream_lib._Traced) -> list[Segment]:
   return out
 
 
+def _cut_carried(jaxpr, run: list[int], layout) -> list[list[int]]:
+  """`run`, local equations, cut after each value that a later stage of its part reads
+  (`stream.carried`), first made first."""
+  pieces = []
+  while True:
+    stages, current = [], []
+    for i in run:
+      e = jaxpr.eqns[i]
+      if stream_lib.starts_stage(jaxpr, stream_lib._stage_kind(e, layout), current):
+        stages.append(current)
+        current = []
+      if _compat.is_conv(e):
+        layout = region_lib._conv_layout(e)[1]
+      current.append(i)
+    across = stream_lib.carried(jaxpr, [*stages, current])
+    if not across:
+      return [*pieces, run]
+    cut = run.index(across[0]) + 1
+    pieces.append(run[:cut])
+    run = run[cut:]
+
+
 def _segment_fun(jaxpr, segment: Segment):
   """`segment` as a function of its inputs, then its small operands."""
   def fun(*values):
@@ -138,7 +166,7 @@ class Spilled:
     self.statics = stream_lib.static_values(
         self.traced.closed, self.traced.leaves, self.traced.images,
         [i for i in self.traced.static_eqns if i not in in_segments])
-    self.first_global = stream_lib._where(error.eqn)
+    self.first_global = f"{stream_lib._where(error.eqn)} {error.reason}"
     jaxpr = self.traced.closed.jaxpr
     # One sub-`Streamed` per segment, kept by `streamed` for calls of the same function at the
     # same shapes, so that their compiled tile programs are reused too.
@@ -183,7 +211,7 @@ class Spilled:
     jaxpr = self.traced.closed.jaxpr
     if jax.process_count() > 1:
       raise stream_lib.StreamError(
-          f"stream: {self.first_global} needs the whole image, and spilling to the host runs in "
+          f"stream: {self.first_global}, and spilling to the host runs in "
           "one process; run it in one process, or stream its local part.")
     result_aval = jaxpr.outvars[0].aval
     if out is None:

@@ -241,11 +241,12 @@ class _Squeezed:
 
 
 class NotLocalError(StreamError):
-  """`fun` holds an op that needs the whole image (`eqn`): it cannot be one chain of tiles."""
+  """`fun` holds an op that needs the whole image, or a value carried across an upsampling
+  (`eqn`, and `reason` in words): it cannot be one chain of tiles."""
 
-  def __init__(self, message: str, eqn):
+  def __init__(self, message: str, eqn, reason: str = "needs the whole image"):
     super().__init__(message)
-    self.eqn, self.traced = eqn, None
+    self.eqn, self.reason, self.traced = eqn, reason, None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -400,6 +401,31 @@ def window_broadcasts(jaxpr, dep_eqns, static_eqns, layout) -> dict[int, list[in
   return found
 
 
+def starts_stage(jaxpr, kind: Optional[str], current) -> bool:
+  """Whether an equation of `kind` (`_stage_kind`) starts a new stage after the equations
+  `current` of the stage so far: a transposed conv or upsampling after a conv, as
+  `region.stages_of` cuts."""
+  return kind == "transposed" and any(_compat.is_conv(jaxpr.eqns[j]) for j in current)
+
+
+def carried(jaxpr, stages: Sequence[Sequence[int]]) -> list[int]:
+  """The equations of `stages` whose value a later stage reads, other than the last value of a
+  stage read by the next (a skip connection spanning an upsampling), in order. The tile program
+  cannot carry such a value from one stage to a later one; `spill` cuts the function after each
+  and reads the value back as an image of the part after it."""
+  made_by = {jaxpr.eqns[j].outvars[0]: (k, j) for k, members in enumerate(stages)
+             for j in members}
+  found = set()
+  for k, members in enumerate(stages):
+    for j in members:
+      for v in jaxpr.eqns[j].invars:
+        source = None if isinstance(v, _compat.Literal) else made_by.get(v)
+        if source is not None and source[0] < k and not (
+            source[0] == k - 1 and source[1] == stages[k - 1][-1]):
+          found.add(source[1])
+  return sorted(found)
+
+
 def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, out,
             squeeze) -> tuple[_Analysis, list]:
   """The image equations cut into stages of one chain, or `NotLocalError`."""
@@ -422,8 +448,8 @@ def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, o
           "norms, reductions over space, reshapes and other gathers need the whole image. With "
           "spill=True (the default) stream runs such a function in segments, spilling "
           "full-size values to the host.", e)
-    if kind == "transposed" and any(_compat.is_conv(jaxpr.eqns[j]) for j in current):
-      stages.append(current)  # as `region.stages_of` cuts
+    if starts_stage(jaxpr, kind, current):
+      stages.append(current)
       current = []
     if _compat.is_conv(e):
       layout = region_lib._conv_layout(e)[1]
@@ -438,34 +464,19 @@ def _stages(closed, leaves, images, image_vars, expand, dep_eqns, static_eqns, o
   if stages[-1][-1] != dep_eqns[-1] or jaxpr.eqns[stages[-1][-1]].outvars[0] is not out:
     raise StreamError("stream: fun's output must be the value its last image equation makes.")
 
-  # Each stage reads the previous stage's output alone (the first: the images) and only its
-  # last value is read outside it.
+  # Each stage reads the last value of the stage before and images alone: a value a later
+  # stage reads is carried across a transposed conv, which spill cuts the function after.
   moved = {j for js in on_windows.values() for j in js}
   static_eqns = [j for j in static_eqns if j not in moved]
-  uses = region_lib._uses(jaxpr)
-  image_set = set(image_vars)
-  made_by = {}
-  for k, members in enumerate(stages):
-    for j in members:
-      made_by[jaxpr.eqns[j].outvars[0]] = k
-  for k, members in enumerate(stages):
-    inside = set(members)
-    last = jaxpr.eqns[members[-1]].outvars[0]
-    for j in members:
-      e = jaxpr.eqns[j]
-      for v in e.invars:
-        source = made_by.get(v) if not isinstance(v, _compat.Literal) else None
-        if source is not None and source < k and not (
-            source == k - 1 and v is jaxpr.eqns[stages[k - 1][-1]].outvars[0]):
-          raise StreamError(
-              f"stream: {_where(e)} reads a value made {k - source} stage(s) earlier, across a "
-              "transposed conv (a skip connection spanning an upsampling). stream chains stages "
-              "one after another and cannot carry that value yet.")
-        if k > 0 and not isinstance(v, _compat.Literal) and v in image_set:
-          raise StreamError(f"stream: {_where(e)} reads the image after a transposed conv; "
-                            "stream cannot carry the image into a later stage.")
-      if e.outvars[0] is not last and any(u not in inside for u in uses.get(e.outvars[0], [])):
-        raise StreamError(f"stream: the value {_where(e)} makes is read outside its stage.")
+  across = carried(jaxpr, stages)
+  if across:
+    e = jaxpr.eqns[across[0]]
+    raise NotLocalError(
+        f"stream: the value {_where(e)} makes is read after a transposed conv or upsampling "
+        "that follows it (a skip connection spanning an upsampling); one tile program cannot "
+        "carry it. With spill=True (the default) stream cuts fun after it: the part before "
+        "writes it to the host, and the part after reads it as an image.", e,
+        "is read across an upsampling (a skip connection)")
   spatial = set(region_lib._conv_layout(first_conv)[0].spatial)
   for k, axes in expand.items():
     if spatial & set(axes):
@@ -487,7 +498,7 @@ def _plan_chain(analysis: _Analysis, policy: decide_lib.Policy, tile) -> region_
                       "operand of full size that is neither the image nor the stage before's "
                       "output).")
   jaxpr = analysis.closed.jaxpr
-  for v in chain.stages[0].inputs:
+  for v in chain.inputs:
     if v not in analysis.image_vars:  # read a window at a time: only an image can be
       reader = next(e for e in jaxpr.eqns if any(u is v for u in e.invars))
       raise StreamError(
@@ -572,15 +583,20 @@ def _smalls(analysis: _Analysis, leaves, chain: region_lib.Chain) -> tuple:
 
 
 def _program(plan: StreamPlan):
-  """The tile program: image windows, small operands and offsets per stage -> the output tile.
-  Traced once per tile shape (all tiles share one)."""
+  """The tile program: per stage its image windows (`tile_windows`), the small operands, and
+  per stage its offsets -> the output tile. Traced once per tile shape (all tiles share one)."""
   chain = plan.chain
 
   def run(windows, smalls, offsets):
-    later = [[] for _ in chain.stages[1:]]  # stages after the first read only the one before
-    return chain.compute(offsets, [windows, *later], dict(zip(chain.smalls, smalls)),
-                         forms.for_backend())
+    return chain.compute(offsets, windows, dict(zip(chain.smalls, smalls)), forms.for_backend())
   return jax.jit(run)
+
+
+def tile_windows(plan: StreamPlan, offsets, read) -> list[list]:
+  """Per stage, the windows of the images it reads (`Chain.read_by`) for the tile at per-stage
+  `offsets`: `read(v, starts, widths, spatial)` for each."""
+  return [[read(v, p.start(v, offsets[k]), p.width[v], p.layout.spatial)
+           for v in plan.chain.read_by(k)] for k, p in enumerate(plan.stages)]
 
 
 def read_window(source, starts, widths, spatial: Sequence[int]) -> np.ndarray:
@@ -961,13 +977,13 @@ class _Abstract:
 
 
 def _compiled_bytes(program, plan: StreamPlan) -> int:
-  first = plan.stages[0]
-  windows = []
-  for v in first.inputs:
+  def read(v, starts, widths, spatial):
     shape = list(v.aval.shape)
-    for d, a in enumerate(first.layout.spatial):
-      shape[a] = first.width[v][d]
-    windows.append(jax.ShapeDtypeStruct(tuple(shape), v.aval.dtype))
+    for a, w in zip(spatial, widths):
+      shape[a] = w
+    return jax.ShapeDtypeStruct(tuple(shape), v.aval.dtype)
+
+  windows = tile_windows(plan, [(0,) * len(plan.tile)] * len(plan.stages), read)
   smalls = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in plan.chain.smalls)
   offsets = [jax.ShapeDtypeStruct((len(plan.tile),), jnp.int32) for _ in plan.stages]
   compiled = program.lower(windows, smalls, offsets).compile()
@@ -1024,17 +1040,16 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
   placed = {d: jax.device_put(smalls, d) for d in devices}
   start_time = time.perf_counter()
 
-  caches = {v: _ChunkCache(by_var[v], spatial) for v in first.inputs
+  caches = {v: _ChunkCache(by_var[v], spatial) for v in plan.chain.inputs
             if _ChunkCache.usable(by_var[v], spatial)}
+
+  def window(v, starts, widths, spatial):
+    return (caches[v].window(starts, widths) if v in caches else
+            read_window(by_var[v], starts, widths, spatial))
 
   def read(t):
     offsets = plan.offsets(plan.tile_index(t))
-    windows = []
-    for v in first.inputs:
-      start = first.start(v, offsets[0])
-      windows.append(caches[v].window(start, first.width[v]) if v in caches else
-                     read_window(by_var[v], start, first.width[v], spatial))
-    return windows, offsets
+    return tile_windows(plan, offsets, window), offsets
 
   errors: list[BaseException] = []
   # Results waiting for a writer: each holds a tile on its device, so the queue bounds them.
