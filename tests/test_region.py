@@ -652,6 +652,38 @@ def test_pads_with_zeros_and_crops_are_region_ops(channels_last):
                                err_msg=f"tile_convs(grad): argument {i}")
 
 
+def test_explain_reports_each_convs_input_halo_as_the_receptive_field_grows():
+  # The halo of each conv's input window, against the receptive field measured independently:
+  # the support of the gradient of one interior output tile's sum with respect to that conv's
+  # input (positive kernels and inputs, so nothing cancels), minus the tile's own footprint.
+  strides = (1, 2, 1, 1)
+  conv = lambda x, w, s: jax.nn.relu(_c(x, w, s))
+
+  def f(x, *ws, start=0):
+    for w, s in zip(ws[start:], strides[start:]):
+      x = conv(x, w, s)
+    return x
+
+  x = jnp.ones((1, 256, 512, 16))
+  ws = [jnp.full((3, 3, 16, 16), 0.01)] * 4
+  report = jaxtile.explain(f, max_bytes=2**20)(x, *ws)
+  (region,) = report.regions
+  assert len(region.conv_halos) == 4 and min(region.tiles) >= 3, report
+  tile, inputs = region.tile_shape, [x]
+  for w, s in zip(ws, strides[:-1]):
+    inputs.append(conv(inputs[-1], w, s))
+  for k, halo in enumerate(region.conv_halos):
+    scale = math.prod(strides[k:])
+    corner = tile  # the second tile along each dim: its receptive field clear of the borders
+    loss = lambda a: f(a, *ws, start=k)[:, corner[0]:corner[0] + tile[0],
+                                        corner[1]:corner[1] + tile[1]].sum()
+    support = np.nonzero(np.asarray(jax.grad(loss)(inputs[k])).any(axis=(0, 3)))
+    width = tuple(int(ix.max() - ix.min() + 1) for ix in support)
+    assert halo == tuple(w - t * scale for w, t in zip(width, tile)), (k, halo, width)
+  assert "each conv's input halo: conv0 11x11, conv1 9x9, conv2 4x4, conv3 2x2" in " ".join(
+      str(report).split()), report
+
+
 def test_skip_concatenation_joins_the_decoder_region():
   # A UNet decoder level: transposed conv + bias, concatenated with the skip, then two convs.
   # All of it is one region starting at the transposed conv; the low-resolution input and the

@@ -121,10 +121,14 @@ class RegionPlan:
   @property
   def halo(self) -> tuple[int, ...]:
     """Per spatial dim, how much wider the first input's window is than the tile needs."""
-    x = self.inputs[0]
-    dil = self.dilation.get(x, (1,) * len(self.tile))
+    return self.halo_of(self.inputs[0])
+
+  def halo_of(self, v) -> tuple[int, ...]:
+    """Per spatial dim, how much wider `v`'s window is than the tile's own footprint on it (in
+    elements of `v`: a transposed conv's input counts each of its elements once)."""
+    dil = self.dilation.get(v, (1,) * len(self.tile))
     return tuple(w - _ceil_div(t * sc, d)
-                 for w, t, sc, d in zip(self.width[x], self.tile, self.scale[x], dil))
+                 for w, t, sc, d in zip(self.width[v], self.tile, self.scale[v], dil))
 
   def start(self, v, o, shift=None):
     """Per spatial dim, where `v`'s window for the tile at offsets `o` (ints, NumPy, `_PerTile`s
@@ -233,6 +237,12 @@ class Chain:
   def halo(self) -> tuple[int, ...]:
     """The first stage's (its input window against its tile)."""
     return self.stages[0].halo
+
+  @property
+  def conv_halos(self) -> tuple[tuple[int, ...], ...]:
+    """Per conv (`convs`), the halo of its input's window (`RegionPlan.halo_of`) in its stage:
+    the receptive field growing layer by layer, back from the output."""
+    return tuple(p.halo_of(e.invars[0]) for p in self.stages for e in p.convs)
 
   @property
   def extra_macs_percent(self) -> float:

@@ -202,6 +202,9 @@ class RegionReport:
   statistics: int = 0  # passes computing a norm's statistics over tiles (`region.Statistics`)
   upsamplings: int = 0  # nearest-neighbour upsamplings (`jaxtile._src.upsample`), each a stage
   reductions: int = 0  # results the loop adds up itself: weight gradients, sums (`Reductions`)
+  # Per conv of the chain (the first len(conv_halos) of `convs`), its input window's halo in its
+  # stage: how the receptive field grows layer by layer (`Chain.conv_halos`).
+  conv_halos: tuple[tuple[int, ...], ...] = ()
 
   @classmethod
   def of(cls, plan, conv_names) -> RegionReport:
@@ -213,7 +216,8 @@ class RegionReport:
         tile_bytes=plan.tile_bytes, extra_macs_percent=plan.extra_macs_percent,
         stages=len(plan.stages), devices=plan.policy.n_devices,
         statistics=len(plan.statistics), upsamplings=len(plan.upsamplings),
-        reductions=0 if plan.reductions is None else len(plan.reductions.outputs))
+        reductions=0 if plan.reductions is None else len(plan.reductions.outputs),
+        conv_halos=plan.conv_halos)
 
   def describe(self) -> str:
     upsamplings = f" and {_plural(self.upsamplings, 'upsampling')}" if self.upsamplings else ""
@@ -227,7 +231,15 @@ class RegionReport:
             f"{'x'.join(map(str, self.tiles))} tiles of {'x'.join(map(str, self.tile_shape))}, "
             f"halo {'x'.join(map(str, self.halo))}, {spec_lib.format_bytes(self.tile_bytes)} "
             f"per tile, +{self.extra_macs_percent:.1f}% MACs (recomputed halos{passes})"
-            f"{f', on {self.devices} devices' if self.devices > 1 else ''}")
+            f"{f', on {self.devices} devices' if self.devices > 1 else ''}"
+            f"{self._halos_per_conv()}")
+
+  def _halos_per_conv(self) -> str:
+    if len(self.conv_halos) < 2:
+      return ""
+    per = ", ".join(f"{c.removeprefix('jaxtile/')} {'x'.join(map(str, h))}"
+                    for c, h in zip(self.convs, self.conv_halos))
+    return f"; each conv's input halo: {per}"
 
 
 def _plural(n: int, noun: str, plural: str = "s") -> str:
