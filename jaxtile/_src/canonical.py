@@ -92,16 +92,22 @@ def drop_round_trips(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
 
 
 def fold_literal_converts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
-  """`jaxpr` with each `convert_element_type` of a literal replaced by the converted literal."""
+  """`jaxpr` with each `convert_element_type` of a literal replaced by the converted literal,
+  where the conversion is exact (it converts back to the same value: no NaN, no value out of
+  the new type's range, whose conversion NumPy and XLA may do differently)."""
   folded: dict = {}
   read = lambda v: v if isinstance(v, _compat.Literal) else folded.get(v, v)
   eqns = []
   for e in jaxpr.eqns:
     x = read(e.invars[0]) if e.invars else None
     if e.primitive.name == "convert_element_type" and isinstance(x, _compat.Literal):
-      aval = e.outvars[0].aval
-      folded[e.outvars[0]] = _compat.Literal(np.asarray(x.val).astype(aval.dtype), aval)
-      continue
+      aval, value = e.outvars[0].aval, np.asarray(x.val)
+      with np.errstate(all="ignore"):
+        converted = value.astype(aval.dtype)
+        exact = np.array_equal(converted.astype(value.dtype), value)
+      if exact:
+        folded[e.outvars[0]] = _compat.Literal(converted, aval)
+        continue
     eqns.append(e if not folded else _compat.replace_eqn(e, invars=[read(v) for v in e.invars]))
   if not folded:
     return jaxpr

@@ -128,14 +128,14 @@ def _cut_carried(jaxpr, run: list[int], layout) -> list[list[int]]:
   (`stream.carried`), first made first."""
   pieces = []
   while True:
-    stages, current = [], []
+    stages, current, now = [], [], layout
     for i in run:
       e = jaxpr.eqns[i]
-      if stream_lib.starts_stage(jaxpr, stream_lib._stage_kind(e, layout), current):
+      if stream_lib.starts_stage(jaxpr, stream_lib._stage_kind(e, now), current):
         stages.append(current)
         current = []
       if _compat.is_conv(e):
-        layout = region_lib._conv_layout(e)[1]
+        now = region_lib._conv_layout(e)[1]
       current.append(i)
     across = stream_lib.carried(jaxpr, [*stages, current])
     if not across:
