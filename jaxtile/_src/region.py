@@ -299,9 +299,9 @@ class Statistics:
   name: str
   # Centred sums of squares this pass computes too (`_centred`): `jnp.var`'s second pass, the
   # sum of (value - mean) ** 2 with the mean made from a sum among `outputs`. Per entry: the
-  # equation making that sum, and the result. `two_pass` has what
-  # derivatives and vmap see instead, the passes as the program wrote them: this pass without
-  # them, and per entry the equations making the mean and the second pass's `Statistics`.
+  # equation making that sum, and the result. `two_pass` has what derivatives and vmap see
+  # instead, the passes as the program wrote them: this pass without them, and per entry the
+  # equations making the mean and the second pass's `Statistics`.
   centred: tuple[tuple[Any, Any], ...] = ()
   two_pass: Optional[tuple["Statistics", tuple[tuple[tuple[Any, ...], "Statistics"], ...]]] = None
 
