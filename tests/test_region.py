@@ -14,6 +14,7 @@ with its padding made explicit (`Chain.fn(explicit_padding=True)`).
 """
 
 import dataclasses
+import logging
 import math
 import os
 import subprocess
@@ -1359,6 +1360,29 @@ def test_a_differentiated_program_is_a_region_adding_up_its_weight_gradients(nam
   outs = [e.outvars for e in _all_eqns(jaxpr.jaxpr)
           if e.primitive.name == "jaxtile_region_reductions"]
   assert len(outs) == 1 and (len(outs[0]) == reductions + 1) == written, outs
+
+
+def test_a_differentiated_region_too_tight_for_its_budget_takes_larger_tiles(caplog):
+  # At 32 kB no tile of the differentiated program's region is within the budget and under the
+  # recomputation limit (its halo is the forward's and the backward's). Rather than tile each
+  # conv on its own, which keeps every activation whole, the region takes tiles of up to 8x
+  # the budget, and says so; `strict=True` keeps the budget instead.
+  params, x, _ = _net_operands()
+  fn = lambda p, x: jax.grad(lambda p, x: jnp.sum(_net(p, x) ** 2), argnums=(0, 1))(p, x)
+  budget = 2**15
+  with caplog.at_level(logging.WARNING):
+    tiled = jaxtile.tile_convs(fn, max_bytes=budget)
+    (region,) = jaxtile.explain(tiled)(params, x).regions
+  assert region.reductions == 5 and budget < region.tile_bytes <= 8 * budget, region
+  assert any(f"above max_bytes={budget}" in r.getMessage() and "jax.grad(tile_convs(f))"
+             in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+  want = jax.jit(fn)(params, x)
+  for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(jax.jit(tiled)(params, x))):
+    np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(w).max()))
+  strict = jaxtile.tile_convs(fn, max_bytes=budget, strict=True)
+  assert all(r.tile_bytes <= budget for r in jaxtile.explain(strict)(params, x).regions)
+  temp = lambda f: jax.jit(f).lower(params, x).compile().memory_analysis().temp_size_in_bytes
+  assert temp(tiled) < 0.5 * temp(strict), (temp(tiled), temp(strict))
 
 
 def _all_eqns(jaxpr):

@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -1506,11 +1507,53 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
         continue
       best, misses = (end, stop, plan), 0
     if best is None:
+      plan = _with_larger_tiles(jaxpr, members[begin:], groups, policy, name, uses, grouped)
+      best = None if plan is None else (len(conv_at) - 1, len(members), plan)
+    if best is None:
       start += 1
       continue
     regions.append(best[2])
     start, last_stop = best[0] + 1, best[1]
   return regions
+
+
+# How far past `max_bytes` the tiles of a region that cannot be cut may go (`_with_larger_tiles`).
+MAX_BUDGET_FACTOR = 8
+
+
+def _with_larger_tiles(jaxpr, run, groups, policy, name, uses, grouped) -> Optional[Chain]:
+  """A differentiated program's region (`run`, adding up its weight gradients) planned with
+  tiles above `policy.max_bytes`, the budget doubled up to `MAX_BUDGET_FACTOR` times, where it
+  plans at none within the budget; None for any other run, with `policy.strict`, or where none
+  plans.
+
+  Such a region has no cut: its backward convs read every forward value, so a cut would keep
+  them all at full size. Within the budget its tiles recompute the doubled halo of the forward
+  and backward passes past `MAX_EXTRA_MACS`. Without it, each conv is tiled on its own and
+  every activation is whole (the 8-layer chain's gradient at 1 MiB: 483 MiB of temporaries,
+  against 17 with tiles of 4 MiB and 544 untiled). A warning names the tiles' bytes."""
+  if policy.strict:
+    return None
+  terminal = _terminal(jaxpr, run, groups, uses)
+  if not any(_compat.is_conv(jaxpr.eqns[g[0]]) for g in terminal) or len(terminal) != len(
+      [g for g in groups if min(g) > run[0]]):
+    return None  # no weight gradient, or statistics the region would have to compute
+  budget = policy.max_bytes
+  while budget < MAX_BUDGET_FACTOR * policy.max_bytes:
+    budget *= 2
+    larger = dataclasses.replace(policy, max_bytes=budget)
+    plan = plan_chain(jaxpr, run, larger, name, inside=grouped, uses=uses,
+                      reductions=sorted(j for g in terminal for j in g))
+    if plan is not None:
+      logging.warning(
+          "jaxtile: %s, a differentiated program's forward and backward convs, takes tiles of "
+          "%d bytes, above max_bytes=%d: smaller tiles would recompute more than %d%% extra "
+          "multiply-adds, and tiling each conv on its own keeps every activation whole. Raise "
+          "max_bytes to %d, or tile the function before differentiating it "
+          "(jax.grad(tile_convs(f))), whose tiles stay within the budget.", name,
+          plan.tile_bytes, policy.max_bytes, round(100 * MAX_EXTRA_MACS), budget)
+      return plan
+  return None
 
 
 def _for_statistics(jaxpr, run: Sequence[int], groups, uses) -> frozenset:
