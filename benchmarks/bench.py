@@ -603,8 +603,9 @@ def regions_table(repeats: int) -> None:
               ["jax.grad(tile_convs(f)) differentiates the region (`region.emit_transpose`: per "
                "tile, the forward recomputed and pulled back); tile_convs(jax.grad(f)) tiles the "
                "program JAX has already differentiated: its forward and backward convs as one "
-               "region whose loop adds up the weight gradients (`region.Reductions`), where the "
-               "doubled halo's recomputation stays within MAX_EXTRA_MACS, else conv by conv."])
+               "region whose loop adds up the weight gradients (`region.Reductions`), in tiles "
+               "within max_bytes where the doubled halo's recomputation stays within "
+               "MAX_EXTRA_MACS, else in tiles of up to 8x max_bytes (warned)."])
 
   # Peak RSS, each program alone in a fresh process; then both again under a cap between them.
   chain, budget_mib = REGION_RSS_CHAIN, REGION_RSS_BUDGET_MIB
