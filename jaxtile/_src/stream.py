@@ -83,8 +83,6 @@ def _stage_kind(eqn, layout) -> Optional[str]:
                        or region_lib._elementwise_body(eqn) is not None) else None
   if region_lib._is_pool(eqn):
     return "pool" if region_lib._pool_ok(eqn, layout) else None
-  if region_lib._shift_window(eqn, layout) is not None:
-    return "local"  # a pad with zeros or a crop
   if region_lib._is_concat(eqn, layout) or region_lib._makes_input(eqn, layout):
     return "local"
   return None
