@@ -10,6 +10,7 @@ from jaxtile._src.tuning import Tuning as Tuning
 from jaxtile._src.api import default_max_bytes as default_max_bytes
 from jaxtile._src.api import explain as explain
 from jaxtile._src.api import tile_convs as tile_convs
+from jaxtile._src.bands import BandPlan as BandPlan
 from jaxtile._src.spill import SpillPlan as SpillPlan
 from jaxtile._src.stream import StreamError as StreamError
 from jaxtile._src.stream import StreamPlan as StreamPlan
@@ -30,6 +31,7 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path, not install
   __version__ = "0+unknown"
 
 __all__ = (
+    "BandPlan",
     "BudgetError",
     "CheckResult",
     "ConvCheck",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -456,10 +457,12 @@ def test_a_norm_between_convs_spills_to_the_host(tmp_path):
   streamed = jaxtile.stream(f, max_bytes=60_000)
   text = str(streamed.explain(x))
   assert "needs the whole image" in text and "to a temporary file" in text, text
-  # The norm's reductions and the elementwise ops between them are one segment on the host,
-  # which keeps its full-size `(y - mean) ** 2` to itself.
+  # The norm's reductions and the elementwise ops between them are one segment, run in bands
+  # of rows: the mean in one pass, the centred variance, which reads it, in a second.
   assert text.count("streamed on the device") == 2, text
-  assert text.count("whole, on the host's CPU") == 1 and " 3 segments" in text, text
+  assert "2 passes over them for its statistics (reduce_sum x2)" in text, text
+  assert " 3 segments" in text, text
+  assert "whole, on the host" not in text, text
   out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32,
                                   shape=whole.shape)
   streamed(x, out=out, progress=False)
@@ -570,7 +573,96 @@ def test_norms_with_batch_statistics_or_repeated_group_statistics_spill():
     streamed = jaxtile.stream(f, max_bytes=20_000)
     text = str(streamed.explain(x))
     assert text.count("streamed on the device") == 2, text
+    # The batch norm's statistics run in bands of rows; the group norm's reshape merges the
+    # rows with the columns, which bands cannot split, so it runs whole on the host.
+    assert ("whole, on the host's CPU" in text) == (norm is group_norm), text
     assert_same(streamed(x, progress=False), untiled(f, x))
+
+
+class _Recording:
+  """A host image that records the shape of each read."""
+
+  def __init__(self, array):
+    self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+  def __getitem__(self, index):
+    block = self.array[index]
+    self.reads.append(block.shape)
+    return block
+
+
+def _centred_norm(y):  # per sample and channel: jnp.var's centred form reads the mean
+  mean = y.mean(axis=(1, 2), keepdims=True)
+  return (y - mean) * lax.rsqrt(((y - mean) ** 2).mean(axis=(1, 2), keepdims=True) + 1e-5)
+
+
+def _group_norm(y, groups=4):  # flax's GroupNorm: the mean of squares beside the mean
+  grouped = y.reshape(*y.shape[:-1], groups, y.shape[-1] // groups)
+  mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+  var = (grouped ** 2).mean(axis=(1, 2, 4), keepdims=True) - mean ** 2
+  return ((grouped - mean) * lax.rsqrt(var + 1e-5)).reshape(y.shape)
+
+
+def _max_norm(y):  # over the batch too, with a max
+  return y / jnp.max(jnp.abs(y), axis=(0, 1, 2))
+
+
+@pytest.mark.parametrize("norm, passes", [
+    (_centred_norm, "2 passes over them for its statistics (reduce_sum x2)"),
+    (_group_norm, "1 pass over them for its statistics (reduce_sum x2), then one writing"),
+    (_max_norm, "1 pass over them for its statistics (reduce_max)")])
+def test_a_norms_statistics_are_passes_over_bands_of_rows(norm, passes):
+  """A norm's statistics need every position of the image, but not all at once: the segment
+  that computes them runs in passes over bands of rows, one pass per level of statistics (a
+  centred variance reads the mean). The image, on the host, is never read whole."""
+  w = jax.random.normal(jax.random.key(24), (3, 3, 8, 4)) * 0.3
+  f = lambda x: _conv(jax.nn.relu(norm(x)), w)
+  x = np.random.default_rng(25).normal(size=(2, 64, 40, 8)).astype(np.float32) + 0.5
+  image = _Recording(x)
+  streamed = jaxtile.stream(f, max_bytes=60_000)
+  text = str(streamed.explain(image))
+  assert passes in text and "on the device in" in text, text
+  assert "whole, on the host" not in text, text
+  image.reads.clear()
+  assert_same(streamed(image, progress=False), untiled(f, x))
+  assert image.reads and max(shape[1] for shape in image.reads) < x.shape[1] // 2, image.reads
+
+
+def test_a_global_pool_ending_the_function_streams_into_a_small_out():
+  """A classifier's head: a global max pool over a conv's output, plus the image's mean. The
+  last segment is statistics only, run in bands; its small result is what `out` receives."""
+  w = jax.random.normal(jax.random.key(28), (3, 3, 3, 8))
+  f = lambda x: (jnp.max(jax.nn.relu(_conv(x, w)), axis=(1, 2))
+                 + jnp.mean(x, axis=(1, 2, 3))[:, None])
+  x = np.random.default_rng(29).normal(size=(2, 64, 48, 3)).astype(np.float32)
+  streamed = jaxtile.stream(f, max_bytes=30_000)
+  text = str(streamed.explain(x))
+  assert "1 pass over them for its statistics (reduce_max, reduce_sum)" in text, text
+  assert_same(streamed(x, progress=False), untiled(f, x))
+  out = np.zeros((2, 8), np.float32)
+  assert streamed(x, out=out, progress=False) is None
+  assert_same(out, untiled(f, x))
+
+
+def test_equinox_group_norms_run_in_bands_of_rows_under_vmap():
+  """equinox's `GroupNorm` on (C, H, W), vmapped: it splits the channels into (G, C // G, H, W),
+  moving the rows to another axis, and takes a centred variance (two passes). Each norm's
+  segment runs in bands, and several bands per pass, so each pass runs its own program."""
+  eqx = pytest.importorskip("equinox")
+  keys = jax.random.split(jax.random.key(26), 2)
+  block = eqx.nn.Sequential([eqx.nn.Conv2d(3, 8, 3, padding=1, key=keys[0]),
+                             eqx.nn.GroupNorm(4, 8), eqx.nn.Lambda(jax.nn.silu),
+                             eqx.nn.Conv2d(8, 4, 3, padding=1, key=keys[1]),
+                             eqx.nn.GroupNorm(2, 4)])
+  f = jax.vmap(block)
+  x = np.random.default_rng(27).normal(size=(2, 3, 40, 24)).astype(np.float32)
+  streamed = jaxtile.stream(f, max_bytes=30_000)
+  text = str(streamed.explain(x))
+  assert text.count("2 passes over them for its statistics") == 2, text
+  assert "whole, on the host" not in text, text
+  bands = [int(b) for b in re.findall(r"in (\d+) bands of", text)]
+  assert len(bands) == 2 and min(bands) > 2, text
+  assert_same(streamed(x, progress=False), untiled(f, x))
 
 
 def test_a_full_size_value_that_is_no_image_is_refused():

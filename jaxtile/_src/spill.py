@@ -4,7 +4,9 @@ When the image's equations hold an op that needs the whole image (a norm's stati
 reduction over space, a reshape), `stream` cuts them into *segments* at such ops, in order: runs
 of local equations and runs of the others. A local segment with one output streams tile by tile
 on the device (`Streamed`, its own tile program), into a temporary `.npy` file on the host's
-disk, or into `out` when it is the last; any other segment runs whole on the host's CPU
+disk, or into `out` when it is the last. A segment of a norm's statistics (elementwise ops and
+reductions over the image) runs in passes over bands of rows on the device (`bands`), its
+full-size results into temporary files too; any other segment runs whole on the host's CPU
 (`jax.devices("cpu")`), its results in host memory. A full-size value between segments thus
 lives on the host, in memory or a temporary file, never on the device; `explain` says which.
 Only the last segment writes `out` and keeps a journal, so a resumed run computes the segments
@@ -23,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxtile._src import _compat
+from jaxtile._src import bands as bands_lib
 from jaxtile._src import region as region_lib
 from jaxtile._src import stream as stream_lib
 
@@ -43,7 +46,7 @@ class SpillPlan:
   each runs (a `StreamPlan`, or None: whole, on the host's CPU), and the full-size values kept on
   the host between them. `str()` prints it."""
   segments: tuple[Segment, ...]
-  plans: tuple[Optional[stream_lib.StreamPlan], ...]
+  plans: tuple[Any, ...]  # per segment, a StreamPlan, a `bands.BandPlan`, or None (whole)
   first_global: str  # the first op that cannot be tiled, its source line and why
   result: Any  # fun's output aval
   _names: tuple = ()  # per segment, its equations' primitives
@@ -54,7 +57,9 @@ class SpillPlan:
              f"{len(self.segments)} segments: {self.first_global}, so "
              "full-size values between segments are spilled to the host, never to the device"]
     for k, (segment, plan) in enumerate(zip(self.segments, self.plans)):
-      if plan is not None:
+      if isinstance(plan, bands_lib.BandPlan):
+        lines.append(f"  segment {k}: {plan}")
+      elif plan is not None:
         body = str(plan).replace("\n", "\n    ")
         lines.append(f"  segment {k}: streamed on the device, tile by tile\n    {body}")
       else:
@@ -62,7 +67,9 @@ class SpillPlan:
         lines.append(f"  segment {k}: whole, on the host's CPU ({ops})")
       last = k == len(self.segments) - 1
       for v in segment.outputs:
-        where = "out" if last else ("a temporary file" if plan is not None else "host memory")
+        spilled = plan is not None and (not isinstance(plan, bands_lib.BandPlan)
+                                        or v in plan.band_pos)
+        where = "out" if last else ("a temporary file" if spilled else "host memory")
         lines.append(f"    -> {v.aval.str_short()} ({mib(v.aval):.1f} MiB) to {where}")
     return "\n".join(lines)
 
@@ -70,9 +77,7 @@ class SpillPlan:
 def segments(traced: stream_lib._Traced) -> list[Segment]:
   """The image equations cut into runs of local and other equations (see the module)."""
   jaxpr = traced.closed.jaxpr
-  eqns = [jaxpr.eqns[i] for i in traced.dep_eqns]
-  first_conv = next((e for e in eqns if _compat.is_conv(e)), None)
-  layout = None if first_conv is None else region_lib._conv_layout(first_conv)[0]
+  layout = _layout(traced)
   runs: list[list[int]] = []
   kinds: list[bool] = []
   # Broadcasts of small values to an activation's shape run with their reader, on its windows.
@@ -123,6 +128,13 @@ def segments(traced: stream_lib._Traced) -> list[Segment]:
   return out
 
 
+def _layout(traced: stream_lib._Traced) -> Optional[region_lib.Layout]:
+  """The layout of the first conv's input, None without a conv."""
+  eqns = [traced.closed.jaxpr.eqns[i] for i in traced.dep_eqns]
+  first_conv = next((e for e in eqns if _compat.is_conv(e)), None)
+  return None if first_conv is None else region_lib._conv_layout(first_conv)[0]
+
+
 def _cut_carried(jaxpr, run: list[int], layout) -> list[list[int]]:
   """`run`, local equations, cut after each value that a later stage of its part reads
   (`stream.carried`), first made first."""
@@ -170,7 +182,7 @@ class Spilled:
     jaxpr = self.traced.closed.jaxpr
     # One sub-`Streamed` per segment, kept by `streamed` for calls of the same function at the
     # same shapes, so that their compiled tile programs are reused too.
-    text = str(jaxpr)
+    self.text = text = str(jaxpr)
     self.subs = []
     for k, s in enumerate(self.segments):
       sub = None
@@ -181,6 +193,12 @@ class Spilled:
               _segment_fun(jaxpr, s), streamed._policy, streamed._devices,
               tuple(range(len(s.inputs))), streamed._prefetch, spill=False)
       self.subs.append(sub)
+    # A segment that cannot stream tile by tile runs in bands of rows where it can (`bands`).
+    layout, max_bytes = _layout(self.traced), streamed._policy().max_bytes
+    self.bands = [
+        None if sub is not None or layout is None else bands_lib.plan(
+            jaxpr, s.eqns, s.inputs, s.outputs, layout, max_bytes)
+        for s, sub in zip(self.segments, self.subs)]
 
   def _smalls(self, segment: Segment, host: Optional[dict] = None) -> list:
     """Its small operands: parameters and their casts (computed once), and small values of the
@@ -193,8 +211,8 @@ class Spilled:
   def plan(self) -> SpillPlan:
     """Each local segment's `StreamPlan` (None where it cannot stream), at abstract shapes."""
     plans = []
-    for segment, sub in zip(self.segments, self.subs):
-      plan = None
+    for segment, sub, bands in zip(self.segments, self.subs, self.bands):
+      plan = bands
       if sub is not None:
         inputs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in segment.inputs]
         try:
@@ -229,16 +247,31 @@ class Spilled:
           stream_lib._Expanded(source, self.traced.expand[k]) if k in self.traced.expand
           else source)
     cpu = jax.devices("cpu")[0]
+    device = (self.streamed._devices or jax.local_devices())[0]
     stats = stream_lib.StreamStats()
     with tempfile.TemporaryDirectory(prefix="jaxtile-spill-") as tmp:
-      for k, (segment, sub) in enumerate(zip(self.segments, self.subs)):
+      spill = lambda k, v: np.lib.format.open_memmap(
+          pathlib.Path(tmp) / f"segment{k}_{len(host)}.npy", mode="w+", dtype=v.aval.dtype,
+          shape=v.aval.shape)
+      for k, (segment, sub, bands) in enumerate(zip(self.segments, self.subs, self.bands)):
         last = k == len(self.segments) - 1
         inputs = [host[v] for v in segment.inputs]
+        if bands is not None:
+          made = {}
+          sink = lambda v, k=k, last=last: made.setdefault(
+              v, out if last and v is jaxpr.outvars[0] else spill(k, v))
+          smalls = dict(zip(segment.smalls, self._smalls(segment, host)))
+          programs = self.streamed._segments.setdefault((self.text, k, "bands"), {})
+          known = bands_lib.run(jaxpr, bands, dict(zip(segment.inputs, inputs)), smalls, sink,
+                                device, programs)
+          for v in segment.outputs:
+            host[v] = made[v] if v in made else known[v]
+          if last and jaxpr.outvars[0] not in made:
+            out[(slice(None),) * len(out.shape)] = host[jaxpr.outvars[0]]
+          continue
         if sub is not None:
           (v,) = segment.outputs
-          target = out if last else np.lib.format.open_memmap(
-              pathlib.Path(tmp) / f"segment{k}.npy", mode="w+", dtype=v.aval.dtype,
-              shape=v.aval.shape)
+          target = out if last else spill(k, v)
           try:
             sub(*inputs, *self._smalls(segment, host), out=target, progress=progress,
                 resume=resume and last, journal=journal if last else None)

@@ -860,7 +860,7 @@ class Streamed:
                prefetch: Optional[int], spill: bool = True):
     self.fun, self._policy, self._devices, self._argnums = fun, policy, devices, argnums
     self._prefetch, self._spill = prefetch, spill
-    self._segments: dict = {}  # (jaxpr text, index) -> the Streamed of a spilled segment
+    self._segments: dict = {}  # (jaxpr text, index[, "bands"]) -> a spilled segment's program
     self._programs: dict = {}
     self.last_stats: Optional[StreamStats] = None
     self.__wrapped__ = fun
