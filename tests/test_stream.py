@@ -628,6 +628,29 @@ def test_a_norms_statistics_are_passes_over_bands_of_rows(norm, passes):
   assert image.reads and max(shape[1] for shape in image.reads) < x.shape[1] // 2, image.reads
 
 
+def test_a_banded_segment_writes_each_full_size_result_to_its_own_file():
+  """Two full-size values made between a norm's reductions (the centred value and its square)
+  and both read by the convs after them: the banded segment writes each into a temporary file
+  of its own."""
+  keys = jax.random.split(jax.random.key(30), 3)
+  w1, w2, w3 = (jax.random.normal(k, s) * 0.3 for k, s in zip(
+      keys, [(3, 3, 3, 8), (3, 3, 8, 4), (3, 3, 8, 4)]))
+
+  def f(x):
+    y = _conv(x, w1)
+    centred = y - y.mean(axis=(1, 2), keepdims=True)
+    square = centred * centred
+    scale = lax.rsqrt(square.mean(axis=(1, 2), keepdims=True) + 1e-5)
+    return _conv(centred * scale, w2) + _conv(square, w3)
+
+  x = np.random.default_rng(31).normal(size=(2, 48, 40, 3)).astype(np.float32)
+  streamed = jaxtile.stream(f, max_bytes=30_000)
+  text = str(streamed.explain(x))
+  assert "2 passes over them for its statistics (reduce_sum x2)" in text, text
+  assert text.count("(0.1 MiB) to a temporary file") == 3, text  # y, centred, square
+  assert_same(streamed(x, progress=False), untiled(f, x))
+
+
 def test_a_global_pool_ending_the_function_streams_into_a_small_out():
   """A classifier's head: a global max pool over a conv's output, plus the image's mean. The
   last segment is statistics only, run in bands; its small result is what `out` receives."""

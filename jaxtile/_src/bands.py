@@ -242,12 +242,12 @@ def _pass_fun(bands: BandPlan, eqns, inputs, smalls, outputs, rows: int) -> Call
   return fun
 
 
-def run(jaxpr, bands: BandPlan, sources: dict, known: dict, sink: Callable[[Any], Any],
-        device, programs: dict) -> dict:
+def run(jaxpr, bands: BandPlan, sources: dict, known: dict, sinks: dict, device,
+        programs: dict) -> dict:
   """Runs `bands`: `sources` (variable -> host array of a full-size input, read a band at a
-  time), `known` (variable -> value: the parameters and statistics the segment reads), `sink(v)`
-  the array-like that a full-size output `v` is written into; `programs` keeps the jitted
-  passes for the next call. Returns `known` with the segment's values of no row added."""
+  time), `known` (variable -> value: the parameters and statistics the segment reads), `sinks`
+  (variable -> the array-like that full-size output is written into); `programs` keeps the
+  jitted passes for the next call. Returns `known` with the segment's values of no row added."""
   known = dict(known)
   small_eqns = [jaxpr.eqns[i] for i in bands.eqns
                 if not any(v in bands.band_pos for v in jaxpr.eqns[i].outvars)
@@ -265,7 +265,7 @@ def run(jaxpr, bands: BandPlan, sources: dict, known: dict, sink: Callable[[Any]
     red_eqns = [jaxpr.eqns[i] for i in reductions]
     values = jax.device_put([np.asarray(known[v]) for v in smalls], device)
     totals: list = [None] * len(red_eqns)
-    targets = [sink(v) for v in outputs]
+    targets = [sinks[v] for v in outputs]
     for start in range(0, bands.extent, bands.rows):
       rows = min(bands.rows, bands.extent - start)
       if (n, rows) not in programs:  # the last band may be shorter

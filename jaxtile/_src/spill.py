@@ -16,6 +16,7 @@ before it again.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import pathlib
 import tempfile
@@ -250,20 +251,21 @@ class Spilled:
     device = (self.streamed._devices or jax.local_devices())[0]
     stats = stream_lib.StreamStats()
     with tempfile.TemporaryDirectory(prefix="jaxtile-spill-") as tmp:
-      spill = lambda k, v: np.lib.format.open_memmap(
-          pathlib.Path(tmp) / f"segment{k}_{len(host)}.npy", mode="w+", dtype=v.aval.dtype,
+      files = itertools.count()
+      temporary = lambda v: np.lib.format.open_memmap(
+          pathlib.Path(tmp) / f"value{next(files)}.npy", mode="w+", dtype=v.aval.dtype,
           shape=v.aval.shape)
       for k, (segment, sub, bands) in enumerate(zip(self.segments, self.subs, self.bands)):
         last = k == len(self.segments) - 1
         inputs = [host[v] for v in segment.inputs]
         if bands is not None:
-          made = {}
-          sink = lambda v, k=k, last=last: made.setdefault(
-              v, out if last and v is jaxpr.outvars[0] else spill(k, v))
+          # Its full-size results go to temporary files, or to `out` for the function's.
+          made = {v: out if last and v is jaxpr.outvars[0] else temporary(v)
+                  for v in segment.outputs if v in bands.band_pos}
           smalls = dict(zip(segment.smalls, self._smalls(segment, host)))
           programs = self.streamed._segments.setdefault((self.text, k, "bands"), {})
-          known = bands_lib.run(jaxpr, bands, dict(zip(segment.inputs, inputs)), smalls, sink,
-                                device, programs)
+          known = bands_lib.run(jaxpr, bands, dict(zip(segment.inputs, inputs)), smalls,
+                                made, device, programs)
           for v in segment.outputs:
             host[v] = made[v] if v in made else known[v]
           if last and jaxpr.outvars[0] not in made:
@@ -271,7 +273,7 @@ class Spilled:
           continue
         if sub is not None:
           (v,) = segment.outputs
-          target = out if last else spill(k, v)
+          target = out if last else temporary(v)
           try:
             sub(*inputs, *self._smalls(segment, host), out=target, progress=progress,
                 resume=resume and last, journal=journal if last else None)
