@@ -63,11 +63,11 @@ def files(tmp_path):
   return model, tmp_path / "in.zarr"
 
 
-def _untiled(model, image: np.ndarray) -> np.ndarray:
+def _untiled(model, image: np.ndarray, function: str = "forward") -> np.ndarray:
   spec = importlib.util.spec_from_file_location("stream_cli_reference", model)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return np.asarray(module.forward(image))
+  return np.asarray(getattr(module, function)(image))
 
 
 def _stream(model, source, output, *flags, function="forward"):
@@ -116,6 +116,25 @@ def test_stream_npy_input_and_output_tiled_by_max_bytes(files, capsys):
   np.testing.assert_allclose(np.load(output), _untiled(model, image), rtol=1e-6, atol=1e-5)
 
 
+def test_stream_a_function_with_a_norm_in_segments(files, capsys):
+  """A function with ops that need the whole image (a norm's mean) streams in segments, as
+  `jaxtile.stream` runs it: --explain prints them, the output is the untiled function's."""
+  model, source = files
+  output = source.parent / "out.zarr"
+  assert _stream(model, source, output, *TILE, "--explain", function="normalised") == 0
+  out = capsys.readouterr().out
+  assert "in 2 segments: `reduce_sum` at" in out and "needs the whole image" in out, out
+  # The last segment writes its output in bands of rows, not tiles: zarr chooses the chunks.
+  assert "1 pass over them for its statistics (reduce_sum), then one writing" in out, out
+  assert out.splitlines()[-1] == f"  output {output}: to be created", out
+  assert _stream(model, source, output, *TILE, "--no-progress", function="normalised") == 0
+  tiles, skipped = _counts(capsys.readouterr().out)
+  assert tiles == 16 and skipped == 0
+  out = zarr.open_array(str(output), mode="r")
+  expected = _untiled(model, zarr.open_array(str(source), mode="r")[...], "normalised")
+  np.testing.assert_allclose(out[...], expected, rtol=1e-6, atol=1e-5)
+
+
 def test_stream_explain_prints_the_plan_and_writes_nothing(files, capsys):
   model, source = files
   output = source.parent / "out.zarr"
@@ -160,8 +179,6 @@ BAD = {
     "output is the input": (_nothing, "forward", ["--output", "{d}/in.zarr"],
                             "--output is the input"),
     "no output": (_nothing, "forward", [], "stream needs --output"),
-    "not spatially local": (_nothing, "normalised", ["--output", "{d}/out.zarr"],
-                            "normalised is not spatially local `reduce_sum` at"),
     "a parameter to pass": (_nothing, "with_weights", ["--output", "{d}/out.zarr"],
                             "FUNCTION must take the image alone, but with_weights(x, w) does not"),
     "no tile within max-bytes": (_nothing, "forward",

@@ -468,28 +468,42 @@ def open_output(text: str, needed: jax.ShapeDtypeStruct, source: pathlib.Path,
   return out
 
 
-def _chunks(plan: stream_lib.StreamPlan) -> tuple[int, ...]:
-  """One output tile along each spatial dim; the whole batch and channel dims."""
+def _output_aval(plan) -> tuple[tuple[int, ...], np.dtype]:
+  """The shape and dtype of what `plan` (a `StreamPlan` or a `SpillPlan`) writes."""
+  if isinstance(plan, stream_lib.StreamPlan):
+    return tuple(plan.out_shape), np.dtype(plan.out_dtype)
+  return tuple(plan.result.shape), np.dtype(plan.result.dtype)
+
+
+def _chunks(plan) -> Optional[tuple[int, ...]]:
+  """One output tile along each spatial dim, the whole batch and channel dims; None (zarr's
+  choice) where the output is not written a tile at a time (a `SpillPlan` whose last segment
+  does not stream)."""
+  if not isinstance(plan, stream_lib.StreamPlan):
+    plan = plan.plans[-1]
+    if not isinstance(plan, stream_lib.StreamPlan):
+      return None
   chunks = list(plan.out_shape)
   for d, a in enumerate(plan.layout.spatial):
     chunks[a] = plan.tile[d]
   return tuple(chunks)
 
 
-def create_output(text: str, plan: stream_lib.StreamPlan):
+def create_output(text: str, plan):
   """A new zarr array (a .npy file by its suffix) of the plan's output, chunked like its tiles."""
+  shape, dtype = _output_aval(plan)
   try:
     if pathlib.Path(text).suffix.lower() == ".npy":
-      return np.lib.format.open_memmap(text, mode="w+", dtype=plan.out_dtype,
-                                       shape=plan.out_shape)
+      return np.lib.format.open_memmap(text, mode="w+", dtype=dtype, shape=shape)
     zarr = _zarr("--output", text)
-    return zarr.open_array(text, mode="w", shape=plan.out_shape, dtype=plan.out_dtype,
-                           chunks=_chunks(plan))
+    chunks = _chunks(plan)
+    return zarr.open_array(text, mode="w", shape=shape, dtype=dtype,
+                           chunks=True if chunks is None else chunks)
   except UsageError:
     raise
   except Exception as e:  # a directory that cannot be made, a dtype zarr cannot store
     raise UsageError("cannot create --output",
-                     f"{text} ({_describe(plan.out_shape, plan.out_dtype)}): "
+                     f"{text} ({_describe(shape, dtype)}): "
                      f"{type(e).__name__}: {_one_line(e)}") from e
 
 
@@ -527,9 +541,7 @@ def _stream(ns: argparse.Namespace) -> int:
     raise UsageError("stream needs --output", "the output image is written there",
                      "pass --output PATH.zarr (or PATH.npy), or --explain to print the plan only")
   try:
-    # spill=False: the command creates its output from the plan of one chain of tiles.
-    streamed = stream_lib.stream(fun, max_bytes=ns.max_bytes, tile_shape=ns.tile_shape,
-                                 spill=False)
+    streamed = stream_lib.stream(fun, max_bytes=ns.max_bytes, tile_shape=ns.tile_shape)
     out = None if ns.output is None else open_output(ns.output, needed, pathlib.Path(ns.input),
                                                      writable=not ns.explain)
     if ns.explain:
@@ -540,9 +552,10 @@ def _stream(ns: argparse.Namespace) -> int:
         print(f"  output {ns.output}: exists" + (
             f", chunks {'x'.join(map(str, chunks))}" if chunks else ""))
       elif ns.output is not None:
+        chunks = _chunks(plan)
         print(f"  output {ns.output}: to be created" + (
-            "" if pathlib.Path(ns.output).suffix.lower() == ".npy" else
-            f", chunks {'x'.join(map(str, _chunks(plan)))}"))
+            "" if pathlib.Path(ns.output).suffix.lower() == ".npy" or chunks is None else
+            f", chunks {'x'.join(map(str, chunks))}"))
       return 0
     resume = ns.resume
     if out is None:
