@@ -44,10 +44,10 @@ class Segment:
 @dataclasses.dataclass(frozen=True, eq=False)
 class SpillPlan:
   """What `stream` does with a function that needs the whole image somewhere: its segments, how
-  each runs (a `StreamPlan`, or None: whole, on the host's CPU), and the full-size values kept on
-  the host between them. `str()` prints it."""
+  each runs (a `StreamPlan`, a `BandPlan`, or None: whole, on the host's CPU), and the full-size
+  values kept on the host between them. `str()` prints it."""
   segments: tuple[Segment, ...]
-  plans: tuple[Any, ...]  # per segment, a StreamPlan, a `bands.BandPlan`, or None (whole)
+  plans: tuple[Any, ...]  # per segment
   first_global: str  # the first op that cannot be tiled, its source line and why
   result: Any  # fun's output aval
   _names: tuple = ()  # per segment, its equations' primitives
@@ -210,7 +210,8 @@ class Spilled:
     return [host[v] if v in host else self.statics[v] for v in segment.smalls]
 
   def plan(self) -> SpillPlan:
-    """Each local segment's `StreamPlan` (None where it cannot stream), at abstract shapes."""
+    """Each local segment's `StreamPlan` (None where it cannot stream) and each other
+    segment's `BandPlan` (None where it runs whole), at abstract shapes."""
     plans = []
     for segment, sub, bands in zip(self.segments, self.subs, self.bands):
       plan = bands
