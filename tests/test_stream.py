@@ -609,8 +609,10 @@ def _max_norm(y):  # over the batch too, with a max
 
 @pytest.mark.parametrize("norm, passes", [
     (_centred_norm, "2 passes over them for its statistics (reduce_sum x2)"),
-    (_group_norm, "1 pass over them for its statistics (reduce_sum x2), then one writing"),
-    (_max_norm, "1 pass over them for its statistics (reduce_max)")])
+    (_group_norm, "1 pass over them for its statistics (reduce_sum x2)\n"),
+    (_max_norm, "1 pass over them for its statistics (reduce_max)"),
+    (lambda y: jax.nn.standardize(y, axis=(1, 2)),
+     "1 pass over them for its statistics (reduce_sum x2)")])
 def test_a_norms_statistics_are_passes_over_bands_of_rows(norm, passes):
   """A norm's statistics need every position of the image, but not all at once: the segment
   that computes them runs in passes over bands of rows, one pass per level of statistics (a
@@ -651,6 +653,21 @@ def test_a_banded_segment_writes_each_full_size_result_to_its_own_file():
   assert_same(streamed(x, progress=False), untiled(f, x))
 
 
+def test_bfloat16_sums_over_bands_are_added_in_float64():
+  """A bfloat16 sum over the image, in 96 bands of one row: the bands' partial sums are added
+  in float64 and rounded to bfloat16 once (NumPy does not take bfloat16 for a float type, so
+  they were added in bfloat16: 1.9% off the exact sum)."""
+  w = (jax.random.normal(jax.random.key(36), (3, 3, 3, 8)) * 0.3).astype(jnp.bfloat16)
+  act = lambda x: jax.nn.relu(_conv(x, w))
+  f = lambda x: lax.reduce_sum(act(x), (1, 2))
+  x = np.random.default_rng(37).normal(size=(1, 96, 64, 3)).astype(jnp.bfloat16)
+  streamed = jaxtile.stream(f, max_bytes=2_000)
+  assert "in 96 bands of 1 row of 96" in str(streamed.explain(x))
+  exact = np.asarray(jax.jit(act)(x)).astype(np.float64).sum((1, 2))
+  got = np.asarray(streamed(x, progress=False)).astype(np.float64)
+  np.testing.assert_allclose(got, exact, rtol=2**-8)  # bfloat16's rounding, once
+
+
 def test_a_global_pool_ending_the_function_streams_into_a_small_out():
   """A classifier's head: a global max pool over a conv's output, plus the image's mean. The
   last segment is statistics only, run in bands; its small result is what `out` receives."""
@@ -665,6 +682,34 @@ def test_a_global_pool_ending_the_function_streams_into_a_small_out():
   out = np.zeros((2, 8), np.float32)
   assert streamed(x, out=out, progress=False) is None
   assert_same(out, untiled(f, x))
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_a_pooled_vector_scaling_a_later_conv_streams(layout):
+  """Squeeze-excitation's shape: a globally pooled (N, C) vector, and the image's (N,) mean,
+  scaling the output of the next conv. Each statistic is another rank than the activations;
+  `bands` took the (N,) vector for the image (an IndexError), and the mean's division, which the
+  jaxpr interleaves with the conv, made the conv's segment run whole on the host."""
+  nchw = layout == "NCHW"
+  dn = ("NCHW", "OIHW", "NCHW") if nchw else DN
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+  keys = jax.random.split(jax.random.key(34), 2)
+  w1 = jax.random.normal(keys[0], (8, 3, 3, 3) if nchw else (3, 3, 3, 8)) * 0.3
+  w2 = jax.random.normal(keys[1], (8, 8, 3, 3) if nchw else (3, 3, 8, 8)) * 0.3
+  spatial = (2, 3) if nchw else (1, 2)
+
+  def f(x):
+    y = jax.nn.relu(conv(x, w1))
+    pooled = jnp.expand_dims(y.mean(axis=spatial), spatial)  # (N, C, 1, 1) or (N, 1, 1, C)
+    scale = x.mean(axis=(1, 2, 3))[:, None, None, None]
+    return conv(y, w2) * jax.nn.sigmoid(pooled) * scale
+
+  shape = (2, 3, 40, 24) if nchw else (2, 40, 24, 3)
+  x = np.random.default_rng(35).normal(size=shape).astype(np.float32) + 0.2
+  streamed = jaxtile.stream(f, tile_shape=(8, 8))
+  text = str(streamed.explain(x))
+  assert "whole, on the host" not in text and text.count("streamed on the device") == 2, text
+  assert_same(streamed(x, progress=False), untiled(f, x))
 
 
 def test_equinox_group_norms_run_in_bands_of_rows_under_vmap():
@@ -686,6 +731,22 @@ def test_equinox_group_norms_run_in_bands_of_rows_under_vmap():
   bands = [int(b) for b in re.findall(r"in (\d+) bands of", text)]
   assert len(bands) == 2 and min(bands) > 2, text
   assert_same(streamed(x, progress=False), untiled(f, x))
+
+
+def test_tiles_smaller_than_the_chunks_of_a_zarr_out_are_all_written(tmp_path):
+  """Tiles of 8x8 into a zarr array of one 48x48 chunk: writing part of a chunk reads, updates
+  and rewrites the whole chunk, so writer threads with tiles of one chunk overwrote each
+  other's (without a lock per chunk, a third or more of the pixels came back zero)."""
+  zarr = pytest.importorskip("zarr")
+  w = jax.random.normal(jax.random.key(32), (3, 3, 3, 4)) * 0.3
+  f = lambda x: _conv(x, w)
+  x = np.random.default_rng(33).normal(size=(1, 48, 48, 3)).astype(np.float32)
+  out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=(1, 48, 48, 4),
+                        dtype=np.float32, chunks=(1, 48, 48, 4))
+  streamed = jaxtile.stream(f, tile_shape=(8, 8))
+  assert streamed.explain(x, out=out).n_tiles == 36
+  streamed(x, out=out, progress=False)
+  assert_same(out[...], untiled(f, x))
 
 
 def test_a_full_size_value_that_is_no_image_is_refused():

@@ -187,6 +187,11 @@ Zero = _ad.Zero
 is_undefined_primal = _ad.is_undefined_primal
 
 
+def input_vars(eqn: JaxprEqn) -> list:
+  """`eqn`'s operands that are variables, not literals."""
+  return [v for v in eqn.invars if not isinstance(v, jex.core.Literal)]
+
+
 def eval_eqn(eqn: JaxprEqn, inputs) -> list:
   """The outputs of `eqn` on `inputs` (concrete or traced), as a list."""
   params = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) before jax 0.10

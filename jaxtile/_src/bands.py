@@ -29,6 +29,7 @@ import math
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxtile._src import _compat
@@ -74,21 +75,21 @@ def plan(jaxpr, eqns: Sequence[int], inputs: Sequence[Any], outputs: Sequence[An
   """`BandPlan` for the equations `eqns` of `jaxpr` reading full-size `inputs`, or None where one
   of them is not elementwise, a reshape or broadcast that leaves the rows alone, or a reduction
   over them (see the module)."""
-  if not inputs:
-    return None
   axis = layout.spatial[0]
+  rank = len(layout.spatial) + 2  # an input of another rank is an image of its own: not here
+  if not inputs or any(len(v.aval.shape) != rank for v in inputs):
+    return None
   full = tuple(inputs[0].aval.shape)
   extent = full[axis]
-  if extent < 2 or any(len(v.aval.shape) != len(full) or v.aval.shape[axis] != extent
-                       for v in inputs):
+  if extent < 2 or any(v.aval.shape[axis] != extent for v in inputs):
     return None
   pos = {v: axis for v in inputs}  # band values: their row axis
   level = {}  # variable -> the pass after which it is known (bands: the pass that can make it)
   reductions: dict[int, list[int]] = {}
   for i in eqns:
     e = jaxpr.eqns[i]
-    rows = [pos[v] for v in _vars(e) if v in pos]
-    at = max((level.get(v, 0) for v in _vars(e)), default=0)
+    rows = [pos[v] for v in _compat.input_vars(e) if v in pos]
+    at = max((level.get(v, 0) for v in _compat.input_vars(e)), default=0)
     if not rows:  # of the statistics and parameters alone, or a broadcast of them
       out = e.outvars[0].aval
       if len(e.outvars) == 1 and _is_full(out, full, axis):
@@ -120,17 +121,15 @@ def plan(jaxpr, eqns: Sequence[int], inputs: Sequence[Any], outputs: Sequence[An
   passes = tuple((tuple(reductions.get(k, ())), tuple(v for v in band_outs if level[v] == k))
                  for k in range(n))
   # A band holds every full-size value of the segment at once, at most: its rows fit max_bytes.
-  row_bytes = sum(math.prod(v.aval.shape) * np.dtype(v.aval.dtype).itemsize // extent
-                  for v in pos)
+  row_bytes = sum(_bytes(v.aval) // extent for v in pos)
   rows = int(max(1, min(extent, max_bytes // max(row_bytes, 1))))
   rows = -(-extent // -(-extent // rows))  # as many bands, of even height
   names = tuple(jaxpr.eqns[i].primitive.name for r, _ in passes for i in r)
   return BandPlan(tuple(eqns), pos, passes, rows, extent, names)
 
 
-def _vars(e) -> list:
-  """`e`'s operands that are variables, not literals."""
-  return [v for v in e.invars if not isinstance(v, _compat.Literal)]
+def _bytes(aval) -> int:
+  return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
 
 
 def _is_full(aval, full, axis) -> bool:
@@ -156,7 +155,7 @@ def _rows_after(e, p: int, pos: dict):
   if region_lib.is_elementwise(e) or region_lib._elementwise_body(e) is not None:
     # Operands are broadcast along their axes of extent 1 (`canonical.fold_broadcasts`): one
     # with rows has them where the result has, one without has one row.
-    for v in _vars(e):
+    for v in _compat.input_vars(e):
       shape = v.aval.shape
       if shape == ():
         continue
@@ -208,17 +207,17 @@ def _pass(jaxpr, bands: BandPlan, reductions, outputs) -> tuple[list, list, list
   reductions), the segment inputs they read, and the values of no row they read."""
   made = {v: i for i in bands.eqns for v in jaxpr.eqns[i].outvars}
   red_eqns = [jaxpr.eqns[i] for i in reductions]
-  need, stack = set(), [*(v for e in red_eqns for v in _vars(e)), *outputs]
+  need, stack = set(), [*(v for e in red_eqns for v in _compat.input_vars(e)), *outputs]
   while stack:
     v = stack.pop()
     i = made.get(v)
     if i is None or i in need or v not in bands.band_pos:
       continue
     need.add(i)
-    stack.extend(_vars(jaxpr.eqns[i]))
+    stack.extend(_compat.input_vars(jaxpr.eqns[i]))
   eqns = [*(jaxpr.eqns[i] for i in bands.eqns if i in need), *red_eqns]
   made = {v for e in eqns for v in e.outvars}
-  reads = [v for e in eqns for v in _vars(e) if v not in made]
+  reads = [v for e in eqns for v in _compat.input_vars(e) if v not in made]
   inputs = [v for v in dict.fromkeys(reads) if v in bands.band_pos]
   smalls = [v for v in dict.fromkeys(reads) if v not in bands.band_pos]
   return eqns, inputs, smalls
@@ -251,7 +250,7 @@ def run(jaxpr, bands: BandPlan, sources: dict, known: dict, sinks: dict, device,
   known = dict(known)
   small_eqns = [jaxpr.eqns[i] for i in bands.eqns
                 if not any(v in bands.band_pos for v in jaxpr.eqns[i].outvars)
-                and not any(v in bands.band_pos for v in _vars(jaxpr.eqns[i]))]
+                and not any(v in bands.band_pos for v in _compat.input_vars(jaxpr.eqns[i]))]
 
   def settle():  # the values of no row whose inputs are known
     for e in small_eqns:
@@ -274,7 +273,7 @@ def run(jaxpr, bands: BandPlan, sources: dict, known: dict, sinks: dict, device,
       partial, outs = programs[n, rows](jax.device_put(windows, device), values)
       for j, (e, part) in enumerate(zip(red_eqns, partial)):
         part = np.asarray(part)
-        if np.issubdtype(part.dtype, np.floating):
+        if jnp.issubdtype(part.dtype, jnp.floating):  # bfloat16 too, which NumPy's is not
           part = part.astype(np.float64)
         totals[j] = part if totals[j] is None else _COMBINE[e.primitive.name](totals[j], part)
       for v, target, value in zip(outputs, targets, outs):

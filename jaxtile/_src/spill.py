@@ -20,7 +20,7 @@ import itertools
 import math
 import pathlib
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -79,13 +79,29 @@ def segments(traced: stream_lib._Traced) -> list[Segment]:
   """The image equations cut into runs of local and other equations (see the module)."""
   jaxpr = traced.closed.jaxpr
   layout = _layout(traced)
+  full = _full_size(traced, layout)
   runs: list[list[int]] = []
   kinds: list[bool] = []
   # Broadcasts of small values to an activation's shape run with their reader, on its windows.
   on_windows = ({} if layout is None else stream_lib.window_broadcasts(
       jaxpr, traced.dep_eqns, traced.static_eqns, layout))
+  # Arithmetic on statistics alone (a mean's division, a broadcast of a pooled vector) runs
+  # with the reductions that make them, not among the local equations the jaxpr interleaves
+  # them with: a local run then has one output, and streams.
+  statistic = lambda e: not any(full(v) for v in [*e.outvars, *_compat.input_vars(e)])
+  order: list[int] = []
   for i in traced.dep_eqns:
-    local = stream_lib._stage_kind(jaxpr.eqns[i], layout) is not None
+    e = jaxpr.eqns[i]
+    at = len(order)
+    if statistic(e):
+      made = {v for j in order for v in jaxpr.eqns[j].outvars}
+      reads = set(_compat.input_vars(e)) & made
+      at = max((n + 1 for n, j in enumerate(order)
+                if reads & set(jaxpr.eqns[j].outvars)), default=0)
+    order.insert(at, i)
+  for i in order:
+    local = (stream_lib._stage_kind(jaxpr.eqns[i], layout) is not None
+             and not statistic(jaxpr.eqns[i]))
     if not runs or kinds[-1] != local:
       runs.append([])
       kinds.append(local)
@@ -107,26 +123,32 @@ def segments(traced: stream_lib._Traced) -> list[Segment]:
       merged_runs.append(list(run))
       merged_kinds.append(local)
   runs, kinds = merged_runs, merged_kinds
-  # Full-size values: an image's or what an image equation makes, unless it is small (a norm's
-  # statistics: size 1 along every spatial dim), which segments take like parameters.
-  dependent = set(traced.image_vars)
-  for i in traced.dep_eqns:
-    dependent.update(jaxpr.eqns[i].outvars)
-  if layout is not None:
-    dependent = {v for v in dependent if len(v.aval.shape) != len(layout.spatial) + 2
-                 or not region_lib._is_small(v.aval, layout, len(v.aval.shape))}
+  dependent = {v for i in traced.dep_eqns for v in jaxpr.eqns[i].outvars if full(v)}
+  dependent.update(traced.image_vars)
   uses = region_lib._uses(jaxpr)
   out = []
   for run, local in zip(runs, kinds):
     made = {v for i in run for v in jaxpr.eqns[i].outvars}
     reads = dict.fromkeys(v for i in run for v in jaxpr.eqns[i].invars
                           if not isinstance(v, _compat.Literal) and v not in made)
-    later = run[-1]
+    inside = set(run)  # read outside the run: by a later one (runs are in dependency order)
     outputs = tuple(v for v in dict.fromkeys(v for i in run for v in jaxpr.eqns[i].outvars)
-                    if any(u > later for u in uses.get(v, [])))
+                    if any(u not in inside for u in uses.get(v, [])))
     out.append(Segment(tuple(run), local, tuple(v for v in reads if v in dependent),
                        tuple(v for v in reads if v not in dependent), outputs))
   return out
+
+
+def _full_size(traced: stream_lib._Traced, layout) -> Callable[[Any], bool]:
+  """Whether a value is full-size: an image, or what image equations make at the activations'
+  rank unless it is small (a norm's statistics: size 1 along every spatial dim). Segments take
+  the others like parameters: statistics of another rank ((N,) or (N, C) after a global pool),
+  or what only whole segments read (a reshape to (N, H * W, C) for attention)."""
+  images = set(traced.image_vars)
+  rank = None if layout is None else len(layout.spatial) + 2
+  return lambda v: v in images or not isinstance(v, _compat.Literal) and (
+      rank is None or len(v.aval.shape) == rank
+      and not region_lib._is_small(v.aval, layout, rank))
 
 
 def _layout(traced: stream_lib._Traced) -> Optional[region_lib.Layout]:

@@ -1013,6 +1013,29 @@ def _check_aligned(out, plan: StreamPlan) -> None:
           "divide the tile (or pass tile_shape= as a multiple of them).")
 
 
+class _ChunkLocks:
+  """A lock per chunk of a chunked `out` along the spatial dims. A chunked store (a zarr
+  array) writes part of a chunk by reading, updating and rewriting the whole chunk (a zarr
+  shard, where it has them), so two writer threads with parts of one chunk would lose one's
+  part: a tile's writer holds the locks of the chunks its box touches, taken in order."""
+
+  def __init__(self, out, spatial: Sequence[int]):
+    grid = getattr(out, "shards", None) or getattr(out, "chunks", None)
+    ok = isinstance(grid, tuple) and len(grid) == len(out.shape)
+    self.grid = tuple(grid[a] for a in spatial) if ok else None
+    self._locks: dict = collections.defaultdict(threading.Lock)
+    self._lock = threading.Lock()
+
+  def of(self, start, stop) -> list:
+    """The locks of the chunks that the box [start, stop) (per spatial dim) touches."""
+    if self.grid is None:
+      return []
+    keys = itertools.product(*(range(a // c, -(-b // c))
+                               for a, b, c in zip(start, stop, self.grid)))
+    with self._lock:
+      return [self._locks[k] for k in sorted(keys)]
+
+
 def _io_threads() -> int:
   """Readers (and writers): half the host's cores, at least 2 and at most 8."""
   return max(2, min(8, (os.cpu_count() or 2) // 2))
@@ -1053,6 +1076,7 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
   # Results waiting for a writer: each holds a tile on its device, so the queue bounds them.
   pending: queue.Queue = queue.Queue(maxsize=len(devices) + io_threads)
   done = threading.Lock()
+  chunk_locks = _ChunkLocks(out, out_spatial)
 
   def write_loop():
     while True:
@@ -1072,7 +1096,14 @@ def _run(plan, analysis, leaves, smalls, out, todo, devices, log, stats, progres
           begin = start[d] - offsets[-1][d]
           cut[a] = slice(begin, begin + stop[d] - start[d])
           target[a] = slice(start[d], stop[d])
-        out[tuple(target)] = tile[tuple(cut)]  # tiles write disjoint boxes: no lock
+        locks = chunk_locks.of(start, stop)  # tiles write disjoint boxes, chunks may be shared
+        for lock in locks:
+          lock.acquire()
+        try:
+          out[tuple(target)] = tile[tuple(cut)]
+        finally:
+          for lock in locks:
+            lock.release()
         with done:
           if log is not None:
             log.add(t)
