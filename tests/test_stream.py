@@ -712,6 +712,28 @@ def test_a_pooled_vector_scaling_a_later_conv_streams(layout):
   assert_same(streamed(x, progress=False), untiled(f, x))
 
 
+@pytest.mark.parametrize("norm", ["LayerNorm", "InstanceNorm", "RMSNorm"])
+def test_flax_norms_after_a_conv_leave_no_segment_whole(norm):
+  """flax's LayerNorm, InstanceNorm and RMSNorm square the conv's output beside it, both read
+  after the conv: the conv's run had two outputs, so it ran whole on the host's CPU. The square
+  now runs with the norm's segment, in bands."""
+  nn = pytest.importorskip("flax.linen")
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      y = getattr(nn, norm)()(nn.Conv(8, (3, 3))(x))
+      return nn.Conv(4, (3, 3))(jax.nn.relu(y))
+
+  x = np.random.default_rng(38).normal(size=(2, 40, 24, 3)).astype(np.float32)
+  model = Block()
+  params = model.init(jax.random.key(39), x)
+  streamed = jaxtile.stream(model.apply, max_bytes=20_000)
+  text = str(streamed.explain(params, x))
+  assert "whole, on the host" not in text and text.count("streamed on the device") == 2, text
+  assert_same(streamed(params, x, progress=False), np.asarray(jax.jit(model.apply)(params, x)))
+
+
 def test_equinox_group_norms_run_in_bands_of_rows_under_vmap():
   """equinox's `GroupNorm` on (C, H, W), vmapped: it splits the channels into (G, C // G, H, W),
   moving the rows to another axis, and takes a centred variance (two passes). Each norm's

@@ -20,7 +20,7 @@ import itertools
 import math
 import pathlib
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -123,20 +123,48 @@ def segments(traced: stream_lib._Traced) -> list[Segment]:
       merged_runs.append(list(run))
       merged_kinds.append(local)
   runs, kinds = merged_runs, merged_kinds
+  uses = region_lib._uses(jaxpr)
+  for n in range(len(runs) - 1):
+    if kinds[n] and not kinds[n + 1]:
+      _one_output(jaxpr, runs[n], runs[n + 1], uses)
   dependent = {v for i in traced.dep_eqns for v in jaxpr.eqns[i].outvars if full(v)}
   dependent.update(traced.image_vars)
-  uses = region_lib._uses(jaxpr)
   out = []
   for run, local in zip(runs, kinds):
     made = {v for i in run for v in jaxpr.eqns[i].outvars}
     reads = dict.fromkeys(v for i in run for v in jaxpr.eqns[i].invars
                           if not isinstance(v, _compat.Literal) and v not in made)
-    inside = set(run)  # read outside the run: by a later one (runs are in dependency order)
-    outputs = tuple(v for v in dict.fromkeys(v for i in run for v in jaxpr.eqns[i].outvars)
-                    if any(u not in inside for u in uses.get(v, [])))
+    outputs = _outputs(jaxpr, run, uses)
     out.append(Segment(tuple(run), local, tuple(v for v in reads if v in dependent),
                        tuple(v for v in reads if v not in dependent), outputs))
   return out
+
+
+def _outputs(jaxpr, run: Sequence[int], uses) -> tuple:
+  """The values `run` makes that other runs read (later ones: runs are in dependency order)."""
+  inside = set(run)
+  return tuple(v for v in dict.fromkeys(v for i in run for v in jaxpr.eqns[i].outvars)
+               if any(u not in inside for u in uses.get(v, [])))
+
+
+def _one_output(jaxpr, run: list[int], after: list[int], uses) -> None:
+  """Moves equations of `run` (local) to the start of `after` (the whole run after it) until
+  `run` has one output, so that it streams: a conv's output and its square, both read by a
+  norm after it (flax's LayerNorm), leave the square to the norm's segment. Only equations
+  that are no conv and that nothing in `run` reads move, those read by `after` alone first."""
+  while len(_outputs(jaxpr, run, uses)) > 1:
+    inside = set(run)
+    read = {v for i in run for v in _compat.input_vars(jaxpr.eqns[i])}
+    movable = [i for i in run if not _compat.is_conv(jaxpr.eqns[i])
+               and not any(v in read for v in jaxpr.eqns[i].outvars)]
+    if not movable:
+      return
+    by_after = set(after)
+    alone = [i for i in movable if all(u in by_after or u in inside
+                                       for v in jaxpr.eqns[i].outvars for u in uses.get(v, []))]
+    i = (alone or movable)[-1]
+    run.remove(i)
+    after.insert(0, i)
 
 
 def _full_size(traced: stream_lib._Traced, layout) -> Callable[[Any], bool]:
