@@ -308,8 +308,11 @@ def test_a_unet_streams_with_its_skips_spilled_to_the_host(tmp_path):
     (np.zeros((1, 64, 48, 3), np.float32), r"out has shape \(1, 64, 48, 3\), but fun's output "
      r"is \(1, 64, 48, 2\)"),
     (np.zeros((1, 64, 48, 2), np.float16), "out has dtype float16, but fun's output is float32"),
+    (np.zeros((1, 64, 48, 2), np.float32).view(), "read-only"),  # made read-only below
 ])
 def test_a_wrong_output_store(out, message):
+  if message == "read-only":
+    out.flags.writeable = False  # a memmap opened with mode="r"
   with pytest.raises(jaxtile.StreamError, match=message):
     jaxtile.stream(worker.network())(worker.image(), out=out)
 
@@ -333,6 +336,9 @@ def test_bad_arguments():
     jaxtile.stream(lambda x: _conv(x, jnp.ones((3, 3, 4, 1))))(np.zeros((1, 8, 8, 3)))
   with pytest.raises(jaxtile.StreamError, match="tile_shape=.* has 3 entries"):
     jaxtile.stream(f, tile_shape=(4, 4, 4))(x)
+  with pytest.raises(jaxtile.StreamError, match=r"must return one array .* returns PyTreeDef\("
+                     r"\{'y': \*\}\); return the array itself"):
+    jaxtile.stream(lambda x: {"y": f(x)})(x)  # it returned the bare array
 
 
 def test_argnums_streams_a_device_array():

@@ -320,12 +320,15 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
   traced = [i for i, a in enumerate(operands) if a is not None]
   avals = [operands[i] for i in traced]
   static = list(leaves)
+  returned = []  # the structure of fun's result
 
   def flat(*traced_leaves):
     every = list(static)
     for i, x in zip(traced, traced_leaves):
       every[i] = x
-    return fun(*jax.tree_util.tree_unflatten(treedef, every))
+    result = fun(*jax.tree_util.tree_unflatten(treedef, every))
+    returned.append(jax.tree_util.tree_structure(result))
+    return result
 
   # From here on the leaves are the traced ones, in the order of the jaxpr's inputs.
   leaves = [leaves[i] for i in traced]
@@ -345,6 +348,9 @@ def _trace(fun: Callable, args: Sequence[Any], argnums) -> _Traced:
   if len(jaxpr.outvars) != 1 or isinstance(jaxpr.outvars[0], _compat.Literal):
     raise StreamError(f"stream: fun must return one array (the streamed image), but it returns "
                       f"{len(jaxpr.outvars)} values.")
+  if not jax.tree_util.treedef_is_leaf(returned[0]):  # one array in a dict or a list
+    raise StreamError(f"stream: fun must return one array (the streamed image), but it returns "
+                      f"{returned[0]}; return the array itself.")
 
   # Unit axes added to an image (`x[None]`: a batch axis for the convs) are not tiled: the image
   # is read through a view with them (`_Expanded`), and likewise the output of a final squeeze
@@ -998,6 +1004,9 @@ def _check_out(out, shape: tuple[int, ...], dtype) -> None:
     raise StreamError(f"stream: out has dtype {got}, but fun's output is {dtype}.")
   if not hasattr(out, "__setitem__"):
     raise StreamError(f"stream: out (a {type(out).__name__}) does not take out[index] = block.")
+  if isinstance(out, np.ndarray) and not out.flags.writeable:
+    raise StreamError(f"stream: out (a {type(out).__name__}) is read-only; open it for writing "
+                      "(a memmap with mode='r+' or 'w+').")
 
 
 def _check_aligned(out, plan: StreamPlan) -> None:
