@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from jax import lax
 
 import jaxtile
@@ -738,6 +739,84 @@ def test_flax_norms_after_a_conv_leave_no_segment_whole(norm):
   text = str(streamed.explain(params, x))
   assert "whole, on the host" not in text and text.count("streamed on the device") == 2, text
   assert_same(streamed(params, x, progress=False), np.asarray(jax.jit(model.apply)(params, x)))
+
+
+NORMS = ("none", "instance", "groups", "layer", "max", "standardize", "batch")
+
+
+@st.composite
+def _networks(draw):
+  """A random network of convs (1x1 or 3x3, stride 1 or 2), activations, norms of every kind
+  `spill` and `bands` meet, squeeze-excitation scales and residual adds, in either layout."""
+  blocks = draw(st.lists(st.tuples(
+      st.sampled_from([1, 3]), st.sampled_from([4, 8]), st.sampled_from([1, 1, 1, 2]),
+      st.sampled_from(["relu", "silu", "none"]), st.sampled_from(NORMS), st.booleans(),
+      st.booleans()), min_size=2, max_size=4))
+  shape = (draw(st.integers(1, 2)), draw(st.integers(12, 40)), draw(st.integers(12, 40)))
+  return (draw(st.sampled_from(["NHWC", "NCHW"])), shape, blocks,
+          draw(st.sampled_from([8_000, 20_000, 60_000])), draw(st.integers(0, 2**16)))
+
+
+def _network(layout, blocks, seed):
+  nchw = layout == "NCHW"
+  dn = ("NCHW", "OIHW", "NCHW") if nchw else DN
+  spatial, channel = ((2, 3), 1) if nchw else ((1, 2), 3)
+  keys = iter(jax.random.split(jax.random.key(seed), 2 * len(blocks)))
+  layers, c_in = [], 3
+  for k, c_out, stride, act, norm, se, residual in blocks:
+    shape = (c_out, c_in, k, k) if nchw else (k, k, c_in, c_out)
+    layers.append((jax.random.normal(next(keys), shape) * (2 / (k * k * c_in)) ** 0.5,
+                   stride, act, norm, se, residual and stride == 1 and c_in == c_out))
+    c_in = c_out
+
+  def normed(y, norm):
+    if norm == "instance":  # the centred variance: two passes
+      mean = y.mean(axis=spatial, keepdims=True)
+      return (y - mean) * lax.rsqrt(((y - mean) ** 2).mean(axis=spatial, keepdims=True) + 1e-5)
+    if norm == "groups":  # flax's GroupNorm of 2 groups: the mean of squares beside the mean
+      split = y.shape[:channel] + (2, y.shape[channel] // 2) + y.shape[channel + 1:]
+      g = y.reshape(split)
+      axes = tuple(a + (a > channel) for a in spatial) + (channel + 1,)
+      mean = g.mean(axis=axes, keepdims=True)
+      var = (g ** 2).mean(axis=axes, keepdims=True) - mean ** 2
+      return ((g - mean) * lax.rsqrt(var + 1e-5)).reshape(y.shape)
+    if norm == "layer":  # over the channels alone: local
+      mean = y.mean(axis=channel, keepdims=True)
+      return (y - mean) * lax.rsqrt(y.var(axis=channel, keepdims=True) + 1e-5)
+    if norm == "max":
+      return y / (jnp.max(jnp.abs(y), axis=spatial, keepdims=True) + 1e-3)
+    if norm == "standardize":
+      return jax.nn.standardize(y, axis=spatial)
+    if norm == "batch":  # over the batch too
+      axes = (0, *spatial)
+      return (y - y.mean(axis=axes, keepdims=True)) / (y.std(axis=axes, keepdims=True) + 1e-3)
+    return y
+
+  def f(x):
+    for w, stride, act, norm, se, residual in layers:
+      y = lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=dn)
+      y = {"relu": jax.nn.relu, "silu": jax.nn.silu, "none": lambda v: v}[act](normed(y, norm))
+      if se:
+        y = y * jax.nn.sigmoid(y.mean(axis=spatial, keepdims=True))
+      x = x + y if residual else y
+    return x
+
+  return f
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, database=None)
+@given(_networks())
+def test_random_networks_with_norms_stream_like_untiled(network):
+  """Random networks of convs and norms of every kind, streamed (spilled, norms in bands)
+  against `jax.jit` of the same function: sums over bands are added in another order, hence
+  the tolerance."""
+  layout, (n, h, w), blocks, max_bytes, seed = network
+  f = _network(layout, blocks, seed)
+  shape = (n, 3, h, w) if layout == "NCHW" else (n, h, w, 3)
+  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+  want = untiled(f, x)
+  got = jaxtile.stream(f, max_bytes=max_bytes)(x, progress=False)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=str(network))
 
 
 def test_equinox_group_norms_run_in_bands_of_rows_under_vmap():

@@ -205,12 +205,12 @@ def _band_eval(e, args, rows: Optional[int], p_out):
 def _pass(jaxpr, bands: BandPlan, reductions, outputs) -> tuple[list, list, list]:
   """A pass's equations on bands (those its reductions and `outputs` need, in order, then the
   reductions), the segment inputs they read, and the values of no row they read."""
-  made = {v: i for i in bands.eqns for v in jaxpr.eqns[i].outvars}
+  maker = {v: i for i in bands.eqns for v in jaxpr.eqns[i].outvars}
   red_eqns = [jaxpr.eqns[i] for i in reductions]
   need, stack = set(), [*(v for e in red_eqns for v in _compat.input_vars(e)), *outputs]
   while stack:
     v = stack.pop()
-    i = made.get(v)
+    i = maker.get(v)
     if i is None or i in need or v not in bands.band_pos:
       continue
     need.add(i)

@@ -311,15 +311,15 @@ class Spilled:
         inputs = [host[v] for v in segment.inputs]
         if bands is not None:
           # Its full-size results go to temporary files, or to `out` for the function's.
-          made = {v: out if last and v is jaxpr.outvars[0] else temporary(v)
-                  for v in segment.outputs if v in bands.band_pos}
+          sinks = {v: out if last and v is jaxpr.outvars[0] else temporary(v)
+                   for v in segment.outputs if v in bands.band_pos}
           smalls = dict(zip(segment.smalls, self._smalls(segment, host)))
           programs = self.streamed._segments.setdefault((self.text, k, "bands"), {})
           known = bands_lib.run(jaxpr, bands, dict(zip(segment.inputs, inputs)), smalls,
-                                made, device, programs)
+                                sinks, device, programs)
           for v in segment.outputs:
-            host[v] = made[v] if v in made else known[v]
-          if last and jaxpr.outvars[0] not in made:
+            host[v] = sinks[v] if v in sinks else known[v]
+          if last and jaxpr.outvars[0] not in sinks:
             out[(slice(None),) * len(out.shape)] = host[jaxpr.outvars[0]]
           continue
         if sub is not None:
