@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxtile._src import _compat
 from jaxtile._src import region as region_lib
+from jaxtile._src import stream as stream_lib
 
 _COMBINE = {"reduce_sum": np.add, "reduce_max": np.maximum, "reduce_min": np.minimum}
 
@@ -121,15 +122,12 @@ def plan(jaxpr, eqns: Sequence[int], inputs: Sequence[Any], outputs: Sequence[An
   passes = tuple((tuple(reductions.get(k, ())), tuple(v for v in band_outs if level[v] == k))
                  for k in range(n))
   # A band holds every full-size value of the segment at once, at most: its rows fit max_bytes.
-  row_bytes = sum(_bytes(v.aval) // extent for v in pos)
+  row_bytes = sum(region_lib._aval_bytes(v.aval.shape, v.aval.dtype) // extent for v in pos)
   rows = int(max(1, min(extent, max_bytes // max(row_bytes, 1))))
   rows = -(-extent // -(-extent // rows))  # as many bands, of even height
   names = tuple(jaxpr.eqns[i].primitive.name for r, _ in passes for i in r)
   return BandPlan(tuple(eqns), pos, passes, rows, extent, names)
 
-
-def _bytes(aval) -> int:
-  return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
 
 
 def _is_full(aval, full, axis) -> bool:
@@ -269,7 +267,8 @@ def run(jaxpr, bands: BandPlan, sources: dict, known: dict, sinks: dict, device,
       rows = min(bands.rows, bands.extent - start)
       if (n, rows) not in programs:  # the last band may be shorter
         programs[n, rows] = jax.jit(_pass_fun(bands, eqns, inputs, smalls, outputs, rows))
-      windows = [_band(sources[v], start, rows, bands.band_pos[v]) for v in inputs]
+      windows = [stream_lib.read_window(sources[v], (start,), (rows,), (bands.band_pos[v],))
+                 for v in inputs]
       partial, outs = programs[n, rows](jax.device_put(windows, device), values)
       for j, (e, part) in enumerate(zip(red_eqns, partial)):
         part = np.asarray(part)
@@ -284,8 +283,3 @@ def run(jaxpr, bands: BandPlan, sources: dict, known: dict, sinks: dict, device,
     settle()
   return known
 
-
-def _band(source, start: int, rows: int, axis: int) -> np.ndarray:
-  index = [slice(None)] * len(source.shape)
-  index[axis] = slice(start, start + rows)
-  return np.ascontiguousarray(np.asarray(source[tuple(index)]))
