@@ -1009,9 +1009,16 @@ def _check_out(out, shape: tuple[int, ...], dtype) -> None:
                       "(a memmap with mode='r+' or 'w+').")
 
 
+def _write_grid(out) -> Optional[tuple[int, ...]]:
+  """The blocks a chunked `out` (a zarr array) rewrites whole for a partial write: its shards
+  where it has them, else its chunks; None for an array that writes in place."""
+  grid = getattr(out, "shards", None) or getattr(out, "chunks", None)
+  return tuple(grid) if isinstance(grid, tuple) and len(grid) == len(out.shape) else None
+
+
 def _check_aligned(out, plan: StreamPlan) -> None:
   """Processes must not write parts of one chunk: their read-modify-writes would race."""
-  chunks = getattr(out, "chunks", None)
+  chunks = _write_grid(out)
   if chunks is None:
     return
   for d, a in enumerate(plan.layout.spatial):
@@ -1029,9 +1036,8 @@ class _ChunkLocks:
   part: a tile's writer holds the locks of the chunks its box touches, taken in order."""
 
   def __init__(self, out, spatial: Sequence[int]):
-    grid = getattr(out, "shards", None) or getattr(out, "chunks", None)
-    ok = isinstance(grid, tuple) and len(grid) == len(out.shape)
-    self.grid = tuple(grid[a] for a in spatial) if ok else None
+    grid = _write_grid(out)
+    self.grid = None if grid is None else tuple(grid[a] for a in spatial)
     self._locks: dict = collections.defaultdict(threading.Lock)
     self._lock = threading.Lock()
 
