@@ -653,6 +653,52 @@ def test_pads_with_zeros_and_crops_are_region_ops(channels_last):
                                err_msg=f"tile_convs(grad): argument {i}")
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
+def test_norms_over_the_channels_are_region_ops(channels_last):
+  # A LayerNorm over the channels (ConvNeXt's) reduces each position's features to a value of
+  # one feature, computes its mean and variance there and broadcasts them back; channel
+  # attention's mean and max over the features (CBAM's) are concatenated and convolved. Each is
+  # a pool over the features at one position (`canonical.keep_reduced_axes`), so the whole
+  # network is one region: its temporaries a fraction of untiled, its output and gradients
+  # the untiled program's. They used to end regions, holding what untiled holds.
+  feature = -1 if channels_last else 1
+  dn = ("NHWC", "HWIO", "NHWC") if channels_last else ("NCHW", "OIHW", "NCHW")
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+
+  def layer_norm(y):
+    mean = jnp.mean(y, axis=feature, keepdims=True)
+    var = jnp.mean(y * y, axis=feature, keepdims=True) - mean * mean
+    return (y - mean) * lax.rsqrt(jnp.maximum(var, 0.0) + 1e-6)
+
+  def f(x, w1, w2, w3, w4):
+    y = jax.nn.gelu(layer_norm(conv(x, w1)))
+    y = conv(y, w2)
+    att = jnp.concatenate([y.mean(axis=feature, keepdims=True),
+                           y.max(axis=feature, keepdims=True)], axis=feature)
+    y = y * jax.nn.sigmoid(conv(att, w3))
+    return conv(jax.nn.relu(y), w4)
+
+  rng = np.random.default_rng(6)
+  shape = (2, 64, 48, 3) if channels_last else (2, 3, 64, 48)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  kernel = lambda i, o: (3, 3, i, o) if channels_last else (o, i, 3, 3)
+  ws = [jnp.asarray(rng.normal(size=kernel(i, o)) / 3, jnp.float32)
+        for i, o in ((3, 16), (16, 16), (2, 1), (16, 4))]
+  budget = 200_000
+  report = jaxtile.explain(f, max_bytes=budget)(x, *ws)
+  (region,) = report.regions
+  assert len(region.convs) == 4 and region.tiles != (1, 1), report
+  tiled = jaxtile.tile_convs(f, max_bytes=budget)
+  temp = lambda g: jax.jit(g).lower(x, *ws).compile().memory_analysis().temp_size_in_bytes
+  assert temp(tiled) < temp(f) / 4, (temp(tiled), temp(f))
+  np.testing.assert_allclose(jax.jit(tiled)(x, *ws), jax.jit(f)(x, *ws), rtol=1e-5, atol=1e-5)
+  grads = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(g(*a))), argnums=range(5)))(
+      x, *ws)
+  for i, (got, want) in enumerate(zip(grads(tiled), grads(f))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
+                               err_msg=f"gradient w.r.t. argument {i}")
+
+
 def test_explain_reports_each_convs_input_halo_as_the_receptive_field_grows():
   # The halo of each conv's input window, against the receptive field measured independently:
   # the support of the gradient of one interior output tile's sum with respect to that conv's

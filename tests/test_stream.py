@@ -723,7 +723,8 @@ def test_a_pooled_vector_scaling_a_later_conv_streams(layout):
 def test_flax_norms_after_a_conv_leave_no_segment_whole(norm):
   """flax's LayerNorm, InstanceNorm and RMSNorm square the conv's output beside it, both read
   after the conv: the conv's run had two outputs, so it ran whole on the host's CPU. The square
-  now runs with the norm's segment, in bands."""
+  now runs with the instance norm's segment, in bands; LayerNorm and RMSNorm, over the channels
+  at each position, are ops of the tile program (`canonical.keep_reduced_axes`): no spill."""
   nn = pytest.importorskip("flax.linen")
 
   class Block(nn.Module):
@@ -736,8 +737,12 @@ def test_flax_norms_after_a_conv_leave_no_segment_whole(norm):
   model = Block()
   params = model.init(jax.random.key(39), x)
   streamed = jaxtile.stream(model.apply, max_bytes=20_000)
-  text = str(streamed.explain(params, x))
-  assert "whole, on the host" not in text and text.count("streamed on the device") == 2, text
+  plan = streamed.explain(params, x)
+  if norm == "InstanceNorm":
+    text = str(plan)
+    assert "whole, on the host" not in text and text.count("streamed on the device") == 2, text
+  else:
+    assert isinstance(plan, jaxtile.StreamPlan) and plan.n_tiles > 1, str(plan)
   assert_same(streamed(params, x, progress=False), np.asarray(jax.jit(model.apply)(params, x)))
 
 

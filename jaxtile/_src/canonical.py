@@ -26,6 +26,12 @@ so that a region (`region.find_regions`) sees the ops it can hold.
 * A conversion of a literal (`fold_literal_converts`) is a literal. `jnp.pad` is a call that
   converts its padding value (a literal at the call) to the image's dtype; inlined, its `pad`
   reads a literal zero, which a region reads as a shift of windows (`region._shift_window`).
+* A reduction over one axis whose result comes back to its operand's rank with that axis of
+  extent 1 (`keep_reduced_axes`) keeps the axis. flax's LayerNorm sums over the channels to
+  (N, H, W), computes its mean and variance there and broadcasts them back to (N, H, W, 1);
+  a region holds values of its activations' rank only. As a `reduce_window` over the whole
+  axis, with the arithmetic at (N, H, W, 1), it is a pool that reads no neighbour
+  (`region._pool_ok`).
 * A broadcast that repeats a scalar or a small operand (`place_broadcasts`) is made again
   just before each equation that reads it. A differentiated program makes its zeros
   (`select_n(mask, zeros, g)` for a relu) and its cotangent seed as full-size broadcasts of a
@@ -144,6 +150,99 @@ def fold_broadcasts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
     live.update(v for v in e.invars if not isinstance(v, _compat.Literal))
     kept.append(e)
   return _compat.replace_jaxpr(jaxpr, eqns=kept[::-1])
+
+
+_KEPT = {"reduce_sum": lax.reduce_window_sum_p, "reduce_max": lax.reduce_window_max_p,
+         "reduce_min": lax.reduce_window_min_p}
+
+
+def keep_reduced_axes(jaxpr: _compat.Jaxpr, elementwise) -> _compat.Jaxpr:
+  """`jaxpr` with each reduction over one axis a (`_KEPT`) whose values (its result, and what
+  equations `elementwise(eqn)` accepts make of it and of scalars) are read by nothing but those
+  equations and broadcasts that put a back with extent 1, rewritten to keep the axis: a
+  `reduce_window` over all of a, the equations at that rank, the broadcasts dropped. Values
+  joined by an equation are rewritten together or not at all."""
+  key: dict = {}  # value -> (a, the reduction's operand shape)
+  for e in jaxpr.eqns:
+    ins = _compat.input_vars(e)
+    if (e.primitive.name in _KEPT and len(e.params["axes"]) == 1 and ins[0].aval.ndim >= 2
+        and ins[0] not in key):
+      key[e.outvars[0]] = (int(e.params["axes"][0]), tuple(ins[0].aval.shape))
+    elif elementwise(e) and len(e.outvars) == 1 and any(v in key for v in ins):
+      keys = {key[v] for v in ins if v in key}
+      if len(keys) == 1 and all(v in key or v.aval.ndim == 0 for v in ins):
+        (k,) = keys
+        if tuple(e.outvars[0].aval.shape) == _dropped(k):
+          key[e.outvars[0]] = k
+  if not key:
+    return jaxpr
+  # Groups of values joined by equations; a group read by anything else stays as it is.
+  group = {v: v for v in key}
+
+  def find(v):
+    while group[v] is not v:
+      group[v] = group[group[v]]
+      v = group[v]
+    return v
+
+  for e in jaxpr.eqns:
+    if e.outvars and e.outvars[0] in key:
+      for v in _compat.input_vars(e):
+        if v in key:
+          group[find(v)] = find(e.outvars[0])
+  bad = {find(v) for v in jaxpr.outvars if not isinstance(v, _compat.Literal) and v in key}
+  for e in jaxpr.eqns:
+    ok = (e.outvars and e.outvars[0] in key) or _puts_back(e, key)
+    if not ok:
+      bad.update(find(v) for v in _compat.input_vars(e) if v in key)
+  kept = {v for v in key if find(v) not in bad}
+  if not kept:
+    return jaxpr
+  new, alias, eqns = {}, {}, []
+  for e in jaxpr.eqns:
+    invars = [alias.get(v, new.get(v, v)) if not isinstance(v, _compat.Literal) else v
+              for v in e.invars]
+    out = e.outvars[0] if e.outvars else None
+    if out in kept:
+      a, shape = key[out]
+      new[out] = _compat.new_var(_compat.with_shape(out.aval, _kept_shape(key[out])))
+      if e.primitive.name in _KEPT:
+        n = len(shape)
+        e = _compat.replace_eqn(e, primitive=_KEPT[e.primitive.name], params=dict(
+            window_dimensions=tuple(shape[i] if i == a else 1 for i in range(n)),
+            window_strides=(1,) * n, padding=((0, 0),) * n, base_dilation=(1,) * n,
+            window_dilation=(1,) * n))
+      eqns.append(_compat.replace_eqn(e, invars=invars, outvars=[new[out]]))
+    elif _puts_back(e, key) and e.invars[0] in kept:
+      alias[out] = new[e.invars[0]]  # the same shape: the value at its kept rank
+    else:
+      eqns.append(_compat.replace_eqn(e, invars=invars) if invars != list(e.invars) else e)
+  outvars = [alias.get(v, v) if not isinstance(v, _compat.Literal) else v
+             for v in jaxpr.outvars]
+  return _compat.replace_jaxpr(jaxpr, eqns=eqns, outvars=outvars)
+
+
+def _dropped(key) -> tuple[int, ...]:
+  a, shape = key
+  return shape[:a] + shape[a + 1:]
+
+
+def _kept_shape(key) -> tuple[int, ...]:
+  a, shape = key
+  return shape[:a] + (1,) + shape[a + 1:]
+
+
+def _puts_back(eqn, key: dict) -> bool:
+  """A broadcast of a value of `key` that puts its reduced axis back with extent 1."""
+  if eqn.primitive.name != "broadcast_in_dim" or eqn.params.get("sharding") is not None:
+    return False
+  x = eqn.invars[0]
+  if isinstance(x, _compat.Literal) or x not in key:
+    return False
+  a, shape = key[x]
+  return (tuple(eqn.params["shape"]) == _kept_shape(key[x])
+          and tuple(eqn.params["broadcast_dimensions"]) == tuple(
+              i for i in range(len(shape)) if i != a))
 
 
 def _placed_broadcast(eqn) -> bool:

@@ -468,14 +468,22 @@ def _makes_input(eqn, layout: Layout) -> bool:
     return False
   out = eqn.outvars[0]
   return len(eqn.outvars) == 1 and all(
-      isinstance(v, _compat.Literal) or v.aval.shape == out.aval.shape
+      isinstance(v, _compat.Literal) or _windowed_like(v.aval.shape, out.aval.shape, layout)
       or _is_small(v.aval, layout, len(out.aval.shape)) for v in eqn.invars)
+
+
+def _windowed_like(shape, out_shape, layout: Layout) -> bool:
+  """A full-size operand an elementwise op reads a window of at its output's: of the output's
+  shape, or of one feature (a LayerNorm's statistics, `canonical.keep_reduced_axes`)."""
+  return len(shape) == len(out_shape) and all(
+      n == m or (a == layout.feature and n == 1) for a, (n, m) in enumerate(zip(shape, out_shape)))
 
 
 def _is_local(eqn, values, layout: Layout) -> bool:
   """An elementwise equation reading at least one of `values`, its other operands small or
-  values of its shape (a loss's target: they become inputs, read a window at a time); or a
-  feature concatenation reading at least one of `values` (its others become inputs)."""
+  values it reads a window of (`_windowed_like`; a loss's target: they become inputs, read a
+  window at a time); or a feature concatenation reading at least one of `values` (its others
+  become inputs)."""
   if _is_concat(eqn, layout):
     spatial = lambda v: tuple(v.aval.shape[a] for a in layout.spatial)
     out = eqn.outvars[0]
@@ -491,7 +499,8 @@ def _is_local(eqn, values, layout: Layout) -> bool:
   rank = len(shape)
   full = [v for v in eqn.invars if not isinstance(v, _compat.Literal)
           and not _is_small(v.aval, layout, rank)]
-  return any(v in values for v in full) and all(v.aval.shape == shape for v in full)
+  return any(v in values for v in full) and all(
+      _windowed_like(v.aval.shape, shape, layout) for v in full)
 
 
 # Pooling, with the value its padding stands for (the reduction's identity).
@@ -578,13 +587,15 @@ def _region_upsample(eqn, values, layout: Layout) -> bool:
 
 
 def _pool_ok(eqn, layout: Layout) -> bool:
-  """A pool that acts on spatial dims alone, without base dilation."""
+  """A pool that acts on spatial dims alone, or reduces every feature at one position (a
+  LayerNorm's sums, `canonical.keep_reduced_axes`), without base dilation."""
   p = eqn.params
-  other = (layout.batch, layout.feature)
+  features = eqn.invars[0].aval.shape[layout.feature]
   return (all(d == 1 for d in p["base_dilation"])
-          and all(p["window_dimensions"][i] == 1 and p["window_strides"][i] == 1
+          and all(p["window_dimensions"][i] in ((1, features) if i == layout.feature else (1,))
+                  and p["window_strides"][i] == 1
                   and tuple(p["padding"][i]) == (0, 0) and p["window_dilation"][i] == 1
-                  for i in other))
+                  for i in (layout.batch, layout.feature)))
 
 
 def _conv_layout(eqn) -> tuple[Layout, Layout]:
@@ -734,8 +745,8 @@ def canonical_form(jaxpr) -> upsample.Grouped:
   jaxpr = canonical.fold_literal_converts(canonical.inline_calls(_compat.dce(jaxpr), inlined))
   grouped = upsample.group(canonical.drop_round_trips(canonical.sink_splits(jaxpr,
                                                                             is_elementwise)))
-  return upsample.Grouped(canonical.place_broadcasts(canonical.fold_broadcasts(grouped.jaxpr),
-                                                     is_elementwise), grouped.originals)
+  jaxpr = canonical.keep_reduced_axes(canonical.fold_broadcasts(grouped.jaxpr), is_elementwise)
+  return upsample.Grouped(canonical.place_broadcasts(jaxpr, is_elementwise), grouped.originals)
 
 
 def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
