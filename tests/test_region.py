@@ -697,6 +697,13 @@ def test_norms_over_the_channels_are_region_ops(channels_last):
   for i, (got, want) in enumerate(zip(grads(tiled), grads(f))):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
                                err_msg=f"gradient w.r.t. argument {i}")
+  # Differentiated by JAX first, the program is exact too (a feature pool's transpose, a pad
+  # and a pool along the features, ends a region there: it holds what untiled holds).
+  loss = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=range(5))
+  for i, (got, want) in enumerate(zip(
+      jax.jit(jaxtile.tile_convs(loss, max_bytes=budget))(x, *ws), jax.jit(loss)(x, *ws))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
+                               err_msg=f"tile_convs(grad): argument {i}")
 
 
 def test_explain_reports_each_convs_input_halo_as_the_receptive_field_grows():
