@@ -706,6 +706,29 @@ def test_norms_over_the_channels_are_region_ops(channels_last):
                                err_msg=f"tile_convs(grad): argument {i}")
 
 
+def test_a_max_over_the_channels_has_the_untiled_gradients_at_the_image_edges():
+  # `y - max(y)` over the features at each position: a max pool over the features with no
+  # spatial window. Filled with the max's identity outside the image, as a pool with a window
+  # is, its edge tiles computed -inf - -inf there: masked away in the output, but NaN in every
+  # gradient. A pool that reads no neighbour is not filled.
+  def f(x, w1, w2):
+    y = _c(x, w1)
+    return _c(jax.nn.gelu(y - jnp.max(y, axis=-1, keepdims=True)), w2)
+
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(1, 24, 20, 3)), jnp.float32)
+  ws = [jnp.asarray(rng.normal(size=(k, k, i, o)) / 3, jnp.float32)
+        for k, i, o in ((1, 3, 4), (3, 4, 4))]
+  (region,) = jaxtile.explain(f, max_bytes=3_000)(x, *ws).regions
+  assert len(region.convs) == 2 and region.tiles != (1, 1)
+  grads = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(g(*a))), argnums=range(3)))(
+      x, *ws)
+  for i, (got, want) in enumerate(zip(grads(jaxtile.tile_convs(f, max_bytes=3_000)),
+                                      grads(f))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
+                               err_msg=f"gradient w.r.t. argument {i}")
+
+
 def test_explain_reports_each_convs_input_halo_as_the_receptive_field_grows():
   # The halo of each conv's input window, against the receptive field measured independently:
   # the support of the gradient of one interior output tile's sum with respect to that conv's

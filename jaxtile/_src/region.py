@@ -586,6 +586,16 @@ def _region_upsample(eqn, values, layout: Layout) -> bool:
           and (values is None or eqn.invars[0] in values))
 
 
+def _reads_neighbours(eqn, layout: Layout) -> bool:
+  """A pool whose output at a position reads other positions (or padding): its input needs
+  the reduction's identity outside the image. One that reads no neighbour (a LayerNorm's sums
+  over the features, `canonical.keep_reduced_axes`) needs nothing there: filled with -inf for
+  a max, its outside positions would be NaN after `x - max(x)`, and so would gradients."""
+  p = eqn.params
+  return any(p["window_dimensions"][a] != 1 or tuple(p["padding"][a]) != (0, 0)
+             for a in layout.spatial)
+
+
 def _pool_ok(eqn, layout: Layout) -> bool:
   """A pool that acts on spatial dims alone, or reduces every feature at one position (a
   LayerNorm's sums, `canonical.keep_reduced_axes`), without base dilation."""
@@ -1858,7 +1868,8 @@ def compute_tile(plan: RegionPlan, o, windows, smalls, fast: bool, outside=None,
         end[a] = begin[a] + width[d]
       val = lax.slice(val, begin, end)
     padded_by = (0 if _compat.is_conv(e) or _shift_window(e, layout) is not None
-                 else _POOLS.get(e.primitive.name))
+                 else _POOLS[e.primitive.name] if _is_pool(e) and _reads_neighbours(e, layout)
+                 else None)
     if (padded_by is not None and (v not in plan.inputs or padded_by != 0)
         and (outside is None or outside(v, shift, width))):
       starts = [o[d] * plan.scale[v][d] + shift[d] for d in range(k)]
