@@ -620,6 +620,15 @@ def _padded_net(channels_last):
   return f
 
 
+def _assert_same_gradients(tiled, f, *args):
+  """The gradients of sum(sin(.)) of `tiled` and `f` with respect to every argument agree."""
+  grads = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(g(*a))),
+                                     argnums=range(len(args))))(*args)
+  for i, (got, want) in enumerate(zip(grads(tiled), grads(f))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
+                               err_msg=f"gradient w.r.t. argument {i}")
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
 def test_pads_with_zeros_and_crops_are_region_ops(channels_last):
   # A pad's border is zeros, a crop drops positions: both shift the window a tile reads, and the
@@ -639,12 +648,7 @@ def test_pads_with_zeros_and_crops_are_region_ops(channels_last):
     assert len(region.convs) == 3 and region.tiles != (1, 1), report
     np.testing.assert_allclose(jax.jit(jaxtile.tile_convs(f, max_bytes=budget))(x, *ws),
                                jax.jit(f)(x, *ws), rtol=1e-5, atol=1e-5)
-  grads = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(g(*a))), argnums=range(4)))(
-      x, *ws)
-  for i, (got, want) in enumerate(zip(grads(jaxtile.tile_convs(f, max_bytes=12_000)),
-                                      grads(f))):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
-                               err_msg=f"gradient w.r.t. argument {i}")
+  _assert_same_gradients(jaxtile.tile_convs(f, max_bytes=12_000), f, x, *ws)
   # Differentiated by JAX first, the crops' and pads' transposes are region ops too.
   loss = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=range(4))
   for i, (got, want) in enumerate(zip(
@@ -692,11 +696,7 @@ def test_norms_over_the_channels_are_region_ops(channels_last):
   temp = lambda g: jax.jit(g).lower(x, *ws).compile().memory_analysis().temp_size_in_bytes
   assert temp(tiled) < temp(f) / 4, (temp(tiled), temp(f))
   np.testing.assert_allclose(jax.jit(tiled)(x, *ws), jax.jit(f)(x, *ws), rtol=1e-5, atol=1e-5)
-  grads = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(g(*a))), argnums=range(5)))(
-      x, *ws)
-  for i, (got, want) in enumerate(zip(grads(tiled), grads(f))):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
-                               err_msg=f"gradient w.r.t. argument {i}")
+  _assert_same_gradients(tiled, f, x, *ws)
   # Differentiated by JAX first, the program is exact too (a feature pool's transpose, a pad
   # and a pool along the features, ends a region there: it holds what untiled holds).
   loss = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=range(5))
@@ -721,12 +721,7 @@ def test_a_max_over_the_channels_has_the_untiled_gradients_at_the_image_edges():
         for k, i, o in ((1, 3, 4), (3, 4, 4))]
   (region,) = jaxtile.explain(f, max_bytes=3_000)(x, *ws).regions
   assert len(region.convs) == 2 and region.tiles != (1, 1)
-  grads = lambda g: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(g(*a))), argnums=range(3)))(
-      x, *ws)
-  for i, (got, want) in enumerate(zip(grads(jaxtile.tile_convs(f, max_bytes=3_000)),
-                                      grads(f))):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()),
-                               err_msg=f"gradient w.r.t. argument {i}")
+  _assert_same_gradients(jaxtile.tile_convs(f, max_bytes=3_000), f, x, *ws)
 
 
 def test_explain_reports_each_convs_input_halo_as_the_receptive_field_grows():
