@@ -1706,10 +1706,9 @@ def _zeros_after(shape, dtype, *after):
   alive across the statistics passes that run between (the VAE decoder's forward held 896 MiB
   with such a carry, 768 peeled). A backward loop's waits for the cotangent.
   """
-  flags = [a[(0,) * a.ndim] for a in after if jnp.issubdtype(a.dtype, jnp.inexact)]
-  if not flags:
+  nan = lower_lib.nan_flag(*after)
+  if nan is None:
     return None
-  nan = functools.reduce(lax.bitwise_or, [f != f for f in flags])
   return jnp.broadcast_to(nan.astype(dtype) * jnp.zeros((), dtype), shape)
 
 
