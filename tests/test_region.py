@@ -629,6 +629,34 @@ def _assert_same_gradients(tiled, f, *args):
                                err_msg=f"gradient w.r.t. argument {i}")
 
 
+def test_a_conv_alone_with_its_pool_is_a_region():
+  # A ResNet stem: a strided conv, a batch norm in inference mode, relu and a padded max pool.
+  # Tiled on its own, the conv's full-size output existed for the ops after it (32 MiB at
+  # 1x512x512x32); as a region of one conv, only the pooled output does. A conv with
+  # elementwise ops alone stays its own loop.
+  def stem(w, scale, shift, x):
+    y = lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.nn.relu(y * scale + shift)
+    return lax.reduce_window(y, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                             ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+  rng = np.random.default_rng(11)
+  args = [jnp.asarray(rng.normal(size=s), jnp.float32)
+          for s in ((7, 7, 3, 16), (16,), (16,), (2, 97, 83, 3))]
+  tiled = jaxtile.tile_convs(stem, max_bytes=40_000)
+  (region,) = jaxtile.explain(stem, max_bytes=40_000)(*args).regions
+  assert region.convs == ("jaxtile/conv0",) and region.tiles != (1, 1)
+  np.testing.assert_array_equal(jax.jit(tiled)(*args), jax.jit(stem)(*args))
+  _assert_same_gradients(tiled, stem, *args)
+  sds = [jax.ShapeDtypeStruct(s, jnp.float32)
+         for s in ((7, 7, 3, 32), (32,), (32,), (1, 1024, 1024, 3))]
+  assert temp_bytes(jaxtile.tile_convs(stem, max_bytes=2**20), *sds) <= 2 * 2**20
+  conv_relu = lambda w, x: jax.nn.relu(lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  report = jaxtile.explain(conv_relu, max_bytes=40_000)(args[0][:3, :3], args[3])
+  assert not report.regions and report.convs[0].tiled
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
 def test_pads_with_zeros_and_crops_are_region_ops(channels_last):
   # A pad's border is zeros, a crop drops positions: both shift the window a tile reads, and the

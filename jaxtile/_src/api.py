@@ -469,7 +469,8 @@ def tile_convs(fun: Optional[Callable] = None, /, *, max_bytes: Optional[int] = 
     fuse: tile chains of spatially local ops (a conv, then convs and elementwise ops such as
       bias and activations) as one loop over output tiles, so their intermediates live one tile
       at a time (`jaxtile._src.region`). "auto" (default) fuses regions that hold an oversized conv,
-      True every region of two or more convs, cutting where recomputed halos would more than
+      True every region of two or more convs (or of one conv with a pool, pad or upsampling
+      around it), cutting where recomputed halos would more than
       double a region's multiply-adds; False tiles every conv on its own.
     tuning: plans `jaxtile.autotune` measured, used instead of the planner's rule for the convs
       they were measured for (same signature, `max_bytes` and device kind): a `Tuning`, a

@@ -2,7 +2,9 @@
 
 A region is a set of equations of one jaxpr that starts at a conv and grows through the convs,
 pools and elementwise ops (bias, activations, casts, residual adds) that read its values, as long
-as every value it makes is read inside it, except its one output. Their other operands are small:
+as every value it makes is read inside it, except its one output. It holds two convs or more, or
+one with a pool, pad or upsampling around it (`_reshapes_conv`); a conv with elementwise ops
+alone is tiled on its own (`lower`). Their other operands are small:
 kernels, and values of size 1 along every spatial dim (biases, scales, scalars). The region's loop
 runs over tiles of its output; for each tile it reads the input window the tile needs (the
 receptive field walked back through every op, the union where a value feeds several), computes
@@ -760,7 +762,8 @@ def canonical_form(jaxpr) -> upsample.Grouped:
 
 
 def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
-  """Every region of `jaxpr` (see the module docstring) with at least two convs and one output:
+  """Every region of `jaxpr` (see the module docstring: two convs or more, or one that
+  `_reshapes_conv`) with one output:
   the indices of its equations, and the statistics groups (`_statistics_group`) that read
   values it makes."""
   uses = _uses(jaxpr)
@@ -860,13 +863,28 @@ def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:
         break
       else:
         members.pop()
-    if sum(_compat.is_conv(jaxpr.eqns[i]) for i in members) >= 2:
+    n_convs = sum(_compat.is_conv(jaxpr.eqns[i]) for i in members)
+    if n_convs >= 2 or n_convs == 1 and _reshapes_conv(jaxpr, members):
       made = [jaxpr.eqns[i].outvars[0] for i in members]
       groups = [g for g in groups if _joins(jaxpr, g, made, inputs, read_inside)]
       regions.append((members, groups))
       taken.update(members)
       taken.update(j for g in groups for j in g)
   return regions
+
+
+def _reshapes_conv(jaxpr, members: Sequence[int]) -> bool:
+  """Whether the equations `members`, around one conv, pool or pad its output (or concatenate
+  or upsample its input): a region of that conv alone then keeps the value of the other shape
+  one tile at a time. A conv with elementwise ops only is tiled on its own (`lower`): they read
+  its full-size output, which the untiled program makes too (a conv, batch norm, relu and max pool
+  stem: 32 MiB of temporaries at 1x512x512x32 tiled on its own, 0.6 as a region, 0 untiled,
+  where XLA:CPU computes the whole stem in one kernel)."""
+  conv = next(jaxpr.eqns[i] for i in members if _compat.is_conv(jaxpr.eqns[i]))
+  shape = conv.outvars[0].aval.shape
+  return any(_is_pool(e) or e.outvars[0].aval.shape != shape
+             for e in (jaxpr.eqns[i] for i in members)
+             if not _compat.is_conv(e) and len(e.outvars[0].aval.shape) == len(shape))
 
 
 def _joins(jaxpr, group: Sequence[int], made: Sequence[Any], inputs, readers) -> bool:
@@ -1486,7 +1504,7 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
   reduced = {v for g in groups for j in g for v in jaxpr.eqns[j].invars
              if not isinstance(v, _compat.Literal)}
   regions, start, last_stop = [], 0, 0
-  while start < len(conv_at) - 1:
+  while start < len(conv_at):
     # A leading concatenation or norm stays in: from the end of the region before, or of the
     # conv before; but a value a norm reduces is made before it (a bias add after that conv),
     # since a statistics pass needs a conv to tile.
@@ -1495,7 +1513,7 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
       begin += 1
     name = f"jaxtile/region{first_index + len(regions)}"
     best, misses = None, 0
-    ends = list(range(start + 1, len(conv_at)))
+    ends = list(range(start, len(conv_at)))
     if _terminal(jaxpr, members[begin:], groups, uses):
       # A gradient's region: its prefixes miss until its backward convs are all in (a
       # weight gradient reads a forward value and a cotangent), so the whole run goes first.
@@ -1507,6 +1525,8 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
       plan = None
       for stop in range(last, conv_at[end], -1):
         run = members[begin:stop]
+        if end == start and not _reshapes_conv(jaxpr, run):
+          continue  # a conv alone, or with elementwise ops: its own loop (`lower`)
         terminal = _terminal(jaxpr, run, groups, uses)
         internal = {jaxpr.eqns[i].outvars[0] for i in run[:-1]}
         if any(_compat.is_conv(jaxpr.eqns[g[0]]) and _group_reads(jaxpr, g) & internal
@@ -1522,7 +1542,7 @@ def split_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, first
         if plan is not None:
           break
       if plan is None:
-        misses += 1
+        misses += end > start  # a conv's own run missing counts for none
         if misses == _MISSES:
           break
         continue
