@@ -94,3 +94,29 @@ def test_half_precision_kernel_gradient_error_does_not_grow_with_tiles(dtype):
   # Summed in the kernel's own half precision, the 64 partial kernel gradients lost 2-3x.
   assert dw <= 1.5 * dw0, (dw, dw0)
   assert dx <= 1.5 * dx0, (dx, dx0)
+
+
+def test_the_reference_tier_is_differentiated_on_the_host():
+  # `jax.grad(tile_convs(f, tier="reference"))` raised JAX's "Pure callbacks do not support
+  # JVP" from inside the rewrite. The reference conv's derivative is now JAX's (the convs of its
+  # transpose rules), each conv of which runs on the host too: checked against the untiled
+  # gradient for a strided, dilated, grouped conv, and a second derivative.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 11, 9, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 2, 2, 6)) / 4, jnp.float32)
+
+  def f(x, w):
+    y = lax.conv_general_dilated(x, w, (2, 1), ((1, 2), (0, 1)), rhs_dilation=(1, 2),
+                                 feature_group_count=2,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jnp.sin(y))
+
+  ref = jaxtile.tile_convs(f, tier="reference")
+  grad = jax.grad(ref, argnums=(0, 1))
+  program = str(jax.make_jaxpr(grad)(x, w))
+  assert "pure_callback" in program and "conv_general_dilated" not in program
+  for got, want in zip(grad(x, w), jax.grad(f, argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  second = lambda g: jax.grad(lambda x, w: jnp.sum(g(x, w)[1] ** 2))(x, w)
+  np.testing.assert_allclose(second(grad), second(jax.grad(f, argnums=(0, 1))), rtol=1e-4,
+                             atol=1e-4)

@@ -215,7 +215,7 @@ class Rewriter:
     record = ConvRecord(len(self.records), spec, decision)
     self.records.append(record)
     if self.policy.tier == "reference":
-      return record, _reference_conv(spec)
+      return record, _reference_conv(spec, eqn.params, policy)
     if decision.over_budget and warn:
       logging.warning("%s Running at that split.", decision.reason)
     if not decision.tiled:
@@ -240,8 +240,14 @@ def _call(fun, name: str, invars, outvars, source_info) -> _compat.JaxprEqn:
   return _compat.traced_call_eqn(fun, avals, invars, outvars, source_info)
 
 
-def _reference_conv(spec: ConvSpec):
-  """The conv evaluated on the host by `jaxtile.reference`, through `jax.pure_callback`."""
+def _reference_conv(spec: ConvSpec, params, policy: decide_lib.Policy):
+  """The conv evaluated on the host by `jaxtile.reference`, through `jax.pure_callback`.
+
+  A callback has no derivative; this conv's is JAX's own (the convs its transpose rules emit,
+  traced on the conv with `params`), rewritten under `policy` in turn, so every conv of
+  `jax.grad(tile_convs(f, tier="reference"))` runs on the host too. Reverse mode only, as for
+  any `jax.custom_vjp`.
+  """
   p = spec.param_dict
   out = jax.ShapeDtypeStruct(spec.out_shape, spec.out_dtype)
 
@@ -251,8 +257,18 @@ def _reference_conv(spec: ConvSpec):
         p["rhs_dilation"], p["dimension_numbers"], p["feature_group_count"],
         p["batch_group_count"], preferred_element_type=spec.out_dtype).astype(spec.out_dtype)
 
+  @jax.custom_vjp
   def conv(lhs, rhs):
     return jax.pure_callback(host, out, lhs, rhs, vmap_method="sequential")
+
+  def backward(operands, cotangent):
+    native = lambda lhs, rhs: _compat.conv_general_dilated_p.bind(lhs, rhs, **params)
+    pullback = lambda lhs, rhs, ct: jax.vjp(native, lhs, rhs)[1](ct)
+    closed = jax.make_jaxpr(pullback)(*operands, cotangent)
+    rewritten, _ = rewrite(closed, policy)
+    return tuple(_compat.jaxpr_as_fun(rewritten)(*operands, cotangent))
+
+  conv.defvjp(lambda lhs, rhs: (conv(lhs, rhs), (lhs, rhs)), backward)
   return conv
 
 
