@@ -225,7 +225,7 @@ class RegionReport:
     reductions = (f"adding up {_plural(self.reductions, 'reduction')} (weight gradients, sums), "
                   if self.reductions else "")
     return (f"{short_name(self)}: {', '.join(c.removeprefix('jaxtile/') for c in self.convs)} "
-            f"and {self.n_eqns - len(self.convs) - self.upsamplings} elementwise ops"
+            f"and {_plural(self.n_eqns - len(self.convs) - self.upsamplings, 'other op')}"
             f"{upsamplings} fused{f' in {self.stages} stages' if self.stages > 1 else ''}, "
             f"{reductions}"
             f"{'x'.join(map(str, self.tiles))} tiles of {'x'.join(map(str, self.tile_shape))}, "
