@@ -418,12 +418,12 @@ def _select(x: jax.Array, operand: str, starts: dict[DimKey, Index], sizes: dict
     ends = [min(max(b + s, 0), n) for b, s, n in zip(begin, shape, x.shape)]
     if tuple(shape) == x.shape and inside == begin:
       return x
-    if after is not None and inside == begin and [e - b for b, e in zip(begin, ends)] == shape:
-      zero = zero_after(after)
-      if zero is not None:
-        return lax.dynamic_slice(x, [zero + b for b in begin], shape)
+    within = inside == begin and [e - b for b, e in zip(begin, ends)] == shape
+    zero = zero_after(after) if within and after is not None else None
+    if zero is not None:
+      return lax.dynamic_slice(x, [zero + b for b in begin], shape)
     piece = lax.slice(x, inside, ends)
-    if inside == begin and [e - b for b, e in zip(begin, ends)] == shape:
+    if within:
       return piece
     config = [(i - b, b + s - e, 0) for b, s, i, e in zip(begin, shape, inside, ends)]
     return lax.pad(piece, jnp.zeros((), x.dtype), config)
