@@ -109,6 +109,32 @@ def test_call_form():
   assert _tiled_calls(tile_convs(h), x, w) == []
 
 
+def test_constant_outputs_pass_through():
+  """A function may return constants: a Python number, and the `float0` gradient of an integer
+  argument under `jax.grad(..., allow_int=True)` (a haiku model's state). Their jaxpr outputs
+  are literals, which jaxtile's passes must skip, not look up."""
+  def f(x, w):
+    return jax.nn.relu(conv(x, w)), 1.0
+
+  x, w = _data(x_shape=(2, 32, 32, 4))
+  out, one = tile_convs(f, max_bytes=2**16)(x, w)
+  assert one == 1.0
+  assert_same(out, f(x, w)[0])
+
+  def loss(params, x):
+    w, steps = params
+    return jnp.sum(jax.nn.relu(conv(x, w)) ** 2)
+
+  grad = jax.grad(loss, allow_int=True)
+  params = (w, jnp.int32(3))
+  tiled = tile_convs(grad, max_bytes=2**16)
+  assert "jaxtile" in str(jax.make_jaxpr(tiled)(params, x))  # tiled, not left alone
+  (dw, dsteps), (dw_, dsteps_) = tiled(params, x), grad(params, x)
+  assert dsteps.dtype == dsteps_.dtype == jax.dtypes.float0
+  # Sums over 2048 positions of values up to ~1e3: float32 rounding of a different order.
+  np.testing.assert_allclose(dw, dw_, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(dw_))))
+
+
 def test_int_tile_shape_applies_to_every_spatial_dim():
   """The docstring: `tile_shape` is "an int for all dims"."""
   x, w = _data()

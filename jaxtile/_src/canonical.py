@@ -370,7 +370,8 @@ def sink_splits(jaxpr: _compat.Jaxpr, elementwise) -> _compat.Jaxpr:
       if not isinstance(v, _compat.Literal):
         reduced[v] = reduced.get(v, True) and e.primitive.name in _REDUCTIONS
   for v in jaxpr.outvars:
-    reduced[v] = False
+    if not isinstance(v, _compat.Literal):  # a constant output (a zero gradient)
+      reduced[v] = False
   eqns, changed = [], False
   for e in jaxpr.eqns:
     axes = split_axes(e)
