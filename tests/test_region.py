@@ -657,6 +657,36 @@ def test_a_conv_alone_with_its_pool_is_a_region():
   assert not report.regions and report.convs[0].tiled
 
 
+def test_a_stem_in_training_mode_is_a_region_with_its_statistics():
+  # The same stem with batch statistics (haiku's and flax's BatchNorm in training mode): mean
+  # and variance over the batch and every position of the conv's output. Its own loop left that
+  # output whole, and the normalized values beside it: XLA does not normalize a loop's output in
+  # place (its heap simulator shares no buffer that holds aliased values, as a loop's carry
+  # does, with a user), so it held twice what the untiled program holds. As a region of one
+  # conv, a statistics pass computes the conv's tiles once for the sums, the loop once more.
+  def stem(w, gamma, beta, x):
+    y = lax.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    mean = y.mean(axis=(0, 1, 2))
+    var = (y * y).mean(axis=(0, 1, 2)) - mean * mean
+    y = jax.nn.relu((y - mean) * lax.rsqrt(var + 1e-5) * gamma + beta)
+    return lax.reduce_window(y, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                             ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+  rng = np.random.default_rng(12)
+  args = [jnp.asarray(rng.normal(size=s), jnp.float32)
+          for s in ((7, 7, 3, 16), (16,), (16,), (2, 97, 83, 3))]
+  report = jaxtile.explain(stem, max_bytes=40_000)(*args)
+  (region,) = report.regions
+  assert region.convs == ("jaxtile/conv0",) and region.tiles != (1, 1), report
+  tiled = jaxtile.tile_convs(stem, max_bytes=40_000)
+  np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(stem)(*args), rtol=1e-5, atol=1e-5)
+  _assert_same_gradients(tiled, stem, *args)
+  sds = [jax.ShapeDtypeStruct(s, jnp.float32)
+         for s in ((7, 7, 3, 32), (32,), (32,), (1, 1024, 1024, 3))]
+  untiled = temp_bytes(stem, *sds)  # the conv's output, 32 MiB, normalized in place
+  assert temp_bytes(jaxtile.tile_convs(stem, max_bytes=2**20), *sds) <= untiled / 8
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["NHWC", "NCHW"])
 def test_pads_with_zeros_and_crops_are_region_ops(channels_last):
   # A pad's border is zeros, a crop drops positions: both shift the window a tile reads, and the
