@@ -6,6 +6,7 @@
     python benchmarks/whole_models.py --model vae # examples/flax_vae_decoder.py, 256x256 latent
     python benchmarks/whole_models.py --model resnet  # examples/equinox_resnet.py, 2x3x1024x1024
     python benchmarks/whole_models.py --model haiku-resnet18  # 1x1024x1024x3, needs dm-haiku
+    python benchmarks/whole_models.py --model haiku-resnet18 --training  # batch statistics
     python benchmarks/whole_models.py --model equinox-vae  # the VAE decoder in equinox, vmapped
 
 The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`), and the temporaries are
@@ -79,6 +80,8 @@ def main(argv=None):
                            "latent side (vae and equinox-vae, default 256)")
   parser.add_argument("--max-bytes", type=int, default=16 * 2**20)
   parser.add_argument("--time", type=int, default=0, help="alternating timed rounds (0: none)")
+  parser.add_argument("--training", action="store_true",
+                      help="haiku-resnet18 in training mode: batch norm with batch statistics")
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)
   # The examples, with their optional flax dependency.
@@ -88,14 +91,16 @@ def main(argv=None):
     except ImportError:
       sys.exit("--model haiku-resnet18 needs dm-haiku: pip install dm-haiku")
     size = args.size or 1024
-    # Inference: batch norm with its moving averages (made by a training-mode init).
     net = hk.transform_with_state(
         lambda x, training: hk.nets.ResNet18(num_classes=10)(x, is_training=training))
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     init = lambda x: net.init(jax.random.key(0), x, True)
     params = jax.eval_shape(init, x)
-    apply = lambda p, x: net.apply(*p, None, x, False)[0]
-    label = f"haiku ResNet18 (inference) on 1x{size}x{size}x3"
+    # Inference: batch norm with its moving averages (made by a training-mode init); with
+    # --training, with the statistics of the batch.
+    apply = lambda p, x: net.apply(*p, None, x, args.training)[0]
+    label = (f"haiku ResNet18 ({'training mode' if args.training else 'inference'}) on "
+             f"1x{size}x{size}x3")
   elif args.model == "equinox-vae":
     import equinox as eqx  # noqa: E402
     size = args.size or 256

@@ -147,15 +147,16 @@ class Pieces:
     # loop is the lowering of `tiled_conv_p`, whose derivatives are convs of their own). There
     # each piece is rematerialised: the loop's residuals are `lhs`, `rhs` (loop-invariant) and
     # the piece index, not one saved input slice per piece.
-    @functools.partial(jax.checkpoint, prevent_cse=False, static_argnums=(3,))
-    def piece(lhs, rhs, k, peeled):
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def piece(lhs, rhs, k, after):
       index = dict(fixed)
       index.update(zip(free, _unravel(k, counts)))
       return self.piece(lhs, rhs, [index[i] for i in range(len(self.out_axes))],
-                        relative=frozenset(fixed), peeled=peeled)
+                        relative=frozenset(fixed), after=after)
 
-    def body(k, out, peeled=False):
-      piece_out, starts = piece(lhs, rhs, k, peeled)
+    def body(k, out, after=None):
+      # What a block of the kernel waits for (`_conv`): the piece before written, or the input.
+      piece_out, starts = piece(lhs, rhs, k, out[(0,) * out.ndim] if after is None else after)
       with jax.named_scope("reassemble"):
         return _write(out, piece_out, starts)
 
@@ -166,15 +167,14 @@ class Pieces:
     # (read in the buffer assignment of an 8-layer chain: 1024 MiB; peeled: 130 MiB). Zeros
     # made from an element of lhs and rhs, as a region's loop starts (`region._zeros_after`),
     # held two activations of a per-conv 8-layer chain at 512x512x32: 64 MiB, 33.5 peeled.
-    out = body(0, out, peeled=True)
+    out = body(0, out, lhs[(0,) * lhs.ndim])
     n = math.prod(counts)
     return out if n == 1 else lax.fori_loop(1, n, body, out)
 
-  def piece(self, lhs, rhs, index: Sequence[Index], relative=frozenset(), peeled=False):
+  def piece(self, lhs, rhs, index: Sequence[Index], relative=frozenset(), after=None):
     """Output piece `index` (one index per output axis) and where it goes in the output.
 
-    Axes in `relative` are written at offset 0 (the output is one block of theirs). `peeled`:
-    the piece runs before its loop, at offsets XLA sees as constants.
+    Axes in `relative` are written at offset 0 (the output is one block of theirs).
     """
     kinds, starts, write_at = [], {}, {}
     for a, (axis, kind, i) in enumerate(zip(self.out_axes, self.kinds, index)):
@@ -189,25 +189,25 @@ class Pieces:
     static = {dim: o for dim, o in starts.items() if isinstance(o, int)}
     traced = {dim: o for dim, o in starts.items() if not isinstance(o, int)}
 
-    def branch(combo, lhs, rhs, traced):
+    def branch(combo, lhs, rhs, traced, after=None):
       runs = [kind.runs[c] for kind, c in zip(self.kinds, combo)]
       reach = _merge_reach(kind.reach[c] for kind, c in zip(self.kinds, combo))
-      return self._piece(runs, reach, lhs, rhs, {**static, **traced}, peeled)
+      return self._piece(runs, reach, lhs, rhs, {**static, **traced}, after)
 
     if all(isinstance(c, int) for c in kinds):
-      return branch(kinds, lhs, rhs, traced), write_at
+      return branch(kinds, lhs, rhs, traced, after), write_at
     combos = list(itertools.product(*(range(len(kind.runs)) for kind in self.kinds)))
     branch_index = _ravel(kinds, [len(kind.runs) for kind in self.kinds])
     branches = [functools.partial(branch, c) for c in combos]
-    return lax.switch(branch_index, branches, lhs, rhs, traced), write_at
+    return lax.switch(branch_index, branches, lhs, rhs, traced, after), write_at
 
-  def _piece(self, combo: Sequence[Run], reach, lhs, rhs, starts, peeled=False):
+  def _piece(self, combo: Sequence[Run], reach, lhs, rhs, starts, after=None):
     """One output piece of the runs `combo` (one per output axis) at `starts`."""
     sizes = _offsets(combo, [0] * len(combo))[1]
     if any(r.empty for r in combo):  # pieces reading only padding are zero
       return jnp.zeros(self.piece_shape, self.spec.out_dtype)
     if not self.plan.splits_reduction:
-      return self._conv(lhs, rhs, combo, starts, sizes, reach, peeled)
+      return self._conv(lhs, rhs, combo, starts, sizes, reach, after)
     acc = None
     for red in self.reduce_groups:
       if any(r.empty for r in red):  # partial sums over padding only add zero
@@ -216,7 +216,7 @@ class Pieces:
       def partial_sum(j, acc, red=red, red_reach=red_reach):
         red_starts, red_sizes = _offsets(red, _unravel(j, [r.count for r in red]), starts, sizes)
         part = self._conv(lhs, rhs, tuple(combo) + red, red_starts, red_sizes, red_reach,
-                          peeled)
+                          after)
         return part if acc is None else acc + part
       n_red = math.prod(r.count for r in red)
       if acc is None:  # the first partial sum starts the accumulator
@@ -228,7 +228,7 @@ class Pieces:
       return jnp.zeros(self.piece_shape, self.spec.out_dtype)
     return acc.astype(self.spec.out_dtype)
 
-  def _conv(self, lhs, rhs, runs: Sequence[Run], starts, sizes, reach, peeled=False):
+  def _conv(self, lhs, rhs, runs: Sequence[Run], starts, sizes, reach, after=None):
     spec = self.spec
     params = dict(spec.param_dict)
     padding = list(spec.padding)
@@ -245,17 +245,22 @@ class Pieces:
       params["preferred_element_type"] = spec.acc_dtype
     with jax.named_scope("select"):
       lhs_piece = _select(lhs, "lhs", starts, sizes, reach)
-      # The peeled piece's block of the kernel (a loop over output or input channels) is made
-      # once its lhs piece exists. Sliced from the kernel alone, it was a computation of the
-      # parameters only, which XLA:CPU's scheduler runs at program start: every such loop's
-      # first block was alive across the whole program (haiku's ResNet18 at 1x256x256x3,
-      # max_bytes 1 MiB: 7 blocks of 576 KiB, 7.9 MiB of temporaries against 5.5 untiled).
-      # Only a block of channels: a spatial window of the rhs (a weight gradient's, a cotangent)
-      # comes from activations anyway, and tied too, the small UNet's gradient in
+      # A block of the kernel (a loop over output or input channels) is made once `after`
+      # exists (`zero_after`): an element of the conv's input for the first piece, of the
+      # output the piece before wrote for the others (`emit`). Sliced from the kernel alone, a
+      # block at a constant offset is a computation of the parameters only, which XLA:CPU's
+      # scheduler runs at program start, alive until its loop: the peeled first block of every
+      # such loop (haiku's ResNet18 at 1x256x256x3, max_bytes 1 MiB: 7 blocks of 576 KiB,
+      # 7.9 MiB of temporaries against 5.5 untiled), and the second of a loop of two, whose one
+      # iteration XLA unrolls (the same model in training mode at 1x512x512x3, 4 MiB: 26.1 MiB
+      # against 20.5). Not an element of the lhs piece: it may be padding, a zero XLA folds.
+      # Tied to the conv's input alone, both blocks of a loop of two were made before it.
+      # Only a block of channels: a spatial window of the rhs (a weight gradient's, a
+      # cotangent) comes from activations anyway, and tied too, the small UNet's gradient in
       # tests/test_memory.py held 6% more than untiled.
-      block = peeled and all(sizes.get(("rhs", a), rhs.shape[a]) == rhs.shape[a]
-                             for a in spec.rhs_axes[2:])
-      rhs_piece = _select(rhs, "rhs", starts, sizes, after=lhs_piece if block else None)
+      block = all(sizes.get(("rhs", a), rhs.shape[a]) == rhs.shape[a]
+                  for a in spec.rhs_axes[2:])
+      rhs_piece = _select(rhs, "rhs", starts, sizes, after=after if block else None)
       rhs_piece = rhs_piece.astype(spec.rhs_dtype)
     with jax.named_scope("process"):
       piece = forms.conv(lhs_piece, rhs_piece, params, self.forms)
@@ -429,7 +434,7 @@ def _select(x: jax.Array, operand: str, starts: dict[DimKey, Index], sizes: dict
     return lax.pad(piece, jnp.zeros((), x.dtype), config)
   begin = [jnp.asarray(b, jnp.int32) for b in begin]
   zero = None if after is None else zero_after(after)
-  if zero is not None:  # constant offsets (a peeled piece's) are a static slice to XLA
+  if zero is not None:  # offsets XLA finds constant (a peeled piece, a loop it unrolls)
     begin = [b + zero for b in begin]
   if not reach:
     return lax.dynamic_slice(x, begin, shape)
