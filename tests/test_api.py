@@ -135,6 +135,25 @@ def test_constant_outputs_pass_through():
   np.testing.assert_allclose(dw, dw_, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(dw_))))
 
 
+@pytest.mark.parametrize("shape", [(0, 32, 32, 4), (2, 0, 32, 4), (2, 32, 32, 0)],
+                         ids=["batch", "height", "channels"])
+def test_empty_arrays_pass_through(shape):
+  """An empty image (a batch of none, a side of 0, no channels) has nothing to tile: a chain of
+  convs, which would otherwise be a region, runs as it is, and so does its gradient."""
+  def chain(x, w1, w2):
+    return conv(jax.nn.relu(conv(x, w1)), w2)
+
+  x = jnp.zeros(shape)
+  w1, w2 = _normal(1, (3, 3, shape[-1], 8)), _normal(2, (3, 3, 8, 8))
+  for tier in ("auto", "tiled"):
+    tiled = tile_convs(chain, max_bytes=2**12, tier=tier)
+    assert tiled(x, w1, w2).shape == chain(x, w1, w2).shape
+    grads = jax.grad(lambda *a: tiled(*a).sum(), argnums=(0, 1, 2))(x, w1, w2)
+    for got, want in zip(grads, jax.grad(lambda *a: chain(*a).sum(), argnums=(0, 1, 2))(
+        x, w1, w2)):
+      np.testing.assert_array_equal(got, want)
+
+
 def test_int_tile_shape_applies_to_every_spatial_dim():
   """The docstring: `tile_shape` is "an int for all dims"."""
   x, w = _data()

@@ -394,7 +394,8 @@ def nan_flag(*arrays) -> Optional[jax.Array]:
   it is made there and stays alive until its last use. Computed from such a zero, it is made
   once `arrays` exist instead (`zero_after`, `region._zeros_after`).
   """
-  flags = [a[(0,) * a.ndim] for a in arrays if jnp.issubdtype(a.dtype, jnp.inexact)]
+  flags = [a[(0,) * a.ndim] for a in arrays
+           if jnp.issubdtype(a.dtype, jnp.inexact) and a.size > 0]
   if not flags:
     return None
   return functools.reduce(lax.bitwise_or, [f != f for f in flags])

@@ -628,6 +628,8 @@ def _region_conv(eqn, values, layout: Optional[Layout]) -> Optional[Layout]:
   `values` is None), else None. A transposed conv inside a region starts a new stage (`Chain`)."""
   if not _compat.is_conv(eqn) or eqn.params["batch_group_count"] != 1:
     return None
+  if any(v.aval.size == 0 for v in (*eqn.invars, *eqn.outvars)):
+    return None  # an empty array: nothing to tile
   lhs_layout, out_layout = _conv_layout(eqn)
   if values is not None and (eqn.invars[0] not in values or eqn.invars[1] in values
                              or lhs_layout != layout):
