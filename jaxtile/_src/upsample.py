@@ -219,8 +219,8 @@ def _call_factors(eqn) -> Optional[tuple[int, ...]]:
   if body is None:
     return None
   x, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-  if len(x) != len(out) or any(n == 0 or m % n for n, m in zip(x, out)) or tuple(x) == tuple(
-      out):
+  if (len(x) != len(out) or any(n == 0 or m % n for n, m in zip(x, out))
+      or tuple(x) == tuple(out)):
     return None
   jaxpr = getattr(body, "jaxpr", body)
   chains = _chains(jaxpr.eqns, jaxpr.outvars, {})
