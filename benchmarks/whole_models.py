@@ -2,7 +2,7 @@
 
     python benchmarks/whole_models.py             # examples/flax_unet.py's model at 2048x2048
     python benchmarks/whole_models.py --size 512  # smaller and faster
-    python benchmarks/whole_models.py --time 3    # also run the forwards, 3 alternating rounds
+    python benchmarks/whole_models.py --time 3    # also run forward and gradient, 3 rounds
     python benchmarks/whole_models.py --model vae # examples/flax_vae_decoder.py, 256x256 latent
     python benchmarks/whole_models.py --model resnet  # examples/equinox_resnet.py, 2x3x1024x1024
     python benchmarks/whole_models.py --model haiku-resnet18  # 1x1024x1024x3, needs dm-haiku
@@ -12,8 +12,8 @@
 The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`), and the temporaries are
 XLA's buffer assignment (`memory_analysis().temp_size_in_bytes`). Compile time is split into
 tracing and lowering (jaxtile's rewrite runs there) and XLA's compile. With `--time N` the
-untiled and the tiled forward also run on random inputs, N alternating rounds after a warm-up
-each, and the median times are printed as a ratio.
+untiled and the tiled forward, then the two gradients, also run on random inputs, N alternating
+rounds after a warm-up each, and the median times are printed as a ratio.
 """
 
 import argparse
@@ -166,20 +166,22 @@ def main(argv=None):
     import statistics
     real_x = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
     real_params = init(real_x)
-    fns = [jax.jit(apply), jax.jit(tiled)]
-    outs = [jax.block_until_ready(f(real_params, real_x)) for f in fns]  # compile, warm up
-    times = [[], []]
-    for _ in range(args.time):
-      for f, t in zip(fns, times):
-        start = time.perf_counter()
-        jax.block_until_ready(f(real_params, real_x))
-        t.append(time.perf_counter() - start)
-    untiled_s, tiled_s = (statistics.median(t) for t in times)
-    diff = float(jnp.max(jnp.abs(outs[0] - outs[1])))
-    print(f"\nforward, median of {args.time} alternating rounds: untiled {untiled_s:.2f} s, "
-          f"tiled {tiled_s:.2f} s, tiled / untiled {tiled_s / untiled_s:.2f}; "
-          f"max abs diff {diff:.1e}")
-
+    print()
+    for kind, pair in (("forward", (apply, tiled)), ("gradient", (grad(apply), grad(tiled)))):
+      fns = [jax.jit(f) for f in pair]
+      outs = [jax.block_until_ready(f(real_params, real_x)) for f in fns]  # compile, warm up
+      times = [[], []]
+      for _ in range(args.time):
+        for f, t in zip(fns, times):
+          start = time.perf_counter()
+          jax.block_until_ready(f(real_params, real_x))
+          t.append(time.perf_counter() - start)
+      untiled_s, tiled_s = (statistics.median(t) for t in times)
+      diff = max((float(jnp.max(jnp.abs(a - b))) for a, b in zip(*map(jax.tree.leaves, outs))
+                  if jnp.issubdtype(a.dtype, jnp.inexact)), default=0.0)
+      print(f"{kind}, median of {args.time} alternating rounds: untiled {untiled_s:.2f} s, "
+            f"tiled {tiled_s:.2f} s, tiled / untiled {tiled_s / untiled_s:.2f}; "
+            f"max abs diff {diff:.1e}", flush=True)
 
 if __name__ == "__main__":
   main()
