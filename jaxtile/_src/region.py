@@ -1722,23 +1722,20 @@ def _window_of(piece, begin, starts, widths, layout: Layout, low_pad, high_pad):
 
 
 def _zeros_after(shape, dtype, *after):
-  """Zeros, a loop's initial carry, that XLA makes only once every array of `after` exists;
-  None where none of them is floating.
+  """Zeros, a loop's initial carry, that XLA makes only once every array of `after` exists
+  (`lower.zero_after`); None where none of them is floating.
 
   A broadcast constant has no operands, and XLA:CPU's scheduler makes it at program start: a
   region's backward accumulators were then alive across the whole forward (266 MiB more in the
   UNet gradient at 2048). Peeling the first tile out of the loop (`_Loop.run`) avoids that, at
-  the cost of compiling the loop body twice. Instead the carry is `0 * (a != a | b != b ...)`
-  for an element of each floating operand of the loop: exactly zero (`a != a` is 0 or 1, NaN
-  included), not folded by XLA, and made only when the last operand exists, just before the
-  loop. A forward loop's carry must wait for all of them: one made after its input alone was
-  alive across the statistics passes that run between (the VAE decoder's forward held 896 MiB
-  with such a carry, 768 peeled). A backward loop's waits for the cotangent.
+  the cost of compiling the loop body twice. Instead the carry is made only when the last
+  operand exists, just before the loop. A forward loop's carry must wait for all of them: one
+  made after its input alone was alive across the statistics passes that run between (the VAE
+  decoder's forward held 896 MiB with such a carry, 768 peeled). A backward loop's waits for
+  the cotangent.
   """
-  nan = lower_lib.nan_flag(*after)
-  if nan is None:
-    return None
-  return jnp.broadcast_to(nan.astype(dtype) * jnp.zeros((), dtype), shape)
+  zero = lower_lib.zero_after(*after, dtype=dtype)
+  return None if zero is None else jnp.broadcast_to(zero, shape)
 
 
 def _fill(value, dtype):
