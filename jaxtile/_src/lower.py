@@ -397,9 +397,9 @@ def zero_after(*arrays, dtype=np.int32) -> Optional[jax.Array]:
   (`a != a` is 0 or 1, NaN included), not folded by XLA, and computed from all of them. The
   `or`s form a balanced tree, not a chain: XLA's simplifier moves the reshape of each element
   past one `or` per run of its fixed-point pipeline, so a chain of n kept the pipeline running
-  n times (haiku's ResNet18 gradient: 43 runs of the simplification passes and 0.8 s of HLO
-  passes, against 5 runs and 0.17 s untiled); a tree, log2(n) times. Not gathered into one
-  vector and reduced: that reduction is a kernel of its own, one per loop to compile (209 LLVM
+  about n times, a tree log2(n) times (haiku's ResNet18 gradient: 43 runs of the
+  simplification passes with a chain, 11 with a tree, 5 untiled). Not gathered into one vector
+  and reduced: that reduction is a kernel of its own, one per loop to compile (216 LLVM
   modules became 242). Not an optimization barrier: XLA:CPU then made the kernel blocks of
   chained loops at program start again.
   """

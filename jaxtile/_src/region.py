@@ -2552,10 +2552,12 @@ def emit_transpose(chain: Chain, primals, ct, wrt, stats: Optional[Statistics] =
         acc_small = [a + g.astype(a.dtype) for a, g in zip(acc_small, ct_smalls)]
       return acc_in, acc_small
 
-    after = jax.tree.leaves(ct)
-    init = ([_zeros_after(v.aval.shape, v.aval.dtype, *after) for v in inputs],
-            [_zeros_after(v.aval.shape, _accumulator_dtype(v.aval.dtype), *after)
-             for v in small_vars])
+    # One zero for every accumulator, made once the cotangent exists (`_zeros_after`).
+    zero = lower_lib.zero_after(*jax.tree.leaves(ct), dtype=np.float32)
+    zeros = lambda v, dtype: (jnp.zeros(v.aval.shape, dtype) if zero is None else
+                              jnp.broadcast_to(zero.astype(dtype), v.aval.shape))
+    init = ([zeros(v, v.aval.dtype) for v in inputs],
+            [zeros(v, _accumulator_dtype(v.aval.dtype)) for v in small_vars])
     return lax.fori_loop(0, count, body, init)
 
   with jax.named_scope(f"{chain.name}/transpose"):
