@@ -87,8 +87,9 @@ def _error_text(summary: str, detail: str = "", remedy: str = "") -> str:
   lines = [_PREFIX + summary]
   for text in (detail, remedy and f"to fix: {remedy}"):
     if text:
+      # A word longer than a line (a source file's path) is left whole: cut, it names no file.
       lines += textwrap.wrap(text, WIDTH, initial_indent="  ", subsequent_indent="    ",
-                             break_on_hyphens=False)
+                             break_long_words=False, break_on_hyphens=False)
   return "\n".join(lines) + "\n"
 
 
