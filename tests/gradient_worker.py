@@ -4,8 +4,8 @@ XLA can abort the process (a CHECK failure is SIGABRT: nothing to catch) on a co
 mis-simplifies, so these checks run away from the test runner. Before it compiles a case the
 worker prints `CASE <description>`, so a crash names the case that caused it.
 
-  python gradient_worker.py grid [--full]      # the transposed-conv grid of issue 12
-  python gradient_worker.py random N           # N hypothesis-drawn convs (derandomized)
+  python gradient_worker.py grid [--full] [--part I/N]  # the transposed-conv grid of issue 12
+  python gradient_worker.py random N [--part I/N]  # N hypothesis-drawn convs (derandomized)
   python gradient_worker.py paths              # jvp, linearize, second order, vmap of grad
 """
 
@@ -89,21 +89,35 @@ def check_grads(kw, x, w, ct, max_bytes, *, argnums, with_reference=True):
                                    err_msg=f"{path} d/d operand {argnum} vs NumPy reference")
 
 
-def grid(full: bool):
+def grid(full: bool, part: int = 0, parts: int = 1):
   """Issue 12's grid of transposed convs: with 4x4 kernels 10 of its 64 gradients aborted the
-  process. The suite runs the 4x4 half (compiling is what it costs); `--full` adds the 3x3."""
+  process. The suite runs the 4x4 half (compiling is what it costs); `--full` adds the 3x3.
+  With `parts` > 1, every `parts`-th case from `part` on (the suite runs two parts at once,
+  one per core); the two single cases at the end go to the first and the last part."""
   n = 0
-  for size, k, pad, max_bytes, layout in itertools.product(
-      (7, 16), (3, 4) if full else (4,), ((1, 0), (2, 2)), (600, 2000), ("NCHW", "NHWC")):
+  for i, (size, k, pad, max_bytes, layout) in enumerate(itertools.product(
+      (7, 16), (3, 4) if full else (4,), ((1, 0), (2, 2)), (600, 2000), ("NCHW", "NHWC"))):
+    if i % parts != part:
+      continue
     dn = LAYOUTS[2][layout]
     lhs_shape = (1, 4, size, size) if layout == "NCHW" else (1, size, size, 4)
     rhs_shape = (4, 4, k, k) if layout == "NCHW" else (k, k, 4, 4)
     kw = dict(window_strides=(1, 1), padding=(pad, pad), lhs_dilation=(2, 2),
               dimension_numbers=dn)
-    x, w, ct = operands(lhs_shape, rhs_shape, kw, seed=n)
+    x, w, ct = operands(lhs_shape, rhs_shape, kw, seed=i)
     announce(f"grid {layout} in={size} k={k} pad={pad} max_bytes={max_bytes}")
     check_grads(kw, x, w, ct, max_bytes, argnums=(0, 1), with_reference=size == 7)
     n += 1
+  if part == 0:
+    grid_reduced_case()
+    n += 1
+  if part == parts - 1:
+    grid_negative_padding_transpose()
+    n += 1
+  print(f"grid: {n} cases exact", flush=True)
+
+
+def grid_reduced_case():
   # The reduced case: lhs 1x1x3x1, kernel 1x1x4x1, two pieces.
   kw = dict(window_strides=(1, 1), padding=((1, 0), (0, 1)), lhs_dilation=(2, 2),
             dimension_numbers=LAYOUTS[2]["NCHW"])
@@ -111,6 +125,9 @@ def grid(full: bool):
   announce("grid reduced case")
   assert n_pieces(functools.partial(lax.conv_general_dilated, **kw), 32, x, w) == 2
   check_grads(kw, x, w, ct, 32, argnums=(0, 1))
+
+
+def grid_negative_padding_transpose():
   # Issue 12 part 2: transposed pieces with negative-low, positive-high padding (1-D, NWC).
   kw = dict(window_strides=(1,), padding=((5, 0),), lhs_dilation=(2,),
             dimension_numbers=LAYOUTS[1]["NHWC"])
@@ -123,12 +140,12 @@ def grid(full: bool):
   for _ in range(100):
     np.testing.assert_allclose(g(x), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jg(x), want, rtol=1e-5, atol=1e-5)
-  print(f"grid: {n + 2} cases exact", flush=True)
 
 
-def random_cases(count: int):
+def random_cases(count: int, part: int = 0, parts: int = 1):
   """`count` convs drawn by hypothesis: transposed and not, even and odd kernels, 1-D and 2-D,
-  both layouts, 2-8 pieces; each gradient taken w.r.t. each operand separately."""
+  both layouts, 2-8 pieces; each gradient taken w.r.t. each operand separately. With `parts`
+  > 1, every `parts`-th draw from `part` on (the draws are the same in every part)."""
   from hypothesis import HealthCheck, given, settings, strategies as st
 
   @st.composite
@@ -152,13 +169,16 @@ def random_cases(count: int):
               rhs_dilation=rhs_dilation, dimension_numbers=dn, feature_group_count=groups)
     return lhs_shape, rhs_shape, kw, draw(st.integers(0, 2**16))
 
-  checked = []
+  checked, drawn = [], [0]
 
   @settings(max_examples=count, derandomize=True, deadline=None, database=None,
             suppress_health_check=list(HealthCheck))
   @given(convs())
   def run(case):
     lhs_shape, rhs_shape, kw, seed = case
+    drawn[0] += 1
+    if (drawn[0] - 1) % parts != part:
+      return
     try:
       out = jax.eval_shape(functools.partial(lax.conv_general_dilated, **kw),
                            jnp.zeros(lhs_shape), jnp.zeros(rhs_shape))
@@ -183,7 +203,8 @@ def random_cases(count: int):
   run()
   transposed = sum(any(d > 1 for d in c[2]["lhs_dilation"]) for c in checked)
   print(f"random: {len(checked)} convs checked ({transposed} transposed)", flush=True)
-  assert len(checked) >= count // 3, f"only {len(checked)} of {count} draws were usable"
+  assert len(checked) >= count // (3 * parts), (
+      f"only {len(checked)} of {count // parts} draws were usable")
 
 
 def other_paths():
@@ -220,10 +241,13 @@ def other_paths():
 
 if __name__ == "__main__":
   mode = sys.argv[1]
+  part, parts = 0, 1
+  if "--part" in sys.argv:
+    part, parts = map(int, sys.argv[sys.argv.index("--part") + 1].split("/"))
   if mode == "grid":
-    grid(full="--full" in sys.argv[2:])
+    grid(full="--full" in sys.argv[2:], part=part, parts=parts)
   elif mode == "random":
-    random_cases(int(sys.argv[2]))
+    random_cases(int(sys.argv[2]), part=part, parts=parts)
   elif mode == "paths":
     other_paths()
   else:

@@ -21,29 +21,42 @@ import jaxtile
 WORKER = os.path.join(os.path.dirname(__file__), "gradient_worker.py")
 
 
-def run_worker(*args, timeout=600):
+def run_workers(*arg_lists, timeout=600) -> list[str]:
+  """Runs a worker per argument list, all at once (the machine's cores compile in parallel),
+  and returns their outputs; fails naming the first that died and the case it was on."""
   env = dict(os.environ, XLA_FLAGS="")  # one host device is enough
-  proc = subprocess.run([sys.executable, WORKER, *args], capture_output=True, text=True,
-                        timeout=timeout, env=env)
-  cases = [l for l in proc.stdout.splitlines() if l.startswith("CASE ")]
-  if proc.returncode != 0:
-    died = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else "failed"
-    pytest.fail(f"gradient worker {' '.join(args)} {died} at {cases[-1] if cases else 'start'}"
-                f"\n--- stderr (tail) ---\n{proc.stderr[-4000:]}")
-  return proc.stdout
+  procs = [subprocess.Popen([sys.executable, WORKER, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for args in arg_lists]
+  try:
+    outputs = [proc.communicate(timeout=timeout) for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  for args, proc, (stdout, stderr) in zip(arg_lists, procs, outputs):
+    cases = [l for l in stdout.splitlines() if l.startswith("CASE ")]
+    if proc.returncode != 0:
+      died = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else "failed"
+      pytest.fail(f"gradient worker {' '.join(args)} {died} at "
+                  f"{cases[-1] if cases else 'start'}\n--- stderr (tail) ---\n{stderr[-4000:]}")
+  return [stdout for stdout, _ in outputs]
+
+
+def run_worker(*args, timeout=600) -> str:
+  return run_workers(args, timeout=timeout)[0]
 
 
 def test_transposed_conv_gradient_grid_is_exact_and_never_aborts():
   # 16 transposed convs with 4x4 kernels (both layouts, two paddings and budgets; d/dx and d/dw
   # through jax.grad(tile_convs(f)) and tile_convs(jax.grad(f))): 10 of their gradients aborted
   # the process before. `python tests/gradient_worker.py grid --full` adds the 3x3 kernels.
-  out = run_worker("grid")
-  assert "grid: 18 cases exact" in out
+  # Two workers, half the cases each.
+  outs = run_workers(("grid", "--part", "0/2"), ("grid", "--part", "1/2"))
+  assert all("grid: 9 cases exact" in out for out in outs), outs
 
 
 def test_random_convs_gradients_per_operand_match_untiled_and_reference():
-  out = run_worker("random", "24")
-  assert "random: " in out and "transposed)" in out
+  outs = run_workers(("random", "24", "--part", "0/2"), ("random", "24", "--part", "1/2"))
+  assert all("random: " in out and "transposed)" in out for out in outs), outs
 
 
 def test_other_derivative_paths_through_a_tiled_transposed_conv():
