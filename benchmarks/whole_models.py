@@ -10,7 +10,9 @@
     python benchmarks/whole_models.py --model equinox-vae  # the VAE decoder in equinox, vmapped
     python benchmarks/whole_models.py --compile-rounds 3  # the fastest of 3 compiles of each
 
-The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`), and the temporaries are
+The gradient (with respect to the parameters, of the output's sum) is tiled two ways:
+`jax.grad(tile_convs(f))` ("gradient, tiled") and `tile_convs(jax.grad(f))`, the program JAX has
+already differentiated. The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`), and the temporaries are
 XLA's buffer assignment (`memory_analysis().temp_size_in_bytes`). Compile time is split into
 tracing and lowering (jaxtile's rewrite runs there) and XLA's compile; with `--compile-rounds N`,
 the fastest of N, each program in turn, so that a busy moment does not count. With `--time N` the
@@ -155,7 +157,9 @@ def main(argv=None):
   print("|---|--:|--:|--:|--:|--:|")
   rows = [("forward, untiled", apply), ("forward, tiled (regions)", tiled),
           ("forward, tiled per conv (fuse=False)", per_conv),
-          ("gradient, untiled", grad(apply)), ("gradient, tiled", grad(tiled))]
+          ("gradient, untiled", grad(apply)), ("gradient, tiled", grad(tiled)),
+          ("gradient, tile_convs(jax.grad(f))",
+           jaxtile.tile_convs(grad(apply), max_bytes=args.max_bytes))]
   base, best = {}, {}
   for round in range(args.compile_rounds):
     for name, fn in rows:
