@@ -16,7 +16,10 @@ and the gradients and updated parameters of the tiled steps are compared with th
 It exits non-zero if any differs by more than float32 rounding. Both forms are exact and bounded
 in memory (docs/guide.md, Gradients): the first differentiates each piece inside the forward
 loop (with derivatives bound in the backend's fast form), the second plans the backward convs
-as convs of their own, with their own pieces.
+as convs of their own, with their own pieces. For a whole model the first is the one to use:
+strided convs and GroupNorms end the regions of a program JAX has already differentiated, and
+what is left is tiled conv by conv, holding about what untiled holds (docs/guide.md,
+Gradients).
 """
 
 import argparse
