@@ -12,10 +12,11 @@
 
 The gradient (with respect to the parameters, of the output's sum) is tiled two ways:
 `jax.grad(tile_convs(f))` ("gradient, tiled") and `tile_convs(jax.grad(f))`, the program JAX has
-already differentiated. The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`), and the temporaries are
-XLA's buffer assignment (`memory_analysis().temp_size_in_bytes`). Compile time is split into
-tracing and lowering (jaxtile's rewrite runs there) and XLA's compile; with `--compile-rounds N`,
-the fastest of N, each program in turn, so that a busy moment does not count. With `--time N` the
+already differentiated. The programs are lowered and compiled on shapes (`jax.ShapeDtypeStruct`),
+and the temporaries are XLA's buffer assignment (`memory_analysis().temp_size_in_bytes`).
+Compile time is split into tracing and lowering (jaxtile's rewrite runs there) and XLA's compile;
+with `--compile-rounds N`, the fastest of N, each program in turn, so that a busy moment does not
+count. With `--time N` the
 untiled and the tiled forward, then the two gradients, also run on random inputs, N alternating
 rounds after a warm-up each, and the median times are printed as a ratio.
 """
