@@ -1599,6 +1599,31 @@ def test_a_differentiated_per_example_chain_is_one_region():
     np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(w).max()))
 
 
+@pytest.mark.parametrize("argnum", [0, 1])
+def test_a_differentiated_region_whose_operands_are_all_small_plans(argnum):
+  # A tiny grouped 1-D conv's gradient with respect to one operand: every operand of the region
+  # is small enough to be read whole, so none is read in windows; planning halved its tiles by
+  # the windowed inputs' halo and raised "max() arg is an empty sequence" from inside the pass.
+  from jaxtile import reference
+  kw = dict(window_strides=(1,), padding=((-1, -1),), dimension_numbers=("NCH", "OIH", "NCH"),
+            feature_group_count=2)
+  rng = np.random.default_rng(0)
+  operands = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((1, 4, 3), (4, 2, 1))]
+  f = lambda x, w: lax.conv_general_dilated(x, w, **kw)
+  ct = jnp.asarray(rng.normal(size=f(*operands).shape), jnp.float32)
+  grad = jax.grad(lambda x, w: jnp.sum(f(x, w) * ct), argnums=argnum)
+  got = jax.jit(jaxtile.tile_convs(grad, max_bytes=48))(*operands)
+  np.testing.assert_allclose(got, jax.jit(grad)(*operands), rtol=1e-5, atol=1e-6)
+  # The conv is linear in each operand: the float64 reference gradient, entry by entry.
+  target = operands[argnum]
+  want = np.zeros(target.size)
+  for j in range(target.size):
+    args = [np.asarray(a, np.float64) for a in operands]
+    args[argnum] = np.eye(target.size)[j].reshape(target.shape)
+    want[j] = np.sum(reference.conv_general_dilated(*args, **kw) * np.asarray(ct))
+  np.testing.assert_allclose(got, want.reshape(target.shape), rtol=1e-5, atol=1e-5)
+
+
 def test_a_differentiated_region_under_jvp_and_vmap():
   # Forward mode through a gradient (a Hessian-vector product) and vmap run the region's
   # equations at full size, each conv tiled on its own: exact, without the loop.

@@ -1168,7 +1168,9 @@ def plan_region(jaxpr, members: Sequence[int], policy: decide_lib.Policy, name: 
     fits = _tile_bytes(eqns, scale, width, layout, smalls_bytes) <= policy.max_bytes
     if fits or forced:
       break
-    halo = max(width[x_][i] - tile[i] * scale[x_][i] for x_ in inputs for i in range(len(tile)))
+    # No windowed input (every operand small enough to read whole): no halo.
+    halo = max((width[x_][i] - tile[i] * scale[x_][i] for x_ in inputs for i in range(len(tile))),
+               default=0)
     d = _next_halved(tile, halo)
     if d is None:
       return None
