@@ -2,13 +2,17 @@
 
     python benchmarks/accuracy.py          # forward splits
     python benchmarks/accuracy.py --grad   # gradients in half precision vs the tile count
+    python benchmarks/accuracy.py --model  # a whole UNet's gradient in bfloat16 (needs flax)
 
 Prints a Markdown table (docs/accuracy.md holds its last output): max abs error and relative L2
 error of the monolithic conv and of the tiled program, for a 1x64x64x64 -> 64 3x3 SAME conv;
 with --grad, relative L2 error of d/dx and d/dw of a 1x128x128x16 -> 16 3x3 SAME conv in
-bfloat16 and float16 against the float32 gradient, untiled and at 4, 16 and 64 tiles.
+bfloat16 and float16 against the float32 gradient, untiled and at 4, 16 and 64 tiles; with
+--model, relative L2 error of each parameter's gradient of examples/flax_unet.py's small UNet in
+bfloat16 against the same program in float32, untiled and tiled.
 """
 
+import pathlib
 import sys
 
 import jax
@@ -81,5 +85,41 @@ def gradients():
             f"{rel(dw, want[1]):.2e} |")
 
 
+def model():
+  """A whole network in bfloat16: each parameter's gradient of a mean squared error, untiled and
+  tiled (regions, and per conv), against the same untiled program in float32 on the same
+  bfloat16-rounded parameters and image."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+  from flax_unet import UNet, random_params  # needs flax
+
+  net = UNet((8, 16, 32), 3)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 128, 128, 3)), jnp.bfloat16)
+  target = jnp.asarray(rng.standard_normal((1, 128, 128, 3)), jnp.float32)
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(net, x))
+  loss = lambda p, x: jnp.mean((net.apply(p, x).astype(jnp.float32) - target) ** 2)
+  f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+  want = jax.tree.leaves_with_path(jax.jit(jax.grad(loss))(f32(params), f32(x)))
+  max_bytes = 64 << 10
+  programs = {"untiled": jax.grad(loss),
+              "jax.grad(tile_convs(f))": jax.grad(jaxtile.tile_convs(loss, max_bytes=max_bytes)),
+              "per conv (fuse=False)": jax.grad(jaxtile.tile_convs(loss, max_bytes=max_bytes,
+                                                                    fuse=False))}
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; examples/flax_unet.py's UNet "
+        f"(8, 16, 32) on 1x128x128x3 in bfloat16, max_bytes {max_bytes}; each parameter's "
+        f"gradient of a mean squared error, relative L2 error against float32\n")
+  print("| program | kernels: median | kernels: max | biases: median | biases: max |")
+  print("|---|--:|--:|--:|--:|")
+  for name, grad in programs.items():
+    got = jax.tree.leaves(jax.jit(grad)(params, x))
+    errors = {"kernel": [], "bias": []}
+    for (path, w), g in zip(want, got):
+      err = float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w))
+      errors[path[-1].key].append(err)
+    cells = [f"{f(errors[k]):.2e}" for k in ("kernel", "bias") for f in (np.median, np.max)]
+    print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
-  gradients() if "--grad" in sys.argv[1:] else main()
+  args = sys.argv[1:]
+  gradients() if "--grad" in args else model() if "--model" in args else main()
