@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -480,6 +481,35 @@ def test_a_call_to_an_already_tiled_function_is_named_not_explained():
   assert "not listed: tile_convs(decorated), already tiled" in str(report)
   jitted = jaxtile.explain(jax.jit(decorated))(x, w)
   assert jitted.convs == [] and jitted.already_tiled == ("tile_convs(decorated)",)
+
+
+def _relu_convs(x, *ws, strides=(1, 1)):
+  for w, s in zip(ws, strides):
+    x = jax.nn.relu(lax.conv_general_dilated(x, w, (s, s), "SAME", dimension_numbers=DN))
+  return x
+
+
+def test_a_program_differentiated_before_tiling_is_told_what_it_keeps_whole():
+  # A strided conv ends the regions of a program JAX has already differentiated: its forward
+  # convs are tiled one by one, and the report says what that keeps whole and what to do.
+  x = jax.ShapeDtypeStruct((1, 64, 64, 8), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.float32)
+  loss = lambda *a, strides: jnp.sum(_relu_convs(*a, strides=strides))
+  grad = lambda strides: jax.grad(functools.partial(loss, strides=strides), argnums=(0, 1, 2))
+  report = jaxtile.explain(grad((1, 2)), max_bytes=40_000)(x, w, w)
+  assert [c.name for c in report.differentiated_alone()] == ["jaxtile/conv0", "jaxtile/conv1"]
+  text = " ".join(str(report).split())
+  assert ("differentiated before tiling: the forward conv(s) conv0, conv1 are tiled one by one"
+          in text), text
+  assert "jax.grad(tile_convs(f))" in text
+  # Without a stride the whole differentiated program is one region: nothing to say.
+  report = jaxtile.explain(grad((1, 1)), max_bytes=40_000)(x, w, w)
+  assert report.regions and report.differentiated_alone() == []
+  assert "differentiated before tiling" not in str(report)
+  # A forward program alone has no backward pass.
+  report = jaxtile.explain(functools.partial(_relu_convs, strides=(1, 2)), max_bytes=40_000,
+                           fuse=False)(x, w, w)
+  assert report.tiled and "differentiated before tiling" not in str(report)
 
 
 def test_explain_and_check_say_plainly_when_nothing_is_tiled():

@@ -327,6 +327,27 @@ class Report:
   def tiled(self) -> list[ConvReport]:
     return [c for c in self.convs if c.tiled]
 
+  def differentiated_alone(self) -> list[ConvReport]:
+    """The forward convs of a program differentiated before the pass saw it, each tiled on its
+    own: where a conv of the program is under JAX's `transpose(...)` (a backward pass), those
+    under `jvp(...)` that no region computes. Their outputs, which the backward pass reads,
+    stay whole between them (`differentiated_note`)."""
+    if not any(c.scope.startswith("transpose(") for c in self.convs):
+      return []
+    return [c for c in self.tiled if c.scope.startswith("jvp(") and not c.region]
+
+  def differentiated_note(self) -> Optional[str]:
+    """Where `differentiated_alone` names convs, what that costs and what to do; else None."""
+    alone = self.differentiated_alone()
+    if not alone:
+      return None
+    names = ", ".join(short_name(c) for c in alone)
+    return (f"differentiated before tiling: the forward conv(s) {names} are tiled one by one, "
+            "and the activations the backward pass reads stay whole between them. Tile the "
+            "function before differentiating it, jax.grad(tile_convs(f)): each region's "
+            "backward pass is then a loop over its tiles that recomputes them, and only the "
+            "regions' inputs are kept (guide, Gradients).")
+
   def max_bytes_to_tile(self) -> Optional[int]:
     """A budget (a power of two) that would split the largest conv left whole, or None.
 
@@ -470,6 +491,9 @@ class Report:
              "zero padding" if wide else "") + ".", width)
     for region in self.regions:
       lines += textwrap.wrap(region.describe(), width, subsequent_indent="  ")
+    note = self.differentiated_note()
+    if note:
+      lines += textwrap.wrap(note, width)
     if any(c.over_budget for c in self.convs):
       lines += textwrap.wrap("over: even the finest split reachable is above max_bytes (or the "
                              "2**31-1 element limit); the conv's reason says which.", width)
