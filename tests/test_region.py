@@ -1095,7 +1095,7 @@ def test_a_region_in_bfloat16_matches_untiled_and_sums_its_gradients_in_float32(
 
   np.testing.assert_array_equal(jax.jit(tiled)(x, *params), jax.jit(net)(x, *params))
   loss = lambda f: lambda *a: jnp.mean((f(*a).astype(jnp.float32) - target) ** 2)
-  grad = lambda f, *a: jax.jit(jax.grad(loss(f), argnums=range(len(a))))(*a)
+  grad = lambda f, *a: jax.jit(jax.grad(loss(f), argnums=tuple(range(len(a)))))(*a)
   f32 = lambda a: a.astype(jnp.float32)
   want = grad(net, *map(f32, [x, *params]))
   error = lambda got, w: float(jnp.linalg.norm(f32(got) - w) / jnp.linalg.norm(w))
