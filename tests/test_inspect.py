@@ -512,6 +512,35 @@ def test_a_program_differentiated_before_tiling_is_told_what_it_keeps_whole():
   assert report.tiled and "differentiated before tiling" not in str(report)
 
 
+def test_regions_inside_and_outside_a_checkpoint_have_names_of_their_own():
+  # A region in a `jax.checkpoint`'s body (flax's `nn.remat`) is planned while the enclosing
+  # jaxpr's regions are placed. Both were once named region0, and the report listed every
+  # conv of the two under each.
+  x = _normal(0, (1, 32, 32, 4))
+  ws = [_normal(i, (3, 3, 4, 4), 0.3) for i in range(1, 5)]
+  block = jax.checkpoint(_relu_convs)
+
+  def f(x, *ws):
+    return _relu_convs(block(x, *ws[:2]), *ws[2:])
+
+  report = jaxtile.explain(f, max_bytes=8_000)(x, *ws)
+  names = [r.name for r in report.regions]
+  assert len(names) == 2 and len(set(names)) == 2, names
+  for region in report.regions:
+    assert list(region.convs) == [c.name for c in report.convs if c.region == region.name]
+  assert sorted(c for r in report.regions for c in r.convs) == [
+      f"jaxtile/conv{i}" for i in range(4)]
+  inner = next(r for r in report.regions if "jaxtile/conv0" in r.convs)
+  assert inner.convs == ("jaxtile/conv0", "jaxtile/conv1")
+  text = str(report)
+  for region in report.regions:
+    short = region.name.removeprefix("jaxtile/")
+    convs = ", ".join(c.removeprefix("jaxtile/") for c in region.convs)
+    assert f"{short}: {convs} and" in text, text
+  tiled = jax.jit(jaxtile.tile_convs(f, max_bytes=8_000))
+  np.testing.assert_array_equal(tiled(x, *ws), jax.jit(f)(x, *ws))
+
+
 def test_explain_and_check_say_plainly_when_nothing_is_tiled():
   x, w = _conv2d_args()
   report = jaxtile.explain(conv2d)(x, w)  # the default budget: 2 GiB on a CPU host

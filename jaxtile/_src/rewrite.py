@@ -55,6 +55,9 @@ class Rewriter:
     self.policy = policy
     self.records: list[ConvRecord] = []
     self.regions: list[region_lib.Chain] = []
+    # Regions are named when planned: a jaxpr's before those of the jaxprs nested in it (a
+    # `jax.checkpoint`'s body), which are planned as the outer ones are placed.
+    self._n_named = 0
     self._spmd_depth = 0  # > 0 inside the user's own pmap/shard_map: convs are per-device there
     self._decisions: dict = {}  # (spec, id(policy)) -> (policy, Decision), for this rewrite
 
@@ -132,7 +135,8 @@ class Rewriter:
           decide_lib.splits(ConvSpec.from_eqn(e), policy) for e in convs):
         continue
       regions += region_lib.split_region(jaxpr, members, policy,
-                                        len(self.regions) + len(regions), groups)
+                                        self._n_named + len(regions), groups)
+    self._n_named += len(regions)
     return regions
 
   def _fuses(self) -> bool:
