@@ -9,6 +9,7 @@
     python benchmarks/whole_models.py --model haiku-resnet18 --training  # batch statistics
     python benchmarks/whole_models.py --model equinox-vae  # the VAE decoder in equinox, vmapped
     python benchmarks/whole_models.py --compile-rounds 3  # the fastest of 3 compiles of each
+    python benchmarks/whole_models.py --size 1024 --remat  # each conv block in flax's nn.remat
 
 The gradient (with respect to the parameters, of the output's sum) is tiled two ways:
 `jax.grad(tile_convs(f))` ("gradient, tiled") and `tile_convs(jax.grad(f))`, the program JAX has
@@ -91,7 +92,12 @@ def main(argv=None):
                            "twice as long as the next)")
   parser.add_argument("--training", action="store_true",
                       help="haiku-resnet18 in training mode: batch norm with batch statistics")
+  parser.add_argument("--remat", action="store_true",
+                      help="unet and vae: each conv block (residual block) wrapped in flax's "
+                           "nn.remat, as gradient checkpointing does")
   args = parser.parse_args(argv)
+  if args.remat and args.model not in ("unet", "vae"):
+    parser.error(f"--remat is for --model unet and vae, not {args.model}")
   logging.getLogger("absl").setLevel(logging.ERROR)
   # The examples, with their optional flax dependency.
   if args.model == "haiku-resnet18":
@@ -136,12 +142,18 @@ def main(argv=None):
   else:
     if args.model == "unet":
       import flax_unet  # noqa: E402
+      if args.remat:  # UNet.__call__ reads the module's ConvBlock when it runs
+        import flax.linen as nn  # noqa: E402
+        flax_unet.ConvBlock = nn.remat(flax_unet.ConvBlock)
       size = args.size or 2048
       model = flax_unet.UNet(widths=(32, 64, 128), out_channels=2)
       x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
       label = f"flax UNet widths (32, 64, 128) on 1x{size}x{size}x3"
     else:
       import flax_vae_decoder  # noqa: E402
+      if args.remat:
+        import flax.linen as nn  # noqa: E402
+        flax_vae_decoder.ResBlock = nn.remat(flax_vae_decoder.ResBlock)
       size = args.size or 256
       model = flax_vae_decoder.Decoder(widths=(128, 64, 32), groups=32)
       x = jax.ShapeDtypeStruct((1, size, size, 4), jnp.float32)
@@ -153,6 +165,8 @@ def main(argv=None):
   grad = lambda f: jax.grad(lambda p, x: f(p, x).sum(), allow_int=True)  # haiku: int state
   tiled = jaxtile.tile_convs(apply, max_bytes=args.max_bytes)
   per_conv = jaxtile.tile_convs(apply, max_bytes=args.max_bytes, fuse=False)
+  if args.remat:
+    label += ", each block in nn.remat"
   print(f"jax {jax.__version__}; {label}, max_bytes {args.max_bytes / 2**20:g} MiB\n")
   print("| program | temporaries MiB | / untiled | trace + lower s | XLA compile s | total s |")
   print("|---|--:|--:|--:|--:|--:|")

@@ -512,13 +512,13 @@ def test_a_program_differentiated_before_tiling_is_told_what_it_keeps_whole():
   assert report.tiled and "differentiated before tiling" not in str(report)
 
 
-def test_regions_inside_and_outside_a_checkpoint_have_names_of_their_own():
-  # A region in a `jax.checkpoint`'s body (flax's `nn.remat`) is planned while the enclosing
-  # jaxpr's regions are placed. Both were once named region0, and the report listed every
-  # conv of the two under each.
+def test_regions_inside_and_outside_a_nested_jit_have_names_of_their_own():
+  # A region in a nested jaxpr (a `jax.jit` inside the function) is planned while the
+  # enclosing jaxpr's regions are placed. Both were once named region0, and the report listed
+  # every conv of the two under each.
   x = _normal(0, (1, 32, 32, 4))
   ws = [_normal(i, (3, 3, 4, 4), 0.3) for i in range(1, 5)]
-  block = jax.checkpoint(_relu_convs)
+  block = jax.jit(_relu_convs)
 
   def f(x, *ws):
     return _relu_convs(block(x, *ws[:2]), *ws[2:])

@@ -1395,6 +1395,58 @@ def test_unit_axes_added_and_removed_around_convs_do_not_end_a_region():
     np.testing.assert_allclose(got, want, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(want).max()))
 
 
+def _checkpointed(block, x, ws):
+  """Conv blocks of two 3x3 convs with relus, each block wrapped by `block`."""
+  conv = lambda x, w: jax.nn.relu(lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  for i in range(0, len(ws), 2):
+    x = block(lambda x, w1, w2: conv(conv(x, w1), w2))(x, ws[i], ws[i + 1])
+  return x
+
+
+def test_checkpointed_blocks_are_inlined_into_the_region_around_them():
+  # flax's nn.remat, haiku's hk.remat and diffusers' gradient checkpointing wrap each block in
+  # `jax.checkpoint`. Its body was a jaxpr of its own, so a region stopped at every block and
+  # each block's output existed whole. A checkpoint whose convs all join a region is its body:
+  # the region's derivative recomputes what is inside it tile by tile anyway.
+  ws = [jax.random.normal(k, (3, 3, 8, 8)) / 8 for k in jax.random.split(jax.random.key(8), 6)]
+  x = jax.random.normal(jax.random.key(9), (1, 96, 80, 8))
+  plain = lambda x, *ws: _checkpointed(lambda f: f, x, ws)
+  remat = lambda x, *ws: _checkpointed(jax.checkpoint, x, ws)
+  tiled = jaxtile.tile_convs(remat, max_bytes=100_000)
+  (region,) = jaxtile.explain(tiled)(x, *ws).regions
+  assert len(region.convs) == 6, region
+  np.testing.assert_array_equal(jax.jit(tiled)(x, *ws), jax.jit(remat)(x, *ws))
+  loss = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=range(7))
+  for got, want in zip(jax.jit(loss(tiled))(x, *ws), jax.jit(loss(remat))(x, *ws)):
+    np.testing.assert_allclose(got, want, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(want).max()))
+  # It holds what the same network without checkpoints holds tiled, forward and backward.
+  plain_tiled = jaxtile.tile_convs(plain, max_bytes=100_000)
+  assert temp_bytes(tiled, x, *ws) == temp_bytes(plain_tiled, x, *ws)
+  assert temp_bytes(loss(tiled), x, *ws) == temp_bytes(loss(plain_tiled), x, *ws)
+  assert temp_bytes(tiled, x, *ws) <= temp_bytes(remat, x, *ws) // 2
+
+
+def test_a_checkpoint_whose_conv_no_region_takes_stays():
+  # A block whose second conv reads its value transposed (H and W swapped: no region holds
+  # that) keeps its checkpoint, so that jax.grad still recomputes the block instead of saving
+  # its values; its first conv is tiled on its own inside it.
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  block = jax.checkpoint(lambda x, w: conv(jnp.swapaxes(jax.nn.relu(conv(x, w)), 1, 2), w))
+  w = jax.random.normal(jax.random.key(10), (3, 3, 8, 8)) / 8
+  x = jax.random.normal(jax.random.key(11), (1, 48, 40, 8))
+  tiled = jaxtile.tile_convs(block, max_bytes=20_000)
+  report = jaxtile.explain(tiled)(x, w)
+  assert not report.regions and len(report.tiled) == 2, str(report)
+  jaxpr = str(jax.make_jaxpr(tiled)(x, w))
+  assert re.search(r"\b(remat2|checkpoint)\[", jaxpr), jaxpr
+  np.testing.assert_allclose(jax.jit(tiled)(x, w), jax.jit(block)(x, w), rtol=RTOL, atol=ATOL)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1)))
+  for got, want in zip(loss(tiled)(x, w), loss(block)(x, w)):
+    np.testing.assert_allclose(got, want, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(want).max()))
+
+
 def test_reshapes_that_do_not_come_back_stay():
   # A reshape splitting the features (not undone) and one undone only after an op on the split
   # value: neither is a round trip, both stay, and the result is the untiled one.

@@ -111,6 +111,17 @@ def call_name(eqn: JaxprEqn):
   return eqn.params.get("name")
 
 
+# `jax.checkpoint` (flax's `nn.remat`, haiku's `hk.remat`): `remat2` in jax 0.10, named
+# `checkpoint` in earlier versions; its body is the `jaxpr` param.
+_CHECKPOINT_PRIMITIVES = frozenset({"remat2", "checkpoint"})
+
+
+def is_checkpoint(eqn: JaxprEqn) -> bool:
+  """A `jax.checkpoint` equation JAX has not differentiated: evaluated, it is its body."""
+  return (eqn.primitive.name in _CHECKPOINT_PRIMITIVES and "jaxpr" in eqn.params
+          and not eqn.params.get("differentiated", False))
+
+
 # Primitives inside which the program is already per-device (the user's own SPMD code).
 _SPMD_PRIMITIVES = frozenset({"xla_pmap", "shard_map"})
 

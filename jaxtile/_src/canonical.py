@@ -43,6 +43,7 @@ so that a region (`region.find_regions`) sees the ops it can hold.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 from jax import lax
@@ -299,11 +300,12 @@ def place_broadcasts(jaxpr: _compat.Jaxpr, elementwise=lambda eqn: False) -> _co
   return _compat.replace_jaxpr(jaxpr, eqns=eqns)
 
 
-def inline_calls(jaxpr: _compat.Jaxpr, inline) -> _compat.Jaxpr:
+def inline_calls(jaxpr: _compat.Jaxpr, inline, made: Optional[dict] = None) -> _compat.Jaxpr:
   """`jaxpr` with each call equation (`jit`) that `inline(eqn)` accepts replaced by its body's
   equations (calls in it too, where accepted), on fresh variables (one body may stand for
   several calls), its constants as literals; what read the call's results reads the body's
-  outputs."""
+  outputs. `made`, if given, receives for each call of `jaxpr` inlined (by `id`) the equations
+  that stand for it."""
   subst: dict = {}  # a call's result -> what stands for it
   read = lambda env, v: v if isinstance(v, _compat.Literal) else env.get(v, v)
   eqns = []
@@ -325,9 +327,12 @@ def inline_calls(jaxpr: _compat.Jaxpr, inline) -> _compat.Jaxpr:
     return [read(env, v) for v in body.outvars]
 
   for e in jaxpr.eqns:
+    start = len(eqns)
     results = expand(e, [read(subst, v) for v in e.invars], False)
     if results != list(e.outvars):
       subst.update(zip(e.outvars, results))
+    if made is not None and inline(e):
+      made[id(e)] = eqns[start:]
   if not subst:
     return jaxpr
   return _compat.replace_jaxpr(jaxpr, eqns=eqns, outvars=[read(subst, v) for v in jaxpr.outvars])

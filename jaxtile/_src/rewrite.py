@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from jaxtile._src import _compat
+from jaxtile._src import canonical
 from jaxtile._src import distribute
 from jaxtile._src import lower as lower_lib
 from jaxtile._src import decide as decide_lib
@@ -75,12 +76,12 @@ class Rewriter:
 
   def jaxpr(self, jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
     original = jaxpr
-    grouped = upsample.Grouped(jaxpr, {})
+    grouped, chains = upsample.Grouped(jaxpr, {}), []
     if self._fuses():  # the equations a region sees
-      grouped = region_lib.canonical_form(jaxpr)
+      grouped, chains = self._plan(jaxpr)
       jaxpr = grouped.jaxpr
+      self._n_named += len(chains)
     simplified = jaxpr
-    chains = self._regions(jaxpr)
     regions = {id(r.eqns[-1]): r for r in chains}
     # A statistics pass stands where its group's first equation stood: before anything reads
     # one of its reductions, after the inputs of its source.
@@ -123,10 +124,39 @@ class Rewriter:
       return original
     return _compat.replace_jaxpr(simplified, eqns=eqns)
 
+  def _plan(self, jaxpr: _compat.Jaxpr) -> tuple[upsample.Grouped, list[region_lib.Chain]]:
+    """`jaxpr` as regions see it (`region.canonical_form`) and its regions, with the body of
+    each `jax.checkpoint` in it inlined where every conv of that body joins a region.
+
+    Evaluated, a checkpoint is its body; it only tells `jax.grad` to recompute the body's
+    values instead of saving them. A region's own derivative does that for the values inside
+    it, tile by tile, and saves its operands only, so a checkpoint whose convs all join regions
+    loses nothing to inlining, and its body no longer cuts the regions around it (flax's
+    `nn.remat` around each conv block of a UNet would stop a region at every block). A
+    checkpoint some conv of which would be left outside the regions, or that holds no conv,
+    stays as it is (its body rewritten on its own, `nested`), as does one JAX has already
+    differentiated (`tile_convs(jax.grad(f))`: its body recomputes the forward, which XLA
+    could merge with the forward's own values if it were inlined).
+    """
+    body = lambda e: getattr(e.params["jaxpr"], "jaxpr", e.params["jaxpr"])
+    inline = {id(e) for e in jaxpr.eqns
+              if _compat.is_checkpoint(e) and any(map(_compat.is_conv, body(e).eqns))}
+    while True:
+      made: dict = {}
+      flat = canonical.inline_calls(jaxpr, lambda e: id(e) in inline, made) if inline else jaxpr
+      grouped = region_lib.canonical_form(flat)
+      chains = self._regions(grouped.jaxpr)
+      fused = {v for r in chains for s in (r, *r.statistics) for e in s.all_eqns
+               for v in e.outvars}
+      left = {k for k, eqns in made.items()
+              if any(_compat.is_conv(e) and e.outvars[0] not in fused for e in eqns)}
+      if not left:
+        return grouped, chains
+      inline -= left
+
   def _regions(self, jaxpr: _compat.Jaxpr) -> list[region_lib.Chain]:
-    """The regions this policy tiles in `jaxpr`: chains with an oversized conv ("auto")."""
-    if not self._fuses():
-      return []
+    """The regions this policy tiles in `jaxpr` (canonical): chains with an oversized conv
+    ("auto"), named from `_n_named` on."""
     policy = self._local_policy()
     regions = []
     for members, groups in region_lib.find_regions(jaxpr):
@@ -136,7 +166,6 @@ class Rewriter:
         continue
       regions += region_lib.split_region(jaxpr, members, policy,
                                         self._n_named + len(regions), groups)
-    self._n_named += len(regions)
     return regions
 
   def _fuses(self) -> bool:
