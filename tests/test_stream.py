@@ -214,6 +214,26 @@ def test_tiles_dealt_to_every_local_device():
   assert_same(streamed(x), untiled(f, x))
 
 
+def test_checkpointed_blocks_stream_in_one_program():
+  """`jax.checkpoint` (flax's `nn.remat`) around blocks, one nested in another: evaluated, a
+  checkpoint is its body. It was read as an op needing the whole image, and the function ran
+  whole on the host."""
+  keys = jax.random.split(jax.random.key(4), 4)
+  ws = [jax.random.normal(k, (3, 3, 3 if i == 0 else 8, 8)) * 0.3 for i, k in enumerate(keys)]
+  conv = lambda y, w: jax.nn.relu(_conv(y, w))
+  inner = jax.checkpoint(conv)
+  block = jax.checkpoint(lambda y, w1, w2: inner(conv(y, w1), w2))
+
+  def f(x):
+    return block(block(x, *ws[:2]), *ws[2:])
+
+  x = np.random.default_rng(5).normal(size=(1, 40, 36, 3)).astype(np.float32)
+  streamed = jaxtile.stream(f, tile_shape=(10, 12))
+  plan = streamed.explain(x)
+  assert len(plan.stages) == 1 and plan.n_tiles == 12, str(plan)
+  assert_same(streamed(x), untiled(f, x))
+
+
 def test_explain_prints_the_plan():
   f, x = worker.network(), worker.image()
   plan = jaxtile.stream(f, tile_shape=worker.TILE).explain(

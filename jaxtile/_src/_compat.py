@@ -213,7 +213,7 @@ def eval_eqn(eqn: JaxprEqn, inputs) -> list:
 
 # Call primitives whose bodies `inline_calls` splices into the caller.
 _INLINED_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
-                  "core_call": "call_jaxpr"}
+                  "core_call": "call_jaxpr", **{name: "jaxpr" for name in _CHECKPOINT_PRIMITIVES}}
 
 
 def _eval_inlining(jaxpr: Jaxpr, consts, args) -> list:
@@ -245,8 +245,9 @@ def eval_eqns(eqns, env: dict) -> None:
 
 
 def inline_calls(closed: ClosedJaxpr) -> ClosedJaxpr:
-  """`closed` retraced with the bodies of its `jit` calls spliced in, at every depth; each
-  equation keeps the user's source line."""
+  """`closed` retraced with the bodies of its `jit` calls and `jax.checkpoint`s spliced in, at
+  every depth; each equation keeps the user's source line. For a program that is evaluated,
+  not differentiated: a checkpoint only tells `jax.grad` what to recompute."""
   avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
   return jax.make_jaxpr(lambda *args: _eval_inlining(closed.jaxpr, closed.consts, args))(*avals)
 
