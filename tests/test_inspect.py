@@ -329,6 +329,10 @@ def test_check_runs_the_program_tile_convs_runs_regions_included():
   assert result.report.regions and result.compared
   assert all(c.ref_scope == "skipped" and c.max_abs_error is None for c in result.convs)
   assert all("jaxtile/region0's loop" in c.note for c in result.convs)
+  assert all(c.region == "jaxtile/region0" for c in result.convs)
+  # Their pieces are the region's tiles, not those `decide` would give each conv alone.
+  rows = [line.split()[:2] for line in str(result).splitlines() if re.match(r"conv\d+ ", line)]
+  assert rows == [["conv0", "-"], ["conv1", "-"]], str(result)
   assert result.output_rel_l2_error < 1e-6
   unfused = jaxtile.check(two_layers, max_bytes=2**14, fuse=False)(x, w)
   assert all(c.rel_l2_error < 1e-6 and c.ref_scope == "full" for c in unfused.convs)

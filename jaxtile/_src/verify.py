@@ -62,6 +62,7 @@ class ConvCheck:
   calls: int = 0  # times the conv ran
   note: str = ""
   scope: str = ""  # as in `ConvReport`: the module path from JAX's name stack
+  region: Optional[str] = None  # the region whose loop computes this conv (pieces: its tiles)
   call_site: str = ""  # as in `ConvReport`: the innermost user frame that is not a helper
 
   @property
@@ -99,7 +100,7 @@ class CheckResult:
         "conv": [report_lib.short_name(c) for c in self.convs],
         "out": [spec_lib.short_aval(c.out_shape, c.dtype) if c.dtype is not None else "-"
                 for c in self.convs],
-        "pieces": [str(c.n_elemental) for c in self.convs],
+        "pieces": [str(c.n_elemental) if not c.region else "-" for c in self.convs],
         "max abs": [_num(c.max_abs_error) for c in self.convs],
         "rel L2": [_num(c.rel_l2_error) for c in self.convs],
         "ref abs": [_num(c.ref_max_abs_error) for c in self.convs],
@@ -297,14 +298,15 @@ class _Capture(api.Recorder):
     spec, index = record.spec, record.index
     calls = len(self.errors[index])
     base = dict(name=record.name, source=spec.source, out_shape=spec.out_shape,
-                dtype=spec.out_dtype, n_elemental=record.decision.plan.n_elemental, calls=calls,
-                scope=conv.scope, call_site=conv.call_site)
+                dtype=spec.out_dtype, calls=calls, scope=conv.scope, call_site=conv.call_site)
     if record.region is not None:
       # Its values exist one tile at a time inside the region's loop: not compared on its own.
+      # Its pieces are the region's tiles, not those of the plan `decide` would give it alone.
       return ConvCheck(max_abs_error=None, rel_l2_error=None, ref_max_abs_error=None,
-                       ref_rel_l2_error=None, ref_scope="skipped",
+                       ref_rel_l2_error=None, ref_scope="skipped", region=record.region,
                        note=f"computed in {record.region}'s loop: compared through the "
                             "function's outputs only", **base)
+    base["n_elemental"] = record.decision.plan.n_elemental
     scope, chosen = self.scope[index]
     if not calls:
       return ConvCheck(max_abs_error=None, rel_l2_error=None, ref_max_abs_error=None,
