@@ -10,6 +10,7 @@
     python benchmarks/whole_models.py --model equinox-vae  # the VAE decoder in equinox, vmapped
     python benchmarks/whole_models.py --compile-rounds 3  # the fastest of 3 compiles of each
     python benchmarks/whole_models.py --size 1024 --remat  # each conv block in flax's nn.remat
+    python benchmarks/whole_models.py --model convnext --max-bytes 4194304  # dense layers too
 
 The gradient (with respect to the parameters, of the output's sum) is tiled two ways:
 `jax.grad(tile_convs(f))` ("gradient, tiled") and `tile_convs(jax.grad(f))`, the program JAX has
@@ -76,14 +77,36 @@ def _equinox_decoder(eqx, widths, groups):
   return Decoder(tuple(layers))
 
 
+def _convnext(nn, width=32, blocks=3):
+  """A ConvNeXt-style stack in flax: a 4x4 stride-4 stem, then blocks of a 7x7 depthwise conv,
+  a LayerNorm and an MLP of two `nn.Dense` layers on the features (width -> 4 width -> width)
+  with a GELU between, added to the block's input."""
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Conv(width, (7, 7), feature_group_count=width)(x)
+      h = nn.Dense(width)(nn.gelu(nn.Dense(4 * width)(nn.LayerNorm()(h))))
+      return x + h
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(width, (4, 4), strides=4)(x)
+      for _ in range(blocks):
+        x = Block()(x)
+      return x
+
+  return Net()
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", choices=("unet", "vae", "resnet", "haiku-resnet18",
+  parser.add_argument("--model", choices=("unet", "vae", "resnet", "haiku-resnet18", "convnext",
                                           "equinox-vae"),
                       default="unet")
   parser.add_argument("--size", type=int, default=None,
-                      help="image side (unet, default 2048; resnet and haiku-resnet18, 1024) or "
-                           "latent side (vae and equinox-vae, default 256)")
+                      help="image side (unet, default 2048; resnet, haiku-resnet18 and convnext, "
+                           "1024) or latent side (vae and equinox-vae, default 256)")
   parser.add_argument("--max-bytes", type=int, default=16 * 2**20)
   parser.add_argument("--time", type=int, default=0, help="alternating timed rounds (0: none)")
   parser.add_argument("--compile-rounds", type=int, default=1,
@@ -139,6 +162,16 @@ def main(argv=None):
     init = lambda x: real_params
     x = jax.ShapeDtypeStruct((2, 3, size, size), jnp.float32)
     label = f"equinox ResNet widths (32, 32, 64, 128) under vmap on 2x3x{size}x{size}"
+  elif args.model == "convnext":
+    import flax.linen as nn  # noqa: E402
+    size = args.size or 1024
+    model = _convnext(nn)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    label = (f"flax ConvNeXt-style stack (stem 4x4/4, 3 blocks: 7x7 depthwise, LayerNorm, "
+             f"Dense 32 -> 128 -> 32) on 1x{size}x{size}x3")
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    apply = model.apply
+    init = lambda x: model.init(jax.random.key(0), x)
   else:
     if args.model == "unet":
       import flax_unet  # noqa: E402

@@ -1447,6 +1447,65 @@ def test_a_checkpoint_whose_conv_no_region_takes_stays():
     np.testing.assert_allclose(got, want, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(want).max()))
 
 
+def _convnext_blocks(x, *params):
+  """ConvNeXt's block, twice: a 7x7 depthwise conv, a LayerNorm over the features, and an MLP
+  of two dense layers on the features (`h @ w`, and an einsum with a weight stored (out, in))
+  with a GELU between, added to the block's input."""
+  for wd, scale, w1, b1, w2, b2 in zip(*[iter(params)] * 6):
+    h = lax.conv_general_dilated(x, wd, (1, 1), "SAME", feature_group_count=x.shape[-1],
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    mean = h.mean(-1, keepdims=True)
+    h = (h - mean) * lax.rsqrt(((h - mean) ** 2).mean(-1, keepdims=True) + 1e-6) * scale
+    h = jax.nn.gelu(h @ w1 + b1.reshape(1, 1, 1, -1))  # flax's nn.Dense adds its bias so
+    x = x + jnp.einsum("nhwd,cd->nhwc", h, w2) + b2
+  return x
+
+
+def _convnext_args(size=(2, 48, 40), channels=8):
+  keys = iter(jax.random.split(jax.random.key(12), 16))
+  x = jax.random.normal(next(keys), (*size, channels))
+  block = lambda: (jax.random.normal(next(keys), (7, 7, 1, channels)) / 7,
+                   1 + jax.random.normal(next(keys), (channels,)) / 8,
+                   jax.random.normal(next(keys), (channels, 4 * channels)) / channels ** 0.5,
+                   jax.random.normal(next(keys), (4 * channels,)) / 8,
+                   jax.random.normal(next(keys), (channels, 4 * channels)) / (2 * channels),
+                   jax.random.normal(next(keys), (channels,)) / 8)
+  return x, *block(), *block()
+
+
+def test_dense_layers_on_an_image_are_1x1_convs_of_its_region():
+  # A product of an image's features with a weight matrix (flax's nn.Dense, `x @ w`) ended
+  # every region, and the MLP's 4x-wide activation was whole. It is a 1x1 conv, and a region
+  # holds it as one: the two blocks are one loop.
+  args = _convnext_args()
+  tiled = jaxtile.tile_convs(_convnext_blocks, max_bytes=60_000)
+  report = jaxtile.explain(tiled)(*args)
+  assert len(report.convs) == 6 and all(c.region for c in report.convs), str(report)
+  np.testing.assert_allclose(jax.jit(tiled)(*args), jax.jit(_convnext_blocks)(*args),
+                             rtol=RTOL, atol=ATOL)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=range(13)))
+  for got, want in zip(loss(tiled)(*args), loss(_convnext_blocks)(*args)):
+    np.testing.assert_allclose(got, want, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(want).max()))
+  assert temp_bytes(tiled, *args) <= temp_bytes(_convnext_blocks, *args) // 4
+  assert temp_bytes(loss(tiled), *args) <= temp_bytes(loss(_convnext_blocks), *args) // 4
+  # In the program JAX has differentiated, the products of the backward pass too.
+  grad = jax.grad(lambda *a: jnp.sum(jnp.sin(_convnext_blocks(*a))), argnums=range(13))
+  for got, want in zip(jax.jit(jaxtile.tile_convs(grad, max_bytes=60_000))(*args),
+                       jax.jit(grad)(*args)):
+    np.testing.assert_allclose(got, want, rtol=GRAD_TOL, atol=GRAD_TOL * float(jnp.abs(want).max()))
+
+
+def test_dense_layers_no_region_takes_stay_products():
+  args = _convnext_args()
+  for tiled in (jaxtile.tile_convs(_convnext_blocks),  # nothing to split at the default budget
+                jaxtile.tile_convs(_convnext_blocks, max_bytes=60_000, fuse=False)):
+    report = jaxtile.explain(tiled)(*args)
+    assert len(report.convs) == 2 and not report.regions, str(report)
+    jaxpr = str(jax.make_jaxpr(tiled)(*args))
+    assert jaxpr.count("dot_general") == 4, jaxpr
+    np.testing.assert_array_equal(jax.jit(tiled)(*args), jax.jit(_convnext_blocks)(*args))
+
+
 def test_reshapes_that_do_not_come_back_stay():
   # A reshape splitting the features (not undone) and one undone only after an op on the split
   # value: neither is a round trip, both stay, and the result is the untiled one.

@@ -234,6 +234,25 @@ def test_checkpointed_blocks_stream_in_one_program():
   assert_same(streamed(x), untiled(f, x))
 
 
+def test_dense_layers_on_the_features_stream_in_one_program():
+  """A product of an image's features with a weight (flax's `nn.Dense`, ConvNeXt's MLP) is a
+  1x1 conv: local. It was read as an op needing the whole image, run on the host."""
+  keys = jax.random.split(jax.random.key(6), 3)
+  w = jax.random.normal(keys[0], (3, 3, 3, 8)) * 0.3
+  w1 = jax.random.normal(keys[1], (8, 32)) * 0.3
+  w2 = jax.random.normal(keys[2], (32, 8)) * 0.2
+
+  def f(x):
+    y = _conv(x, w)
+    return y + jax.nn.gelu(y @ w1) @ w2
+
+  x = np.random.default_rng(7).normal(size=(1, 40, 36, 3)).astype(np.float32)
+  streamed = jaxtile.stream(f, tile_shape=(10, 12))
+  plan = streamed.explain(x)
+  assert len(plan.stages) == 1 and plan.n_tiles == 12, str(plan)
+  assert_same(streamed(x), untiled(f, x))
+
+
 def test_explain_prints_the_plan():
   f, x = worker.network(), worker.image()
   plan = jaxtile.stream(f, tile_shape=worker.TILE).explain(

@@ -38,6 +38,10 @@ so that a region (`region.find_regions`) sees the ops it can hold.
   scalar, and equinox's GroupNorm and haiku's conv bias broadcast per-channel weights to the
   image; one read by a region's equation alone can join the region, where a tile broadcasts
   the operand to its window.
+* A product of a value's last axis with a 2-D weight (`dense_as_conv`: flax's `nn.Dense` and
+  haiku's `hk.Linear` on an image, `x @ w`) is a 1x1 conv, the last axis its features: a
+  region holds it as it holds any conv (ConvNeXt's pointwise layers, a UNet's projections).
+  Where no region takes it, the rewriter puts the product back (`kernels`, `originals`).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -96,6 +101,63 @@ def drop_round_trips(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
     live.update(v for v in e.invars if not isinstance(v, _compat.Literal))
     eqns.append(e)
   return _compat.replace_jaxpr(jaxpr, eqns=eqns[::-1], outvars=outvars)
+
+
+def _dense(eqn) -> Optional[int]:
+  """For a `dot_general` contracting the last axis of a floating value of rank 3 to 5 (1 to 3
+  spatial dims, as convs have) with one axis of a 2-D weight of its dtype (no batch axes; a
+  precision, if any, of `lax.Precision`s, which a conv takes too), the weight's contracted
+  axis; else None."""
+  if eqn.primitive.name != "dot_general" or eqn.params.get("out_sharding") is not None:
+    return None
+  x, w = eqn.invars
+  if isinstance(x, _compat.Literal) or isinstance(w, _compat.Literal):
+    return None
+  (lhs_axes, rhs_axes), batch = eqn.params["dimension_numbers"]
+  rank = x.aval.ndim
+  precision = eqn.params.get("precision")
+  if (not 3 <= rank <= 5 or w.aval.ndim != 2 or any(map(len, batch))
+      or tuple(lhs_axes) != (rank - 1,) or tuple(rhs_axes) not in ((0,), (1,))
+      or x.aval.dtype != w.aval.dtype or not jnp.issubdtype(x.aval.dtype, jnp.floating)
+      or not (precision is None or all(isinstance(p, lax.Precision) for p in precision))):
+    return None
+  return rhs_axes[0]
+
+
+def dense_as_conv(jaxpr: _compat.Jaxpr) -> tuple[_compat.Jaxpr, dict, dict]:
+  """`jaxpr` with each product `_dense` accepts written as a 1x1 conv: `x` of shape
+  (N, *spatial, C) in the layout (0, rank - 1, 1, ..., rank - 2) (NHWC), the weight reshaped
+  (and transposed, when it is contracted on its second axis) to (1, ..., 1, C, D) (HWIO):
+  the same sums of products, `out[..., d] = sum_c x[..., c] * w[c, d]`. Also `originals`
+  (id of each conv -> [the product it stands for]) and `kernels` (id of each equation making a
+  conv's weight -> id of that conv)."""
+  eqns, originals, kernels = [], {}, {}
+  for e in jaxpr.eqns:
+    axis = _dense(e)
+    if axis is None:
+      eqns.append(e)
+      continue
+    x, w = e.invars
+    rank = x.aval.ndim
+    spatial = tuple(range(1, rank - 1))
+    dn = lax.ConvDimensionNumbers((0, rank - 1, *spatial), (rank - 1, rank - 2, *range(rank - 2)),
+                                  (0, rank - 1, *spatial))
+    params = dict(precision=e.params.get("precision"),
+                  preferred_element_type=e.params.get("preferred_element_type"))
+
+    def conv(x, w, axis=axis, dn=dn, params=params):
+      w = (w if axis == 0 else w.T).reshape((1,) * (x.ndim - 2) + (x.shape[-1], -1))
+      return lax.conv_general_dilated(x, w, (1,) * (x.ndim - 2), "VALID",
+                                      dimension_numbers=dn, **params)
+
+    made = _compat.traced_eqns(conv, e.invars, e.outvars, e.source_info)
+    (made_conv,) = [m for m in made if _compat.is_conv(m)]
+    originals[id(made_conv)] = [e]
+    kernels.update((id(m), id(made_conv)) for m in made if m is not made_conv)
+    eqns += made
+  if not originals:
+    return jaxpr, {}, {}
+  return _compat.replace_jaxpr(jaxpr, eqns=eqns), originals, kernels
 
 
 def fold_literal_converts(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:

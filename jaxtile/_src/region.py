@@ -754,13 +754,18 @@ def canonical_form(jaxpr) -> upsample.Grouped:
   alike: unit axes added and taken away again (equinox's convs under vmap) are none; calls of
   several elementwise results, or computing statistics, are their bodies; elementwise ops on
   channels split into groups run on the unsplit ones; each upsampling is one equation
-  (`upsample.group`, whose `originals` are the equations it stands for); and broadcasts that
-  repeat a small operand stand before each reader, at its shape."""
+  (`upsample.group`, whose `originals` are the equations it stands for); a product of an
+  image's features with a weight is a 1x1 conv (`canonical.dense_as_conv`); and broadcasts
+  that repeat a small operand stand before each reader, at its shape."""
   jaxpr = canonical.fold_literal_converts(canonical.inline_calls(_compat.dce(jaxpr), inlined))
   grouped = upsample.group(canonical.drop_round_trips(canonical.sink_splits(jaxpr,
                                                                             is_elementwise)))
   jaxpr = canonical.keep_reduced_axes(canonical.fold_broadcasts(grouped.jaxpr), is_elementwise)
-  return upsample.Grouped(canonical.place_broadcasts(jaxpr, is_elementwise), grouped.originals)
+  # Last, so that each product a conv stands for is an equation of the canonical jaxpr as it is
+  # (`Rewriter` puts it back where no region takes the conv).
+  jaxpr, dense, kernels = canonical.dense_as_conv(canonical.place_broadcasts(jaxpr,
+                                                                             is_elementwise))
+  return upsample.Grouped(jaxpr, {**grouped.originals, **dense}, kernels)
 
 
 def find_regions(jaxpr) -> list[tuple[list[int], list[list[int]]]]:

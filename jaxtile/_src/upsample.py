@@ -258,9 +258,12 @@ def _chains(eqns, outvars, known: dict) -> list:
 @dataclasses.dataclass(frozen=True)
 class Grouped:
   """A jaxpr with its upsamplings as single calls (`group`); `originals` maps each such call
-  equation (by id) to the equations it stands for."""
+  equation (by id) to the equations it stands for. `region.canonical_form` adds its 1x1 convs
+  standing for products (`canonical.dense_as_conv`) to `originals`, and `kernels` maps each
+  equation making such a conv's weight to the conv (by ids): not needed where it is not."""
   jaxpr: Any
   originals: dict
+  kernels: dict = dataclasses.field(default_factory=dict)
 
 
 def group(jaxpr) -> Grouped:
