@@ -111,8 +111,8 @@ def call_name(eqn: JaxprEqn):
   return eqn.params.get("name")
 
 
-# `jax.checkpoint` (flax's `nn.remat`, haiku's `hk.remat`): `remat2` in jax 0.10, named
-# `checkpoint` in earlier versions; its body is the `jaxpr` param.
+# `jax.checkpoint` (flax's `nn.remat`, haiku's `hk.remat`): its primitive is `remat2` in jax
+# 0.10 (`checkpoint` in other versions); its body is the `jaxpr` param.
 _CHECKPOINT_PRIMITIVES = frozenset({"remat2", "checkpoint"})
 
 

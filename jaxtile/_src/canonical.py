@@ -103,7 +103,7 @@ def drop_round_trips(jaxpr: _compat.Jaxpr) -> _compat.Jaxpr:
   return _compat.replace_jaxpr(jaxpr, eqns=eqns[::-1], outvars=outvars)
 
 
-def _dense(eqn) -> Optional[int]:
+def dense_axis(eqn) -> Optional[int]:
   """For a `dot_general` contracting the last axis of a floating value of rank 3 to 5 (1 to 3
   spatial dims, as convs have) with one axis of a 2-D weight of its dtype (no batch axes; a
   precision, if any, of `lax.Precision`s, which a conv takes too), the weight's contracted
@@ -125,7 +125,7 @@ def _dense(eqn) -> Optional[int]:
 
 
 def dense_as_conv(jaxpr: _compat.Jaxpr) -> tuple[_compat.Jaxpr, dict, dict]:
-  """`jaxpr` with each product `_dense` accepts written as a 1x1 conv: `x` of shape
+  """`jaxpr` with each product `dense_axis` accepts written as a 1x1 conv: `x` of shape
   (N, *spatial, C) in the layout (0, rank - 1, 1, ..., rank - 2) (NHWC), the weight reshaped
   (and transposed, when it is contracted on its second axis) to (1, ..., 1, C, D) (HWIO):
   the same sums of products, `out[..., d] = sum_c x[..., c] * w[c, d]`. Also `originals`
@@ -133,7 +133,7 @@ def dense_as_conv(jaxpr: _compat.Jaxpr) -> tuple[_compat.Jaxpr, dict, dict]:
   conv's weight -> id of that conv)."""
   eqns, originals, kernels = [], {}, {}
   for e in jaxpr.eqns:
-    axis = _dense(e)
+    axis = dense_axis(e)
     if axis is None:
       eqns.append(e)
       continue

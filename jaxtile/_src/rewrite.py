@@ -144,8 +144,9 @@ class Rewriter:
     could merge with the forward's own values if it were inlined).
     """
     body = lambda e: getattr(e.params["jaxpr"], "jaxpr", e.params["jaxpr"])
+    conv = lambda e: _compat.is_conv(e) or canonical.dense_axis(e) is not None  # a 1x1 one too
     inline = {id(e) for e in jaxpr.eqns
-              if _compat.is_checkpoint(e) and any(map(_compat.is_conv, body(e).eqns))}
+              if _compat.is_checkpoint(e) and any(map(conv, body(e).eqns))}
     while True:
       made: dict = {}
       flat = canonical.inline_calls(jaxpr, lambda e: id(e) in inline, made) if inline else jaxpr
@@ -154,7 +155,7 @@ class Rewriter:
       fused = {v for r in chains for s in (r, *r.statistics) for e in s.all_eqns
                for v in e.outvars}
       left = {k for k, eqns in made.items()
-              if any(_compat.is_conv(e) and e.outvars[0] not in fused for e in eqns)}
+              if any(conv(e) and e.outvars[0] not in fused for e in eqns)}
       if not left:
         return grouped, chains
       inline -= left

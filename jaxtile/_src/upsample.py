@@ -260,7 +260,8 @@ class Grouped:
   """A jaxpr with its upsamplings as single calls (`group`); `originals` maps each such call
   equation (by id) to the equations it stands for. `region.canonical_form` adds its 1x1 convs
   standing for products (`canonical.dense_as_conv`) to `originals`, and `kernels` maps each
-  equation making such a conv's weight to the conv (by ids): not needed where it is not."""
+  equation making such a conv's weight to that conv (by ids): the rewriter drops it where it
+  puts the product back."""
   jaxpr: Any
   originals: dict
   kernels: dict = dataclasses.field(default_factory=dict)
