@@ -162,18 +162,15 @@ def main(argv=None):
     init = lambda x: real_params
     x = jax.ShapeDtypeStruct((2, 3, size, size), jnp.float32)
     label = f"equinox ResNet widths (32, 32, 64, 128) under vmap on 2x3x{size}x{size}"
-  elif args.model == "convnext":
-    import flax.linen as nn  # noqa: E402
-    size = args.size or 1024
-    model = _convnext(nn)
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    label = (f"flax ConvNeXt-style stack (stem 4x4/4, 3 blocks: 7x7 depthwise, LayerNorm, "
-             f"Dense 32 -> 128 -> 32) on 1x{size}x{size}x3")
-    params = jax.eval_shape(model.init, jax.random.key(0), x)
-    apply = model.apply
-    init = lambda x: model.init(jax.random.key(0), x)
-  else:
-    if args.model == "unet":
+  else:  # flax models
+    if args.model == "convnext":
+      import flax.linen as nn  # noqa: E402
+      size = args.size or 1024
+      model = _convnext(nn)
+      x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+      label = (f"flax ConvNeXt-style stack (stem 4x4/4, 3 blocks: 7x7 depthwise, LayerNorm, "
+               f"Dense 32 -> 128 -> 32) on 1x{size}x{size}x3")
+    elif args.model == "unet":
       import flax_unet  # noqa: E402
       if args.remat:  # UNet.__call__ reads the module's ConvBlock when it runs
         import flax.linen as nn  # noqa: E402

@@ -214,6 +214,15 @@ def test_tiles_dealt_to_every_local_device():
   assert_same(streamed(x), untiled(f, x))
 
 
+def _streams_in_one_program(f):
+  """`f` of a 1x40x36x3 image streams in 12 tiles of one tile program, as untiled computes it."""
+  x = np.random.default_rng(5).normal(size=(1, 40, 36, 3)).astype(np.float32)
+  streamed = jaxtile.stream(f, tile_shape=(10, 12))
+  plan = streamed.explain(x)
+  assert len(plan.stages) == 1 and plan.n_tiles == 12, str(plan)
+  assert_same(streamed(x), untiled(f, x))
+
+
 def test_checkpointed_blocks_stream_in_one_program():
   """`jax.checkpoint` (flax's `nn.remat`) around blocks, one nested in another: evaluated, a
   checkpoint is its body. It was read as an op needing the whole image, and the function ran
@@ -227,11 +236,7 @@ def test_checkpointed_blocks_stream_in_one_program():
   def f(x):
     return block(block(x, *ws[:2]), *ws[2:])
 
-  x = np.random.default_rng(5).normal(size=(1, 40, 36, 3)).astype(np.float32)
-  streamed = jaxtile.stream(f, tile_shape=(10, 12))
-  plan = streamed.explain(x)
-  assert len(plan.stages) == 1 and plan.n_tiles == 12, str(plan)
-  assert_same(streamed(x), untiled(f, x))
+  _streams_in_one_program(f)
 
 
 def test_dense_layers_on_the_features_stream_in_one_program():
@@ -246,11 +251,7 @@ def test_dense_layers_on_the_features_stream_in_one_program():
     y = _conv(x, w)
     return y + jax.nn.gelu(y @ w1) @ w2
 
-  x = np.random.default_rng(7).normal(size=(1, 40, 36, 3)).astype(np.float32)
-  streamed = jaxtile.stream(f, tile_shape=(10, 12))
-  plan = streamed.explain(x)
-  assert len(plan.stages) == 1 and plan.n_tiles == 12, str(plan)
-  assert_same(streamed(x), untiled(f, x))
+  _streams_in_one_program(f)
 
 
 def test_explain_prints_the_plan():
