@@ -1503,6 +1503,9 @@ def test_dense_layers_no_region_takes_stay_products():
     assert len(report.convs) == 2 and not report.regions, str(report)
     jaxpr = str(jax.make_jaxpr(tiled)(*args))
     assert jaxpr.count("dot_general") == 4, jaxpr
+    # and nothing made for the convs they stood for (a weight transposed for one)
+    assert jaxpr.count("transpose[") == str(jax.make_jaxpr(_convnext_blocks)(*args)).count(
+        "transpose["), jaxpr
     np.testing.assert_array_equal(jax.jit(tiled)(*args), jax.jit(_convnext_blocks)(*args))
 
 

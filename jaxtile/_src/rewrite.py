@@ -120,11 +120,8 @@ class Rewriter:
       else:
         place(self.conv(e) if _compat.is_conv(e) else self.nested(e))
     assert not waiting, waiting
-    if grouped.kernels:  # the weights of the 1x1 convs no region took: not needed
-      read = {v for v in (*(v for e in eqns for v in e.invars), *simplified.outvars)
-              if not isinstance(v, _compat.Literal)}
-      eqns = [e for e in eqns if id(e) not in grouped.kernels or any(
-          v in read for v in e.outvars)]
+    # The weights of the 1x1 convs no region took (their products are back): not needed.
+    eqns = [e for e in eqns if id(e) not in grouped.kernels or grouped.kernels[id(e)] in fused]
     if len(eqns) == len(original.eqns) and all(a is b for a, b in zip(eqns, original.eqns)):
       return original
     return _compat.replace_jaxpr(simplified, eqns=eqns)
